@@ -1,0 +1,200 @@
+"""The one object trainers talk to: covariance + update instruments and the geometry they stream.
+
+Trainer protocol (the CE loop and the TRL callback both follow it)::
+
+    suite = InstrumentSuite(model, k=8, every_n=10)
+    with suite.attached(model, optimizer):        # hooks removed on exit, also on error
+        for step in range(1, steps + 1):
+            suite.set_loss_normalizer(n_loss_tokens)  # before backward
+            loss.backward(); optimizer.step()         # optimizer hooks record G_t and U_t
+            metrics = suite.after_optimizer_step(step)  # dict when the schedule fires, else None
+
+Metric names are listed in docs/architecture.md. Relative RSF = RSF / (k / dim): 1.0 is isotropic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness import geometry as geo
+from hooks.covariance import CovarianceInstrument
+from hooks.roles import ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
+from hooks.schedule import Schedule
+from hooks.updates import UpdateInstrument
+
+
+class InstrumentSuite:
+    """Covariances (``C_a`` per input group, ``C_delta`` per output role), weight updates, and the
+    relative-RSF / spikiness / coherence metrics computed from them.
+
+    Args:
+        k: subspace dimension for the streamed RSF (capped at each matrix's dim - 1).
+        output_roles: roles whose ``C_delta`` is accumulated (the write pathway by default).
+        n_random: Haar-random subspaces for the z-scores (0 disables them).
+        max_tokens: per-forward token subsample for the covariances (None = every token).
+    """
+
+    def __init__(self, model: nn.Module, *, roles: tuple[str, ...] = ROLES, layers: list[int] | None = None,
+                 k: int = 8, every_n: int = 10, log_spaced: bool = False,
+                 output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
+                 max_tokens: int | None = None, n_random: int = 20, seed: int = 0,
+                 arch: ArchSpec | str | None = None) -> None:
+        if k < 1:
+            raise ValueError(f"instruments.k must be >= 1, got {k}")
+        self.model, self.arch, self.k, self.n_random, self.seed = model, arch, k, n_random, seed
+        self.schedule = Schedule(every_n=every_n, log_spaced=log_spaced)
+        self.tracked = resolve_tracked(model, roles, arch, layers)
+        if not self.tracked:
+            raise ValueError(f"instruments.roles {list(roles)} matched no matrix in this model")
+        self.cov = CovarianceInstrument(self.tracked, output_roles=output_roles, dtype=dtype,
+                                        max_tokens=max_tokens, seed=seed, schedule=self.schedule)
+        self.upd = UpdateInstrument(self.tracked, schedule=self.schedule)
+        self.instruments = [self.cov, self.upd]
+        self.frozen: dict[str, torch.Tensor] = {}
+
+    # ----- lifecycle ------------------------------------------------------------------------------
+    def attach(self, model: nn.Module | None = None, optimizer=None) -> None:
+        for inst in self.instruments:
+            inst.attach(model if model is not None else self.model, optimizer)
+
+    def detach(self) -> None:
+        for inst in self.instruments:
+            inst.detach()
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module | None = None, optimizer=None):
+        try:
+            self.attach(model, optimizer)
+            yield self
+        finally:
+            self.detach()
+
+    def start_phase(self) -> None:
+        """Current weights become ``W0``; all sums, histories and frozen subspaces are cleared."""
+        for inst in self.instruments:
+            inst.reset()
+        self.frozen = {}
+
+    def set_loss_normalizer(self, n: float) -> None:
+        """The number the loss was divided by (tokens for a token-mean CE, pairs for a pair-mean
+        preference loss, times the accumulation steps it was further divided by)."""
+        self.cov.loss_normalizer = float(n)
+
+    def before_optimizer_step(self) -> None:
+        if not self.upd.driven_by_optimizer:
+            self.upd.before_step()
+
+    def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None:
+        if not self.upd.driven_by_optimizer:
+            self.upd.after_step()
+        if not self.frozen and self.upd.steps >= 1:
+            self._freeze_subspaces()
+        if force or self.schedule(step):
+            return self.compute(step)
+        return None
+
+    # ----- metrics --------------------------------------------------------------------------------
+    def _freeze_subspaces(self) -> None:
+        """Top-k bases of the covariances after the phase's first optimizer step."""
+        state = self.cov.global_state()
+        for key in self.cov.sums_in:
+            C = self.cov.covariance_in(key, state=state)
+            self.frozen[f"frozen_in/{key}"] = geo.top_eigvecs(C, min(self.k, C.shape[0] - 1))[0]
+
+    def prediction_subspace(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        W_U, gain, layernorm = unembedding(self.model, self.arch)
+        return geo.prediction_subspace(W_U, gain, k=k, layernorm=layernorm)
+
+    def compute(self, step: int) -> dict[str, float]:
+        state = self.cov.global_state()
+        eig_in = {key: geo.sym_eigh(self.cov.covariance_in(key, state=state)) for key in self.cov.sums_in}
+        eig_out = {key: geo.sym_eigh(self.cov.covariance_out(key, state=state)) for key in self.cov.sums_out}
+        pred = None
+        out: dict[str, float] = {}
+        for tm in self.tracked:
+            views = {"": self.upd.delta(tm), "_update": self.upd.update.get(tm.key),
+                     "_grad": self.upd.grad.get(tm.key)}
+            m, n = views[""].shape
+            if tm.group_key in eig_in:
+                evals, evecs = eig_in[tm.group_key]
+                k = min(self.k, n - 1)
+                self._side(out, "in", tm.key, views, evecs[:, :k], k, n)
+                out[f"gap_in/{tm.key}"] = geo.eigengap(evals, k)
+                frozen = self.frozen.get(f"frozen_in/{tm.group_key}")
+                if frozen is not None:
+                    out[f"rsf_in_frozen/{tm.key}"] = geo.relative_rsf(geo.rsf_in(views[""], frozen), frozen.shape[1], n)
+            if tm.role in WRITE_ROLES:
+                k = min(self.k, m - 1)
+                if pred is None:
+                    pred, svals = self.prediction_subspace(k)
+                    out["gap_pred"] = geo.eigengap(svals.pow(2), k)
+                self._side(out, "out_pred", tm.key, views, pred, k, m)
+            if tm.key in eig_out:
+                evals, evecs = eig_out[tm.key]
+                k = min(self.k, m - 1)
+                self._side(out, "out_delta", tm.key, views, evecs[:, :k], k, m)
+                out[f"gap_out_delta/{tm.key}"] = geo.eigengap(evals, k)
+        out.update(_layer_means(out))
+        for inst in self.instruments:
+            out.update(inst.compute(step))
+        return out
+
+    def _side(self, out: dict, side: str, key: str, views: dict, basis: torch.Tensor, k: int, dim: int) -> None:
+        """Relative RSF of each view (cumulative delta, last update, last gradient) against ``basis``
+        on the input (``basis`` n x k) or output (m x k) side, plus the cumulative delta's z-score."""
+        fn = geo.rsf_in if side == "in" else geo.rsf_out
+        for suffix, M in views.items():
+            if M is None:
+                continue
+            value = fn(M, basis)
+            out[f"rsf_{side}{suffix}/{key}"] = geo.relative_rsf(value, k, dim)
+            if suffix == "" and self.n_random:
+                out[f"z_{side}/{key}"] = geo.zscore_vs_random(
+                    M, value, k, "in" if side == "in" else "out", n_samples=self.n_random, seed=self.seed)
+
+    # ----- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for inst in self.instruments:
+            state.update(inst.state_dict())
+        state.update({k: v.clone() for k, v in self.frozen.items()})
+        W_U, gain, _ = unembedding(self.model, self.arch)
+        state["pred/W_U"] = W_U
+        if gain is not None:
+            state["pred/gain"] = gain
+        return state
+
+    def snapshot_state(self) -> dict[str, torch.Tensor]:
+        """State for reports: covariances summed over processes."""
+        state = self.state_dict()
+        state.update(self.cov.global_state())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.cov.load_state_dict({k: v for k, v in state.items() if k.startswith("cov_")})
+        self.upd.load_state_dict({k: v for k, v in state.items() if k.startswith("weights/")})
+        self.frozen = {k: v.clone() for k, v in state.items() if k.startswith("frozen_in/")}
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        state = {k: v.contiguous() for k, v in self.snapshot_state().items()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+
+
+def _layer_means(metrics: dict[str, float]) -> dict[str, float]:
+    """``prefix/all/role`` = mean over layers of ``prefix/L{i}/role`` for the RSF and z metrics."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[1].startswith("L") and (parts[0].startswith("rsf_") or parts[0].startswith("z_")):
+            groups[f"{parts[0]}/all/{parts[2]}"].append(value)
+    return {key: sum(v) / len(v) for key, v in groups.items()}
