@@ -1,0 +1,317 @@
+"""Pure weight-geometry math: tensors in, python floats or float64 tensors out.
+
+Definitions are the binding ones of ``shared/DESIGN.md`` section 2. Conventions:
+
+- A weight (or delta, update, gradient) is ``(m, n)`` = out x in, as PyTorch stores ``nn.Linear``.
+- Bases are column-orthonormal: ``U`` is ``(n, k)`` on the input side, ``V`` is ``(m, k)`` on the
+  output side.
+- Everything is computed in float64 (fp32 eigendecompositions of spiked covariances lose the
+  small eigenvalues that spikiness and eigengaps depend on).
+- Degenerate inputs give defined numbers, never NaN: a zero delta has RSF 0.0 (it writes nowhere),
+  a zero spectrum has spikiness 0.0 in every entry, zero gradient sums have coherence 0.0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Side = Literal["in", "out"]  # which dim of a (m, n) = out x in matrix a subspace lives in
+_SIDES = ("in", "out")
+
+
+# ----- eigendecompositions ------------------------------------------------------------------------
+
+def sym_eigh(C: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of a symmetric PSD matrix ``C`` (n, n), largest first.
+
+    ``C`` is symmetrised as ``(C + C^T) / 2`` (accumulated sums drift from exact symmetry) and
+    decomposed in float64. Returns ``(evals (n,), evecs (n, n))`` with ``evecs[:, i]`` belonging to
+    ``evals[i]``; eigenvalues are sorted descending and the tiny negative ones that round-off
+    produces for a PSD matrix are clipped to 0.
+    """
+    _check_square(C, "C")
+    C = C.detach().double()
+    evals, evecs = torch.linalg.eigh((C + C.T) / 2)
+    order = torch.argsort(evals, descending=True)
+    return evals[order].clamp_min(0.0), evecs[:, order]
+
+
+def top_eigvecs(C: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenvectors ``U (n, k)`` of symmetric ``C`` (n, n) and all eigenvalues, descending."""
+    _check_square(C, "C")
+    _check_k(k, C.shape[0], "C")
+    evals, evecs = sym_eigh(C)
+    return evecs[:, :k], evals
+
+
+def covariance_from_sums(sum_outer: Tensor, sum_vec: Tensor | None, count: float | Tensor,
+                         centered: bool = False) -> Tensor:
+    """Covariance (n, n) float64 from streamed sums ``sum a a^T`` (n, n), ``sum a`` (n,), ``N``.
+
+    Uncentered: ``sum_outer / N`` (K-FAC's A, the factor that enters ``sum delta a^T``).
+    Centered: ``sum_outer / N - mu mu^T`` with ``mu = sum_vec / N`` (population covariance,
+    i.e. ``torch.cov(X.T, correction=0)``). ``N == 0`` gives zeros: nothing was counted yet.
+    """
+    _check_square(sum_outer, "sum_outer")
+    n = sum_outer.shape[0]
+    count = float(count)
+    if count < 0:
+        raise ValueError(f"count must be >= 0 (tokens counted), got {count}")
+    if centered and sum_vec is None:
+        raise ValueError("centered=True needs sum_vec (the running sum of the vectors); pass it or use centered=False")
+    if sum_vec is not None and tuple(sum_vec.shape) != (n,):
+        raise ValueError(f"sum_vec must have shape ({n},) to match sum_outer {tuple(sum_outer.shape)}, "
+                         f"got {tuple(sum_vec.shape)}")
+    if count == 0:
+        return torch.zeros(n, n, dtype=torch.float64)
+    C = sum_outer.detach().double() / count
+    if centered:
+        mean = sum_vec.detach().double() / count
+        C = C - torch.outer(mean, mean)
+    return C
+
+
+# ----- restricted subspace fraction ---------------------------------------------------------------
+
+def rsf_in(dW: Tensor, U: Tensor) -> float:
+    """Input-side RSF ``‖dW U‖_F² / ‖dW‖_F²`` for ``dW`` (m, n) and orthonormal ``U`` (n, k).
+
+    The share of the delta's energy whose input direction lies in span(U). Isotropic value ``k/n``.
+    A zero ``dW`` gives 0.0.
+    """
+    _check_matrix(dW, "dW")
+    _check_basis(U, dW.shape[1], "U", "dW.shape[1] (the input dim n)")
+    dW = dW.detach().double()
+    return _ratio((dW @ U.detach().double()).square().sum(), dW.square().sum())
+
+
+def rsf_out(dW: Tensor, V: Tensor) -> float:
+    """Output-side RSF ``‖V^T dW‖_F² / ‖dW‖_F²`` for ``dW`` (m, n) and orthonormal ``V`` (m, k).
+
+    The share of the delta's energy written into span(V). Isotropic value ``k/m``. A zero ``dW``
+    gives 0.0.
+    """
+    _check_matrix(dW, "dW")
+    _check_basis(V, dW.shape[0], "V", "dW.shape[0] (the output dim m)")
+    dW = dW.detach().double()
+    return _ratio((V.detach().double().T @ dW).square().sum(), dW.square().sum())
+
+
+def relative_rsf(rsf: float, k: int, dim: int) -> float:
+    """``rsf / (k / dim)``: 1.0 is what an isotropic delta scores; ``dim / k`` is the maximum."""
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    _check_k(k, dim, "the subspace")
+    return float(rsf) * dim / k
+
+
+def rsf_curve(dW: Tensor, basis: Tensor, ks: list[int], side: Side = "in") -> dict[int, float]:
+    """Relative RSF for each ``k`` in ``ks`` from one ordered basis, ``{k: relative RSF}``.
+
+    ``basis`` is (dim, r) with orthonormal columns ordered by importance, e.g. ``sym_eigh(C)[1]``
+    or ``prediction_subspace(W_U, k=32)[0]``; the top-k subspace is its first k columns, so one
+    projection serves every k (cumulative sums of per-direction energies). Each ``k`` is capped at
+    ``r`` (keys are the capped values, so duplicates merge). ``dim`` is n for side "in", m for "out".
+    """
+    _check_matrix(dW, "dW")
+    _check_side(side)
+    dim = dW.shape[1] if side == "in" else dW.shape[0]
+    _check_basis(basis, dim, "basis", f"the {side}put dim of dW ({dim})")
+    dW = dW.detach().double()
+    B = basis.detach().double()
+    projected = dW @ B if side == "in" else B.T @ dW
+    per_direction = projected.square().sum(dim=0 if side == "in" else 1)
+    cumulative = torch.cumsum(per_direction, 0)
+    total = dW.square().sum()
+    curve = {}
+    for k in ks:
+        k_eff = min(int(k), B.shape[1])
+        _check_k(k_eff, dim, "rsf_curve")
+        curve[k_eff] = relative_rsf(_ratio(cumulative[k_eff - 1], total), k_eff, dim)
+    return curve
+
+
+# ----- random-subspace baseline -------------------------------------------------------------------
+
+def haar_subspace(dim: int, k: int, generator: torch.Generator) -> Tensor:
+    """Haar-random orthonormal basis ``Q`` (dim, k) float64, drawn from ``generator`` only.
+
+    QR of a standard Gaussian matrix with the signs of R's diagonal made positive (Mezzadri 2007);
+    without the sign fix Q's columns are not Haar-distributed (the span would still be).
+    """
+    _check_k(k, dim, "haar_subspace")
+    G = torch.randn(dim, k, generator=generator, dtype=torch.float64)
+    Q, R = torch.linalg.qr(G)
+    signs = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(torch.float64)
+    return Q * signs
+
+
+def random_subspace_rsf(dW: Tensor, k: int, side: Side, n_samples: int = 20, seed: int = 0) -> Tensor:
+    """RSF of ``dW`` (m, n) against ``n_samples`` seeded Haar-random k-subspaces, (n_samples,) float64.
+
+    Side "in" uses subspaces of R^n, "out" of R^m. Uses a private ``torch.Generator`` seeded with
+    ``seed``: the global RNG (and so training) is untouched, and the same seed gives the same
+    subspaces on every call, rank and resume.
+    """
+    _check_matrix(dW, "dW")
+    _check_side(side)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    dim = dW.shape[1] if side == "in" else dW.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    rsf = rsf_in if side == "in" else rsf_out
+    return torch.tensor([rsf(dW, haar_subspace(dim, k, generator)) for _ in range(n_samples)],
+                        dtype=torch.float64)
+
+
+def zscore_vs_random(dW: Tensor, rsf_value: float, k: int, side: Side, n_samples: int = 20,
+                     seed: int = 0) -> float:
+    """``(rsf_value - mean) / std`` over ``random_subspace_rsf`` (sample std, n_samples >= 2).
+
+    Large positive: the delta prefers the measured subspace far beyond chance. When the random
+    RSFs have no spread (zero delta, or k == dim where every subspace is the whole space) there is
+    no evidence either way and the result is 0.0.
+    """
+    if n_samples < 2:
+        raise ValueError(f"n_samples must be >= 2 to estimate a standard deviation, got {n_samples}")
+    samples = random_subspace_rsf(dW, k, side, n_samples=n_samples, seed=seed)
+    mean, std = samples.mean().item(), samples.std().item()
+    # RSF lives in [0, 1]; a spread at round-off level is "no spread", not a tiny denominator.
+    if std <= 1e-12:
+        return 0.0
+    return (float(rsf_value) - mean) / std
+
+
+# ----- spectra ------------------------------------------------------------------------------------
+
+def spikiness(evals: Tensor, k: int) -> dict[str, float]:
+    """Concentration of a spectrum ``evals`` (n,), clipped at 0, float64.
+
+    ``top1 = l1 / sum l``, ``topk = sum_{i<=k} l_i / sum l`` (k capped at n),
+    ``pr = (sum l)² / sum l²`` (participation ratio, in [1, n]),
+    ``erank = exp(H(p))`` with ``p = l / sum l`` and ``0 log 0 = 0`` (effective rank, in [1, n]).
+    One spike gives 1, 1, 1, 1; a flat spectrum gives 1/n, k/n, n, n. All entries are 0.0 for an
+    all-zero spectrum (nothing was measured, so there are no directions).
+    """
+    l = _spectrum(evals, "evals")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    total = l.sum()
+    if total <= 0:
+        return {"top1": 0.0, "topk": 0.0, "pr": 0.0, "erank": 0.0}
+    p = l / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {
+        "top1": p[0].item(),
+        "topk": p[:k].sum().item(),
+        "pr": (total.square() / l.square().sum()).item(),
+        "erank": math.exp(entropy.item()),
+    }
+
+
+def eigengap(evals_desc: Tensor, k: int) -> float:
+    """Relative gap ``(l_k - l_{k+1}) / l_k`` after the k-th eigenvalue (1-based), in [0, 1].
+
+    A small gap means the top-k subspace is ill-defined (a small perturbation rotates it), so an
+    RSF against it is unstable. Edge cases: ``k == n`` gives 1.0 (the subspace is the whole space,
+    unique); ``l_k == 0`` with ``k < n`` gives 0.0 (the k-th direction is picked from a degenerate
+    null space). Eigenvalues are clipped at 0 and sorted descending first.
+    """
+    l = _spectrum(evals_desc, "evals_desc")
+    _check_k(k, l.shape[0], "evals_desc")
+    if k == l.shape[0]:
+        return 1.0
+    if l[k - 1] <= 0:
+        return 0.0
+    return ((l[k - 1] - l[k]) / l[k - 1]).item()
+
+
+# ----- coherence ----------------------------------------------------------------------------------
+
+def coherence(sum_G: Tensor, sum_sq_norms: float | Tensor) -> float:
+    """``‖sum_t G_t‖_F² / sum_t ‖G_t‖_F²`` over T gradients: T for identical, ~1 for independent,
+    0 for cancelling ones. Scales with T, so compare runs at equal step counts. 0.0 if all G_t = 0.
+    """
+    denominator = float(sum_sq_norms)
+    if denominator < 0:
+        raise ValueError(f"sum_sq_norms is a sum of squared norms and must be >= 0, got {denominator}")
+    return _ratio(sum_G.detach().double().square().sum(), torch.tensor(denominator, dtype=torch.float64))
+
+
+# ----- prediction subspace ------------------------------------------------------------------------
+
+def prediction_subspace(W_U: Tensor, gain: Tensor | None = None, k: int = 8, layernorm: bool = False,
+                        centered: bool = False) -> tuple[Tensor, Tensor]:
+    """Top-k right singular vectors ``V`` (d, k) of ``M = W_U diag(g)`` and all singular values (d,).
+
+    ``W_U`` is the (vocab, d) unembedding (tied embeddings are fine), ``gain`` the final norm's
+    (d,) weight (None: ones). Logits are ``W_U (g * x_hat)``, so the directions of the normalized
+    residual ``x_hat`` that move logits are M's row space. Options:
+
+    - ``layernorm``: LayerNorm's ``x_hat`` is mean-free, so the all-ones direction of d-space can
+      never be written; use ``M (I - 1 1^T / d)``.
+    - ``centered``: softmax ignores a logit shift shared by all tokens, so subtract M's mean row
+      over the vocab (``W_U^T (p - y)`` lies in the centred row space).
+
+    Computed from the (d, d) Gram ``M^T M`` in float64 (vocab >> d); singular values are returned
+    descending, with zeros past M's rank.
+    """
+    _check_matrix(W_U, "W_U")
+    vocab, d = W_U.shape
+    _check_k(k, d, "W_U (k is capped by the model dim d)")
+    M = W_U.detach().double()
+    if gain is not None:
+        if tuple(gain.shape) != (d,):
+            raise ValueError(f"gain must have shape ({d},) to match W_U {tuple(W_U.shape)}, got {tuple(gain.shape)}")
+        M = M * gain.detach().double()
+    if centered:
+        M = M - M.mean(dim=0, keepdim=True)
+    if layernorm:
+        M = M - M.mean(dim=1, keepdim=True)
+    evals, evecs = sym_eigh(M.T @ M)
+    return evecs[:, :k], evals.sqrt()
+
+
+# ----- helpers ------------------------------------------------------------------------------------
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> float:
+    """``numerator / denominator`` as a float, 0.0 when the denominator is 0 (nothing to split)."""
+    if denominator.item() == 0.0:
+        return 0.0
+    return (numerator / denominator).item()
+
+
+def _spectrum(evals: Tensor, name: str) -> Tensor:
+    if evals.ndim != 1 or evals.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor of eigenvalues, got shape {tuple(evals.shape)}")
+    return torch.sort(evals.detach().double().clamp_min(0.0), descending=True).values
+
+
+def _check_matrix(X: Tensor, name: str) -> None:
+    if X.ndim != 2 or X.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D matrix (out x in), got shape {tuple(X.shape)}")
+
+
+def _check_square(C: Tensor, name: str) -> None:
+    if C.ndim != 2 or C.shape[0] != C.shape[1] or C.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty square (n, n) matrix, got shape {tuple(C.shape)}")
+
+
+def _check_basis(B: Tensor, dim: int, name: str, what: str) -> None:
+    if B.ndim != 2 or B.shape[0] != dim or B.shape[1] < 1:
+        raise ValueError(f"{name} must be a ({dim}, k) basis with k >= 1 whose rows match {what}, "
+                         f"got shape {tuple(B.shape)}")
+
+
+def _check_k(k: int, dim: int, where: str) -> None:
+    if not 1 <= k <= dim:
+        raise ValueError(f"k must be in [1, {dim}] for {where}, got {k}")
+
+
+def _check_side(side: str) -> None:
+    if side not in _SIDES:
+        raise ValueError(f"side must be 'in' (input dim of dW) or 'out' (output dim), got {side!r}")
