@@ -1,0 +1,158 @@
+"""TRL DPOTrainer with the instruments as a callback: a tiny Llama from config, a word-level tokenizer."""
+
+from __future__ import annotations
+
+import math
+
+import peft
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+from tests.conftest import make_model
+from trainers.trl_dpo import InstrumentCallback, micro_batches_in_step, run_trl_dpo
+
+WORDS = "<|pad|> <|eos|> <unk> the a cat dog bird sat ran flew on under mat tree yes no good bad very".split()
+PROMPTS = ["the cat sat on", "a dog ran under", "the bird flew on", "a cat ran under", "the dog sat on", "a bird sat"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, no chat template, ``<|pad|>`` / ``<|eos|>`` specials like the embedded tokenizer."""
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|eos|>",
+                                   unk_token="<unk>")
+
+
+def constant_pairs(n: int) -> list[dict]:
+    """Easily learnable: the chosen completion is always the same string, so is the rejected one."""
+    return [{"prompt": PROMPTS[i % len(PROMPTS)], "chosen": " the mat", "rejected": " no bad tree"} for i in range(n)]
+
+
+def train(tmp_path, pairs, callbacks=(), **overrides):
+    kwargs = dict(steps=3, lr=1e-2, beta=0.5, batch_size=2, max_length=16, seed=0, callbacks=callbacks)
+    kwargs.update(overrides)
+    return run_trl_dpo(make_model("llama"), tiny_tokenizer(), pairs, tmp_path, **kwargs)
+
+
+class RecordingSuite:
+    """Stands in for hooks.suite.InstrumentSuite: records the calls and what it could see."""
+
+    def __init__(self, geometry_every: int = 2) -> None:
+        self.events: list[str] = []
+        self.normalizers: list[float] = []
+        self.grads_present: list[bool] = []
+        self.geometry_every = geometry_every
+        self.model = self.optimizer = None
+
+    def attach(self, model, optimizer) -> None:
+        self.events.append("attach")
+        self.model, self.optimizer = model, optimizer
+
+    def detach(self) -> None:
+        self.events.append("detach")
+
+    def set_loss_normalizer(self, n: float) -> None:
+        self.normalizers.append(n)
+
+    def before_optimizer_step(self) -> None:
+        self.events.append("before")
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.grads_present.append(all(p.grad is not None for p in trainable))
+
+    def after_optimizer_step(self, step: int) -> dict[str, float] | None:
+        self.events.append("after")
+        return {"geo/step": float(step)} if step % self.geometry_every == 0 else None
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+class RaiseAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("batches, accum, expected", [
+    (4, 2, [2, 2, 2, 2]),     # epoch divides evenly
+    (5, 2, [2, 2, 1, 2, 2, 1]),  # last step of each epoch takes the remainder
+    (1, 3, [1, 1]),           # fewer batches than accumulation steps
+    (None, 3, [3, 3]),        # unknown length
+])
+def test_micro_batches_in_step_follows_the_trainers_chunking(batches, accum, expected):
+    assert [micro_batches_in_step(s, accum, batches) for s in range(len(expected))] == expected
+
+
+def test_dpo_loss_falls_on_a_learnable_pair_set(tmp_path):
+    trainer = train(tmp_path, constant_pairs(4), steps=6)
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses) == 6
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5)  # reference = copy of the policy at step 0
+    assert losses[-1] < 0.5 * losses[0]
+    assert trainer.state.log_history[-2]["rewards/accuracies"] == 1.0
+
+
+def test_callback_drives_suite_and_forwards_preference_metrics(tmp_path):
+    suite, sink = RecordingSuite(), ListSink()
+    # 6 pairs / batch 2 = 3 micro-batches per epoch, accumulated 2 then 1: 2 optimizer steps per epoch.
+    trainer = train(tmp_path, constant_pairs(6), [InstrumentCallback(suite, sink, phase="align/dpo")],
+                    steps=3, grad_accum=2)
+
+    assert suite.events == ["attach"] + ["before", "after"] * 3 + ["detach"]
+    assert type(suite.optimizer).__module__.startswith("torch.optim")  # accelerate's wrapper removed
+    assert {id(p) for g in suite.optimizer.param_groups for p in g["params"]} == \
+        {id(p) for p in trainer.model.parameters()}
+    assert suite.model is trainer.model
+    assert suite.grads_present == [True] * 3
+    assert suite.normalizers == [4, 2, 4]  # pairs whose mean loss (over micro-batches) made each step
+
+    assert [step for step, _ in sink.rows] == [1, 2, 3]
+    history = [row for row in trainer.state.log_history if "rewards/chosen" in row]
+    for (step, row), trl_row in zip(sink.rows, history, strict=True):
+        assert row["phase"] == "align/dpo"
+        assert row["pref/loss"] == pytest.approx(trl_row["loss"])
+        assert row["pref/reward_chosen"] == pytest.approx(trl_row["rewards/chosen"])
+        assert row["pref/reward_rejected"] == pytest.approx(trl_row["rewards/rejected"])
+        assert row["pref/margin"] == pytest.approx(trl_row["rewards/margins"])
+        assert row["pref/accuracy"] == pytest.approx(trl_row["rewards/accuracies"])
+        assert ("geo/step" in row) == (step == 2)  # geometry merged into its step's row
+
+
+def test_suite_is_detached_when_training_raises(tmp_path):
+    suite = RecordingSuite()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tmp_path, constant_pairs(4), [InstrumentCallback(suite, ListSink()), RaiseAtStep(2)])
+    assert suite.events == ["attach", "before", "after", "before", "after", "detach"]
+
+
+def test_lora_trains_only_the_adapters(tmp_path):
+    model = make_model("llama")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = run_trl_dpo(model, tiny_tokenizer(), constant_pairs(4), tmp_path, steps=3, lr=1e-2, beta=0.5,
+                          batch_size=2, max_length=16, seed=0, peft_config=config)
+
+    adapters = {name: p for name, p in trainer.model.named_parameters() if "lora_" in name}
+    assert adapters and all(p.requires_grad for p in adapters.values())
+    assert any(p.abs().sum() > 0 for name, p in adapters.items() if "lora_B" in name)  # B starts at zero
+    for name, p in trainer.model.named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad
+            assert torch.equal(p, before[name.removeprefix("base_model.model.").replace(".base_layer", "")]), name
+
+
+def test_bad_input_is_rejected_with_the_field_named(tmp_path):
+    with pytest.raises(ValueError, match="pair 1 .*'rejected'"):
+        train(tmp_path, [constant_pairs(1)[0], {"prompt": "the cat", "chosen": " yes"}])
+    with pytest.raises(ValueError, match="max_length"):
+        train(tmp_path, constant_pairs(4), max_length=3)  # every prompt fills 3 tokens

@@ -1,0 +1,245 @@
+"""DPO through TRL's ``DPOTrainer``, with the instruments riding along as a ``TrainerCallback``.
+
+The trainer adapts to the instruments, not the reverse: the suite sees the same events as in our
+own loops (attach, loss normaliser, raw gradient before the optimizer step, update after it).
+
+    Trainer event            callback does
+    on_train_begin           suite.attach(model, torch optimizer)   (TRL builds the optimizer inside train())
+    on_step_begin            suite.set_loss_normalizer(pairs in this optimizer step)
+    on_pre_optimizer_step    suite.before_optimizer_step()          (gradients are populated and clipped)
+    on_step_end              suite.after_optimizer_step(step)       -> geometry metrics when scheduled
+    on_log                   TRL's rewards/* and loss -> pref/*, merged with that step's geometry -> sink
+    on_train_end             suite.detach()   (run_trl_dpo also detaches in ``finally`` if training raises)
+
+Pitfalls on this stack (see shared/DESIGN.md section 3) and how they are handled here:
+- TRL replaces the LM head with a fused function: hooks on ``lm_head`` never fire (we hook none).
+- ``ref_model=None`` without PEFT makes TRL reload the reference from ``config._name_or_path``,
+  which fails for a model built from config: we pass a frozen deep copy instead.
+- With PEFT the reference is the adapter-disabled model: a no-grad forward through the same
+  modules, which the instruments must (and do) ignore.
+- TRL turns gradient checkpointing on by default; it re-runs forwards and would double count the
+  covariances, so it is off here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import datasets
+import torch
+from torch import nn
+from transformers import PrinterCallback, TrainerCallback
+
+# TRL's logged key -> ours (docs/architecture.md). TRL 1.16 logs rewards/* as means over the pairs
+# of the logging window and ``loss`` as the mean of the optimizer steps' losses.
+TRL_TO_HARNESS = {
+    "loss": "pref/loss",
+    "rewards/chosen": "pref/reward_chosen",
+    "rewards/rejected": "pref/reward_rejected",
+    "rewards/margins": "pref/margin",
+    "rewards/accuracies": "pref/accuracy",
+    "learning_rate": "train/lr",
+    "grad_norm": "train/grad_norm",
+}
+
+
+class Suite(Protocol):
+    """What the callback needs from the instruments (``hooks.suite.InstrumentSuite`` fits)."""
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def detach(self) -> None: ...
+    def set_loss_normalizer(self, n: float) -> None: ...
+    def before_optimizer_step(self) -> None: ...
+    def after_optimizer_step(self, step: int) -> dict[str, float] | None: ...
+
+
+class Sink(Protocol):
+    def log(self, metrics: dict, step: int) -> None: ...
+
+
+def micro_batches_in_step(step: int, grad_accum: int, batches_per_epoch: int | None) -> int:
+    """Micro-batches the HF Trainer accumulates into optimizer step ``step`` (0-based, global):
+    ``grad_accum``, except the last step of each epoch, which takes the remainder of the epoch's
+    ``batches_per_epoch`` (None = unknown length, always ``grad_accum``)."""
+    if not batches_per_epoch:
+        return grad_accum
+    steps_per_epoch = -(-batches_per_epoch // grad_accum)
+    if step % steps_per_epoch == steps_per_epoch - 1:
+        return batches_per_epoch - grad_accum * (steps_per_epoch - 1)
+    return grad_accum
+
+
+class InstrumentCallback(TrainerCallback):
+    """Drives an instrument ``suite`` from HF Trainer events and streams metrics to ``sink``.
+
+    Loss normaliser: TRL's loss is the mean over the pairs of a micro-batch, and the Trainer divides
+    it again by the number of micro-batches accumulated into the step. Each token's ``delta`` is
+    therefore ``1 / (batch_size * micro_batches)`` times the gradient of its own pair's loss, and the
+    normaliser set before each step is that product, so ``C_delta`` holds per-pair gradients. This is
+    exact when every micro-batch is full (``run_trl_dpo`` drops the last partial batch of an epoch) and
+    per process (DDP averages parameter gradients, not the per-token ``delta`` the hooks see).
+
+    Args:
+        suite: the instruments (:class:`Suite`), or None to forward TRL's metrics only.
+        sink: receives one row per logged step: ``pref/*``, ``train/lr``, ``train/grad_norm`` and the
+            step's geometry metrics; ``phase`` is added to each row when given.
+    """
+
+    def __init__(self, suite: Suite | None, sink: Sink, *, phase: str | None = None) -> None:
+        self.suite, self.sink, self.phase = suite, sink, phase
+        self._attached = False
+        self._pending: tuple[int, dict[str, float]] | None = None  # geometry waiting for its step's log row
+
+    def detach(self) -> None:
+        """Remove the suite's hooks; safe to call twice (on_train_end, then ``finally``)."""
+        if self._attached:
+            self._attached = False
+            self.suite.detach()
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.suite is None:
+            return
+        # accelerate wraps the torch optimizer; the suite's step hooks belong on the real one.
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        self._attached = True  # set first: a half-finished attach is still undone by detach()
+        self.suite.attach(model, optimizer)
+
+    def on_step_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if self.suite is None:
+            return
+        batches = len(train_dataloader) if train_dataloader is not None else None
+        micro = micro_batches_in_step(state.global_step, args.gradient_accumulation_steps, batches)
+        self.suite.set_loss_normalizer(args.per_device_train_batch_size * micro)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.suite is not None:
+            self.suite.before_optimizer_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.suite is None:
+            return
+        self._flush()  # an earlier step's geometry that no log row picked up (logging_steps > 1)
+        metrics = self.suite.after_optimizer_step(state.global_step)
+        if metrics:
+            self._pending = (state.global_step, metrics)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        row = {ours: float(logs[theirs]) for theirs, ours in TRL_TO_HARNESS.items() if theirs in (logs or {})}
+        if self._pending is not None and self._pending[0] == state.global_step:
+            row.update(self._pending[1])
+            self._pending = None
+        if row:
+            self._log(row, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._flush()
+        self.detach()
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            step, metrics = self._pending
+            self._pending = None
+            self._log(metrics, step)
+
+    def _log(self, row: dict[str, float], step: int) -> None:
+        self.sink.log({"phase": self.phase, **row} if self.phase else row, step)
+
+
+def preference_dataset(pairs: list[dict]) -> datasets.Dataset:
+    """A ``datasets.Dataset`` of plain-text ``prompt`` / ``chosen`` / ``rejected`` columns."""
+    if not pairs:
+        raise ValueError("run_trl_dpo got no preference pairs")
+    fields = ("prompt", "chosen", "rejected")
+    for i, pair in enumerate(pairs):
+        bad = [f for f in fields if not isinstance(pair.get(f), str)]
+        if bad:
+            raise ValueError(f"preference pair {i} needs string fields {list(fields)}; missing or not a string: {bad}")
+    return datasets.Dataset.from_dict({f: [pair[f] for pair in pairs] for f in fields})
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode, no-grad deep copy: the DPO reference for a model TRL cannot reload from disk."""
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No ``datasets`` progress bars while TRL tokenizes (a few tiny ``map`` calls), and no
+    deprecation warning that TRL's own code triggers on every reference forward."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | Path, *,
+                ref_model: nn.Module | None = None, steps: int, lr: float, beta: float,
+                loss_type: str | list[str] = "sigmoid", batch_size: int, grad_accum: int = 1, max_length: int,
+                seed: int, peft_config=None, callbacks: Sequence[TrainerCallback] = (),
+                extra_args: dict | None = None):
+    """Train ``model`` with TRL's DPOTrainer on plain-text pairs; returns the trainer after training.
+
+    ``pairs``: dicts with string ``prompt``, ``chosen``, ``rejected``. There is no chat template:
+    TRL tokenizes ``prompt`` and ``prompt + completion`` and appends ``tokenizer.eos_token`` to each
+    completion, so end prompts on a token boundary (e.g. completions starting with a space).
+    ``loss_type``: TRL's loss type(s), e.g. ``"sigmoid"`` (DPO), ``"ipo"``, ``"hinge"``.
+    ``ref_model``: None means a frozen copy of ``model``, or with ``peft_config`` the adapter-disabled
+    model (TRL wraps ``model`` in PEFT in place, so ``trainer.model`` is the PeftModel).
+    ``extra_args``: further ``trl.DPOConfig`` fields (e.g. ``warmup_steps``, ``max_grad_norm``,
+    ``lr_scheduler_type``); they override the defaults set here.
+
+    Training is fp32 (no bf16 autocast, like our own loops), on CPU when CUDA is absent, logs every
+    step, saves nothing (save checkpoints from the returned trainer), and keeps every micro-batch
+    full (``dataloader_drop_last``) so the instruments' loss normaliser is exact. Every
+    :class:`InstrumentCallback` in ``callbacks`` is detached when training ends, also if it raises.
+    """
+    from peft import PeftModel  # noqa: PLC0415
+    from trl import DPOConfig, DPOTrainer  # noqa: PLC0415  (slow import, only when used)
+
+    if steps < 1 or batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if tokenizer.eos_token is None or tokenizer.pad_token is None:
+        raise ValueError("the tokenizer needs an eos_token (TRL appends it to completions) and a pad_token")
+    dataset = preference_dataset(pairs)
+    if ref_model is None and peft_config is None and not isinstance(model, PeftModel):
+        ref_model = frozen_copy(model)
+    settings = dict(
+        output_dir=str(out_dir), max_steps=steps, learning_rate=lr, beta=beta, loss_type=loss_type,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_length=max_length,
+        seed=seed, data_seed=seed, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+        bf16=False, use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False, gradient_checkpointing=None,  # the new name; TRL's old one defaults on
+        dataset_num_proc=None, dataloader_drop_last=True,
+        remove_unused_columns=True,  # TRL declares its tokenized columns as the ones to keep
+    )
+    args = DPOConfig(**{**settings, **(extra_args or {})})
+    with _quiet():
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)  # with tqdm off the Trainer prints every log dict
+    if len(trainer.train_dataset) < batch_size:
+        raise ValueError(f"only {len(trainer.train_dataset)} of {len(pairs)} pairs remain after TRL drops those whose "
+                         f"prompt fills max_length={max_length}; need at least batch_size={batch_size}: "
+                         f"raise max_length, shorten prompts or add pairs")
+    try:
+        with _quiet():
+            trainer.train()
+    finally:
+        for callback in callbacks:
+            if isinstance(callback, InstrumentCallback):
+                callback.detach()
+    return trainer
