@@ -180,10 +180,11 @@ class InstrumentSuite:
         self.upd.load_state_dict({k: v for k, v in state.items() if k.startswith("weights/")})
         self.frozen = {k: v.clone() for k, v in state.items() if k.startswith("frozen_in/")}
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a snapshot (``state``, default :meth:`snapshot_state`) atomically as safetensors."""
         from safetensors.torch import save_file  # noqa: PLC0415
 
-        state = {k: v.contiguous() for k, v in self.snapshot_state().items()}
+        state = {k: v.contiguous() for k, v in (state or self.snapshot_state()).items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(path) + ".tmp")
         save_file(state, str(tmp))
