@@ -1,0 +1,76 @@
+"""``harness``: run recipes, write reports, check configs.
+
+    harness run recipes/asymmetry.yaml                  # the paper's experiment, end to end
+    harness run asymmetry_smoke train.steps=50          # bundled recipe by name, with overrides
+    harness run recipes/ce_tiny.yaml --resume latest    # continue from the newest checkpoint
+    harness report runs/asymmetry                       # Markdown + PNG report from saved files
+    harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(name: str) -> Path:
+    """A path to a YAML file, or the name of a bundled recipe (``asymmetry`` -> recipes/asymmetry.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if bundled.is_file():
+        return bundled
+    available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"recipe {name!r} not found: not a file, and not a bundled recipe ({available})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a recipe (pretraining, alignment, report)")
+    run.add_argument("recipe", help="YAML file or bundled recipe name")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
+    run.add_argument("--resume", help="checkpoint directory, or 'latest' (pretraining runs)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    report = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots from saved files")
+    report.add_argument("run_dir")
+    validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from harness.config import ConfigError, load_config, to_dict  # noqa: PLC0415 (fast --help)
+
+    try:
+        if args.command == "report":
+            from harness.pipeline import write_report  # noqa: PLC0415
+
+            print(write_report(Path(args.run_dir)))
+            return 0
+        cfg = load_config(resolve_recipe(args.recipe), args.overrides)
+        if args.command == "validate":
+            import yaml  # noqa: PLC0415
+
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            return 0
+        from harness.pipeline import run_recipe  # noqa: PLC0415
+
+        out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"done: {out}")
+        return 0
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"harness: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Recipes as stage sequences: pretrain -> align (one run per objective) -> report; and sweeps.
+
+Layouts (see docs/architecture.md):
+
+* ``stages: [pretrain, report]`` -> ``RUN/`` is the pretraining run itself.
+* any recipe with ``align`` -> ``RUN/pretrain/`` (when pretraining), ``RUN/align/{objective}/``,
+  ``RUN/report/`` (the asymmetry report comparing objectives).
+* ``sweep: [{override: value, ...}, ...]`` -> one pipeline per entry under ``RUN/{i:02d}/`` and a
+  scale report in ``RUN/report/`` that collects every claim's figures across sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+from harness.checkpoint import latest_checkpoint
+from harness.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
+from harness.rundir import prepare_run_dir
+
+
+def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    if cfg.sweep:
+        return run_sweep(cfg, overwrite=overwrite, progress=progress)
+    if "align" not in cfg.stages:
+        from trainers.ce import pretrain  # noqa: PLC0415
+
+        if "pretrain" not in cfg.stages:
+            raise ConfigError("stages must include 'pretrain' or 'align' (a report alone: `harness report RUN_DIR`)")
+        pretrain(cfg, cfg.run_dir, resume=_resume_path(cfg.run_dir, resume), overwrite=overwrite, progress=progress)
+        if "report" in cfg.stages:
+            write_report(cfg.run_dir)
+        return cfg.run_dir
+    return run_pipeline(cfg, cfg.run_dir, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Pretrain (or start from ``init_from``), align with every objective, report."""
+    from harness.build import build_tokenizer  # noqa: PLC0415
+    from trainers.ce import pretrain  # noqa: PLC0415
+    from trainers.preference import align  # noqa: PLC0415
+
+    if "pretrain" not in cfg.stages and not cfg.init_from:
+        raise ConfigError("an alignment-only recipe needs init_from: a checkpoint or local HF model directory")
+    # validate the inputs every stage needs before the run directory exists
+    pretrain_tokenizer = build_tokenizer(cfg) if "pretrain" in cfg.stages else None
+    pairs_all = load_pairs(cfg, pretrain_tokenizer)
+    pretrain_dir = Path(run_dir) / "pretrain"
+    resume_path = _resume_path(pretrain_dir, resume) if resume else None
+    prepare_run_dir(run_dir, cfg, overwrite=overwrite, resuming=resume_path is not None)
+
+    if "pretrain" in cfg.stages:
+        init_dir = pretrain(cfg, pretrain_dir, resume=resume_path, progress=progress, overwrite=True).checkpoint
+    else:
+        init_dir = Path(cfg.init_from)
+    tokenizer = alignment_tokenizer(cfg, init_dir)
+    pairs, eval_pairs = split_pairs(pairs_all, cfg.data.eval_fraction or 0.1, cfg.seed)
+    for objective in cfg.align.objectives:
+        align(cfg, objective, init_dir, Path(run_dir) / "align" / objective.name, tokenizer=tokenizer,
+              pairs=pairs, eval_pairs=eval_pairs, progress=progress, overwrite=True)
+    if "report" in cfg.stages:
+        write_report(run_dir)
+    return Path(run_dir)
+
+
+def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
+    """The preference pairs: the embedded set built from the local corpus, or a local file."""
+    from harness.data import build_embedded_preferences, load_preference_pairs, load_texts  # noqa: PLC0415
+
+    if cfg.align.data == "embedded":
+        texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
+        return build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
+    pairs, _stats = load_preference_pairs(cfg.align.data)
+    return pairs
+
+
+def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(pairs) * eval_fraction)) if len(pairs) >= 10 else 0
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def alignment_tokenizer(cfg: RunConfig, init_dir: Path):
+    """The tokenizer saved with the starting model, else the recipe's."""
+    from harness.build import build_tokenizer  # noqa: PLC0415
+    from harness.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    if any((Path(init_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return load_tokenizer(str(init_dir), cfg.tokenizer.vocab_size, Path(cfg.tokenizer.cache_dir).expanduser())
+    return build_tokenizer(cfg)
+
+
+def _resume_path(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {run_dir}/checkpoints")
+        return found
+    return Path(resume)
+
+
+def sweep_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
+    """One validated config per sweep entry (the base recipe with the entry's dotted overrides)."""
+    base = to_dict(cfg)
+    base["sweep"] = []
+    out = []
+    for i, entry in enumerate(cfg.sweep):
+        raw = copy.deepcopy(base)
+        for key, value in entry.items():
+            apply_override(raw, f"{key}={_yaml_scalar(value)}")
+        label = f"{i:02d}"
+        raw["name"] = label
+        raw["output_dir"] = str(cfg.run_dir)
+        out.append((label, from_dict(RunConfig, raw, f"sweep[{i}] of {cfg.name}")))
+    return out
+
+
+def _yaml_scalar(value) -> str:
+    import yaml  # noqa: PLC0415
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def run_sweep(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
+    runs = sweep_configs(cfg)  # validates every entry before anything runs
+    prepare_run_dir(cfg.run_dir, cfg, overwrite=overwrite)
+    for label, sub in runs:
+        print(f"[sweep] run {label}: {cfg.sweep[int(label)]}")
+        run_pipeline(sub, sub.run_dir, overwrite=True, progress=progress)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    write_report(cfg.run_dir)
+    return cfg.run_dir
+
+
+def write_report(run_dir: Path) -> Path:
+    """The report that fits the directory: one run, an asymmetry pipeline, or a sweep."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist; produce one with `harness run RECIPE`")
+    if (run_dir / "metrics.jsonl").is_file():
+        from harness.report import write_run_report  # noqa: PLC0415
+
+        return write_run_report(run_dir)
+    if (run_dir / "align").is_dir():
+        from harness.asymmetry import write_asymmetry_report  # noqa: PLC0415
+
+        return write_asymmetry_report(run_dir)
+    if any((p / "align").is_dir() for p in run_dir.iterdir() if p.is_dir()):
+        from harness.scale import write_scale_report  # noqa: PLC0415
+
+        return write_scale_report(run_dir)
+    raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl, align/ or sweep runs; produce one with "
+                            "`harness run RECIPE`")
