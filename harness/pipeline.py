@@ -72,7 +72,10 @@ def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
     if cfg.align.data == "embedded":
         texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
         return build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
-    pairs, _stats = load_preference_pairs(cfg.align.data)
+    pairs, stats = load_preference_pairs(cfg.align.data)
+    dropped = f"; {stats.n_identical_dropped} with chosen == rejected dropped" if stats.n_identical_dropped else ""
+    print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used "
+          f"({'conversational' if stats.conversational else 'plain'}{dropped})")
     return pairs
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -243,3 +244,92 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
             if isinstance(callback, InstrumentCallback):
                 callback.detach()
     return trainer
+
+
+# ----- the recipe entry point: `loss: trl` objectives of an alignment stage ---------------------------
+SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
+
+
+def trainer_settings(train_cfg, progress: bool) -> dict:
+    """Our ``TrainConfig`` (optimizer, schedule, clipping) as ``trl.DPOConfig`` fields."""
+    t = train_cfg
+    settings = dict(optim=OPTIMIZERS[t.optimizer], lr_scheduler_type=SCHEDULES[t.schedule],
+                    warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                    max_grad_norm=t.max_grad_norm or 0.0,  # 0 disables clipping in the HF Trainer
+                    adam_beta1=t.betas[0], adam_beta2=t.betas[1], disable_tqdm=not progress)
+    if t.schedule == "cosine":
+        settings["lr_scheduler_kwargs"] = {"min_lr_rate": t.min_lr_ratio}
+    if t.optimizer == "sgd" and t.momentum:
+        settings["optim_args"] = f"momentum={t.momentum}"
+    return settings
+
+
+def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
+    """Trim each prompt from the left so prompt + completion fits ``max_len`` tokens, by the rule
+    ``tokenize_pairs`` uses for our own loops (the prompt keeps at least ``max_len // 2`` tokens).
+
+    TRL keeps the *start* of a too-long sequence and drops pairs whose prompt alone fills
+    ``max_length``; long prompts (the embedded set's 200-character contexts under a small
+    vocabulary) would otherwise all be dropped or lose their completions.
+    """
+    out = []
+    for pair in pairs:
+        prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
+        completion = max(len(tokenizer(pair[f], add_special_tokens=False)["input_ids"]) for f in ("chosen", "rejected"))
+        keep = min(len(prompt), max(max_len - completion - 1, max_len // 2))  # -1: TRL appends eos
+        if keep < len(prompt):
+            pair = {**pair, "prompt": tokenizer.decode(prompt[len(prompt) - keep:])}
+        out.append(pair)
+    return out
+
+
+def align_with_trl(cfg, objective, init_dir: Path, run_dir: Path, *, tokenizer, pairs: list[dict],
+                   eval_pairs: list[dict] | None = None, progress: bool = True, overwrite: bool = False):
+    """One ``loss: trl`` objective of a recipe: DPO through TRL from ``init_dir``, instrumented,
+    written to ``run_dir`` like every other alignment run (config, metrics, tb/, snapshot,
+    checkpoint). LoRA (``align.lora``) is applied here, before the instruments resolve their
+    modules, so they hook the LoRA wrappers; TRL then uses the adapter-disabled model as reference.
+    """
+    from harness.build import build_model, build_suite  # noqa: PLC0415
+    from harness.data import tokenize_pairs  # noqa: PLC0415
+    from harness.rundir import prepare_run_dir  # noqa: PLC0415
+    from harness.sinks import build_sinks  # noqa: PLC0415
+    from trainers.losses import build_loss  # noqa: PLC0415
+    from trainers.preference import AlignResult, apply_lora, preference_eval, reference_logps, save_aligned  # noqa: PLC0415
+
+    t, a = cfg.align.train, cfg.align
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model, len(tokenizer), cfg.seed, init_from=str(init_dir))
+    ref_model = None
+    if a.lora is not None:
+        model = apply_lora(model, a.lora)
+    else:
+        ref_model = frozen_copy(model)
+    eval_loss = build_loss("dpo", beta=a.beta)
+    eval_data = tokenize_pairs(eval_pairs, tokenizer, a.max_len) if eval_pairs else None
+    eval_ref = reference_logps(model.to(device), eval_data, t.batch_size, device) if eval_data else None
+    suite = build_suite(cfg.instruments, model, cfg.seed)
+    prepare_run_dir(run_dir, cfg, overwrite=overwrite)
+    sinks = build_sinks(run_dir, cfg.tracking.report_to)
+    phase = f"align/{objective.name}"
+    callback = InstrumentCallback(suite, sinks, phase=phase)
+    try:
+        trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl", ref_model=ref_model, steps=t.steps,
+                              lr=t.lr, beta=a.beta, loss_type=objective.loss_type, batch_size=t.batch_size,
+                              grad_accum=t.grad_accum, max_length=a.max_len, seed=cfg.seed,
+                              callbacks=[callback], extra_args=trainer_settings(t, progress))
+        model = trainer.model
+        final: dict[str, float] = {}
+        if suite is not None and not suite.schedule(t.steps):
+            final.update(suite.compute(t.steps))  # the phase's end is always measured
+        if eval_data is not None:
+            final.update(preference_eval(model, eval_data, eval_ref, eval_loss, t.batch_size, device))
+        if final:
+            sinks.log({"phase": phase, **final}, t.steps)
+        ckpt = save_aligned(run_dir, t.steps, model, tokenizer, trainer.optimizer, trainer.lr_scheduler, suite)
+    finally:
+        sinks.close()
+    shutil.rmtree(run_dir / "trl", ignore_errors=True)  # TRL's output_dir: nothing of ours lives there
+    return AlignResult(run_dir, ckpt, final)

@@ -1,0 +1,92 @@
+"""Preference alignment, instrumented: the graded loop learns the embedded set, the instruments
+count only the policy's tokens (never the reference pass), TRL + LoRA + real instruments agree."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harness.config import ObjectiveConfig, load_config
+from harness.data import batch_indices, tokenize_pairs
+from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
+from hooks.suite import InstrumentSuite
+from tests.conftest import make_model
+from tests.test_trl_dpo import ListSink, constant_pairs, tiny_tokenizer
+from trainers.ce import pretrain
+from trainers.preference import align
+from trainers.trl_dpo import InstrumentCallback, run_trl_dpo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 2-layer model CE-pretrained for 40 steps on the embedded corpus, and its recipe."""
+    root = tmp_path_factory.mktemp("pref")
+    cfg = load_config("recipes/asymmetry_smoke.yaml", [
+        f"output_dir={root}", f"tokenizer.cache_dir={root / 'tok'}", "train.steps=40", "instruments.enabled=false",
+        "align.n_pairs=80", "align.train.steps=30", "align.train.batch_size=8", "align.train.lr=3e-3",
+        "align.train.log_every=1", "align.train.warmup_steps=2", "align.beta=0.5", "instruments.every_n=10"])
+    result = pretrain(cfg, root / "pretrain", progress=False)
+    return cfg, result.checkpoint
+
+
+def test_graded_dpo_learns_the_embedded_set_and_counts_policy_tokens_only(pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    cfg.instruments.enabled = True
+    tokenizer = alignment_tokenizer(cfg, ckpt)
+    pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
+    result = align(cfg, ObjectiveConfig(name="g1", loss="graded", grade=1.0), ckpt, tmp_path / "g1",
+                   tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
+    rows = [r for r in _rows(result.run_dir) if "pref/loss" in r]
+    first, last = rows[:5], rows[-5:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    assert mean(last, "pref/loss") < mean(first, "pref/loss") - 0.1
+    assert mean(last, "pref/accuracy") > mean(first, "pref/accuracy") + 0.2
+    assert mean(last, "pref/accuracy") >= 0.8
+
+    # The reference log-probs (and the eval passes) run under no_grad: the instruments count the
+    # policy's non-pad tokens of chosen + rejected, step by step, and nothing else.
+    t = cfg.align.train
+    data = tokenize_pairs(pairs, tokenizer, cfg.align.max_len)
+    expected = 0
+    for step in range(t.steps):
+        idx = batch_indices(len(pairs), t.batch_size * t.grad_accum, step, cfg.seed)
+        expected += int(data["chosen_attention_mask"][idx].sum() + data["rejected_attention_mask"][idx].sum())
+    snap = load_file(str(result.run_dir / "instruments" / f"step_{t.steps:07d}.safetensors"))
+    assert int(snap["cov_in/L0/attn_in/count"]) == expected
+    assert int(snap["cov_out/L1/o/count"]) == expected
+
+
+def test_trl_dpo_with_lora_and_real_instruments_ignores_the_reference_pass(tmp_path):
+    model = make_model("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, config)  # wrapped first, so the suite hooks the LoRA wrappers
+    suite = InstrumentSuite(model, k=4, every_n=2, n_random=4)
+    seen = {"grad": 0, "no_grad": 0}
+
+    def count(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        seen["grad" if torch.is_grad_enabled() else "no_grad"] += int(mask.sum())
+
+    handle = model.get_base_model().register_forward_pre_hook(count, with_kwargs=True)
+    sink = ListSink()
+    trainer = run_trl_dpo(model, tiny_tokenizer(), constant_pairs(8), tmp_path, steps=4, lr=1e-2, beta=0.5,
+                          batch_size=2, max_length=16, seed=0, callbacks=[InstrumentCallback(suite, sink)])
+    handle.remove()
+    assert seen["no_grad"] > 0, "TRL ran no reference pass: the test would prove nothing"
+    state = suite.cov.global_state()
+    assert int(state["cov_in/L0/attn_in/count"]) == seen["grad"]
+    assert int(state["cov_out/L1/o/count"]) == seen["grad"]
+    # the effective LoRA delta of q moved; frozen roles (k, gate, ...) report no RSF
+    geometry = [row for _, row in sink.rows if "rsf_in/L0/q" in row]
+    assert geometry and "rsf_in/L0/k" not in geometry[-1] and "rsf_in/L0/gate" not in geometry[-1]
+    assert trainer.state.global_step == 4
+
+
+def _rows(run_dir):
+    from harness.sinks import read_metrics  # noqa: PLC0415
+
+    return read_metrics(run_dir / "metrics.jsonl")
