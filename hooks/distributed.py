@@ -15,6 +15,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def all_reduce_sums(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Return a copy of ``state`` with every tensor summed over all processes (sorted key order,
     so every rank issues the same collectives)."""

@@ -23,9 +23,16 @@ from torch import nn
 
 from harness import geometry as geo
 from hooks.covariance import CovarianceInstrument
+from hooks.distributed import rank, world_size
 from hooks.roles import ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
 from hooks.schedule import Schedule
 from hooks.updates import UpdateInstrument
+
+# Present in a snapshot whose cov_* sums were summed over this many processes (see load_state_dict).
+REDUCED_KEY = "meta/cov_reduced_over"
+# State of the covariance instrument's token-subsampling generator (max_tokens), so that a resumed
+# run draws the same token subsets as an uninterrupted one.
+GENERATOR_KEY = "meta/cov_generator"
 
 
 class InstrumentSuite:
@@ -120,6 +127,8 @@ class InstrumentSuite:
             views = {"": self.upd.delta(tm), "_update": self.upd.update.get(tm.key),
                      "_grad": self.upd.grad.get(tm.key)}
             m, n = views[""].shape
+            if not bool(views[""].any()):
+                continue  # nothing written yet (frozen under LoRA, or lr 0 in warmup): no RSF to report
             if tm.group_key in eig_in:
                 evals, evecs = eig_in[tm.group_key]
                 k = min(self.k, n - 1)
@@ -140,8 +149,12 @@ class InstrumentSuite:
                 self._side(out, "out_delta", tm.key, views, evecs[:, :k], k, m)
                 out[f"gap_out_delta/{tm.key}"] = geo.eigengap(evals, k)
         out.update(_layer_means(out))
-        for inst in self.instruments:
-            out.update(inst.compute(step))
+        # Spikiness from the spectra above (not CovarianceInstrument.compute): top-k share uses this
+        # suite's k, and the covariances are neither all-reduced nor decomposed a second time.
+        for prefix, eig in (("spike_in", eig_in), ("spike_out", eig_out)):
+            for key, (evals, _) in eig.items():
+                out.update({f"{prefix}/{key}/{name}": v for name, v in geo.spikiness(evals, self.k).items()})
+        out.update(self.upd.compute(step))
         return out
 
     def _side(self, out: dict, side: str, key: str, views: dict, basis: torch.Tensor, k: int, dim: int) -> None:
@@ -167,16 +180,27 @@ class InstrumentSuite:
         state["pred/W_U"] = W_U
         if gain is not None:
             state["pred/gain"] = gain
+        state[GENERATOR_KEY] = self.cov._generator.get_state()
         return state
 
     def snapshot_state(self) -> dict[str, torch.Tensor]:
-        """State for reports: covariances summed over processes."""
+        """State for reports and checkpoints: covariances summed over processes (a collective: every
+        rank calls it), marked with :data:`REDUCED_KEY`."""
         state = self.state_dict()
         state.update(self.cov.global_state())
+        state[REDUCED_KEY] = torch.tensor(world_size(), dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.cov.load_state_dict({k: v for k, v in state.items() if k.startswith("cov_")})
+        """Restore :meth:`state_dict` (this process's sums) or :meth:`snapshot_state` (sums over all
+        processes). Every rank of a resumed run loads the same snapshot, so process-summed sums are
+        kept by rank 0 only and zeroed elsewhere: the next all-reduce then counts each token once."""
+        cov = {k: v for k, v in state.items() if k.startswith("cov_")}
+        if REDUCED_KEY in state and rank() != 0:
+            cov = {k: torch.zeros_like(v) if k.startswith(("cov_in/", "cov_out/")) else v for k, v in cov.items()}
+        self.cov.load_state_dict(cov)
+        if GENERATOR_KEY in state:
+            self.cov._generator.set_state(state[GENERATOR_KEY].to(torch.uint8).cpu().clone())
         self.upd.load_state_dict({k: v for k, v in state.items() if k.startswith("weights/")})
         self.frozen = {k: v.clone() for k, v in state.items() if k.startswith("frozen_in/")}
 

@@ -1,0 +1,403 @@
+"""InstrumentSuite end to end: streamed metrics recomputed from stored tensors, schedule, no side
+effects on training, hook removal, PEFT LoRA, state round trip and mid-phase resume.
+
+References are independent of the suite's hooks: plain forward hooks store each watched module's
+input, and add a zero leaf ``eps`` (requires_grad) to its output, whose ``.grad`` after backward is
+the per-token ``delta = dL/dy``. Expected metrics are then recomputed with ``harness.geometry``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+from harness import geometry as geo
+from hooks.suite import InstrumentSuite
+from tests.conftest import make_batch, make_model, token_loss_sum
+
+K = 4  # suite subspace dimension in these tests (the tiny llama has d_model 32, d_ff 64)
+REL = 1e-5
+
+
+class Recorder:
+    """Plain forward hooks: ``inputs[name]`` gets each forward's input (B, T, n); for names in
+    ``deltas`` the output gets ``+ eps`` (exactly zero, so values are unchanged) and ``eps[name]``
+    keeps the leaf whose gradient is ``dL/dy``."""
+
+    def __init__(self, inputs: dict, deltas: dict | None = None):
+        self.inputs: dict[str, list] = defaultdict(list)
+        self.eps: dict[str, list] = defaultdict(list)
+        self.handles = [m.register_forward_hook(self._store(name)) for name, m in inputs.items()]
+        self.handles += [m.register_forward_hook(self._perturb(name)) for name, m in (deltas or {}).items()]
+
+    def _store(self, name):
+        def hook(module, args, out):
+            self.inputs[name].append(args[0].detach().clone())
+        return hook
+
+    def _perturb(self, name):
+        def hook(module, args, out):
+            eps = torch.zeros_like(out, requires_grad=True)
+            self.eps[name].append(eps)
+            return out + eps
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def kept(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rows of (B, T, n) ``x`` at non-padding tokens, float64 (N, n)."""
+    return x.reshape(-1, x.shape[-1])[mask.reshape(-1) == 1].double()
+
+
+def second_moment(xs: list[torch.Tensor], masks: list[torch.Tensor], scales=None) -> torch.Tensor:
+    """(1/N) sum x x^T over the non-padding tokens of every stored forward."""
+    rows = [kept(x, m) * (1.0 if scales is None else s) for x, m, s in zip(xs, masks, scales or [None] * len(xs))]
+    X = torch.cat(rows)
+    return X.T @ X / X.shape[0]
+
+
+def step_once(model, opt, suite, batch, step, force=False):
+    opt.zero_grad()
+    loss_sum, n = token_loss_sum(model, batch)
+    suite.set_loss_normalizer(n)
+    (loss_sum / n).backward()
+    opt.step()
+    return suite.after_optimizer_step(step, force=force)
+
+
+def batches(n: int):
+    return [make_batch(seed=s) for s in range(1, n + 1)]
+
+
+def layer(model, i):
+    return model.model.layers[i]
+
+
+# ----- 1. compute() against a brute-force recomputation ----------------------------------------
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_compute_matches_brute_force(optim):
+    model = make_model("llama")
+    L0, L1 = layer(model, 0), layer(model, 1)
+    suite = InstrumentSuite(model, k=K, every_n=1000, dtype=torch.float64, n_random=6, seed=3)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.5) if optim == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-2))
+    watched = {"q": L0.self_attn.q_proj, "down": L1.mlp.down_proj, "o": L1.self_attn.o_proj}
+    W_start = {name: m.weight.detach().double().clone() for name, m in watched.items()}
+    rec = Recorder({"attn_in": L0.self_attn.k_proj, "down_in": L1.mlp.down_proj, "o_in": L1.self_attn.o_proj},
+                   deltas={"o": L1.self_attn.o_proj})
+    data, norms, grads = batches(3), [], defaultdict(list)
+    with suite.attached(model, opt):
+        for step, batch in enumerate(data, 1):
+            opt.zero_grad()
+            loss_sum, n = token_loss_sum(model, batch)
+            suite.set_loss_normalizer(n)
+            (loss_sum / n).backward()
+            norms.append(n)
+            for name, m in watched.items():
+                grads[name].append(m.weight.grad.detach().double().clone())
+            W_prev = {name: m.weight.detach().double().clone() for name, m in watched.items()}
+            opt.step()
+            metrics = suite.after_optimizer_step(step, force=step == len(data))
+            if step == 1:
+                C_a_step1 = second_moment(rec.inputs["attn_in"], [data[0]["attention_mask"]])
+    rec.remove()
+    masks = [b["attention_mask"] for b in data]
+    W_now = {name: m.weight.detach().double() for name, m in watched.items()}
+    dW = {name: W_now[name] - W_start[name] for name in watched}
+    update = {name: W_now[name] - W_prev[name] for name in watched}
+
+    # input side: rsf_in (cumulative), _update, _grad, eigengap, z-score for L0/q vs C_a(attn_in)
+    C_a = second_moment(rec.inputs["attn_in"], masks)
+    U, evals = geo.top_eigvecs(C_a, K)
+    for suffix, M in (("", dW["q"]), ("_update", update["q"]), ("_grad", grads["q"][-1])):
+        expected = geo.relative_rsf(geo.rsf_in(M, U), K, 32)
+        assert metrics[f"rsf_in{suffix}/L0/q"] == pytest.approx(expected, rel=REL), suffix
+    assert metrics["gap_in/L0/q"] == pytest.approx(geo.eigengap(evals, K), rel=REL)
+    z = geo.zscore_vs_random(dW["q"], geo.rsf_in(dW["q"], U), K, "in", n_samples=6, seed=3)
+    assert metrics["z_in/L0/q"] == pytest.approx(z, rel=REL)
+    assert metrics["rsf_in/L1/down"] == pytest.approx(
+        geo.relative_rsf(geo.rsf_in(dW["down"], geo.top_eigvecs(second_moment(rec.inputs["down_in"], masks), K)[0]),
+                         K, 64), rel=REL)
+
+    # the frozen subspace is C_a after the first optimizer step, not the live one
+    U1 = geo.top_eigvecs(C_a_step1, K)[0]
+    frozen = geo.relative_rsf(geo.rsf_in(dW["q"], U1), K, 32)
+    assert metrics["rsf_in_frozen/L0/q"] == pytest.approx(frozen, rel=REL)
+    assert abs(frozen - metrics["rsf_in/L0/q"]) > 1e-3  # the two subspaces differ, so this can fail
+
+    # output side: prediction subspace of lm_head diag(final-norm gain), and top-k of C_delta
+    V, svals = geo.prediction_subspace(model.lm_head.weight, model.model.norm.weight, k=K)
+    for suffix, M in (("", dW["o"]), ("_update", update["o"]), ("_grad", grads["o"][-1])):
+        expected = geo.relative_rsf(geo.rsf_out(M, V), K, 32)
+        assert metrics[f"rsf_out_pred{suffix}/L1/o"] == pytest.approx(expected, rel=REL), suffix
+    assert metrics["gap_pred"] == pytest.approx(geo.eigengap(svals.pow(2), K), rel=REL)
+    C_delta = second_moment([e.grad for e in rec.eps["o"]], masks, scales=norms)
+    Vd, evals_d = geo.top_eigvecs(C_delta, K)
+    assert metrics["rsf_out_delta/L1/o"] == pytest.approx(geo.relative_rsf(geo.rsf_out(dW["o"], Vd), K, 32), rel=REL)
+    assert metrics["gap_out_delta/L1/o"] == pytest.approx(geo.eigengap(evals_d, K), rel=1e-4)
+
+    # spikiness of both covariances (top-k share uses the suite's k), coherence of the raw gradients
+    for key, spectrum in (("spike_in/L0/attn_in", evals), ("spike_out/L1/o", evals_d),
+                          ("spike_in/L1/o_in", geo.sym_eigh(second_moment(rec.inputs["o_in"], masks))[0])):
+        for stat, value in geo.spikiness(spectrum, K).items():
+            assert metrics[f"{key}/{stat}"] == pytest.approx(value, rel=REL), (key, stat)
+    for name, key in (("q", "L0/q"), ("o", "L1/o")):
+        G = grads[name]
+        expected = geo.coherence(sum(G), sum(float(g.pow(2).sum()) for g in G))
+        assert metrics[f"coherence/{key}"] == pytest.approx(expected, rel=REL)
+
+    # every "all" entry is the mean of its per-layer entries (both layers present here)
+    all_keys = [k for k in metrics if "/all/" in k]
+    assert "rsf_in/all/q" in all_keys and "z_out_pred/all/down" in all_keys
+    for key in all_keys:
+        prefix, _, role = key.split("/")
+        per_layer = [metrics[f"{prefix}/L{i}/{role}"] for i in range(2)]
+        assert metrics[key] == pytest.approx(sum(per_layer) / 2, rel=1e-12), key
+
+
+def test_zero_delta_role_has_no_rsf_keys():
+    """A frozen matrix writes nothing: no RSF, z, gap or coherence for it; its input group is still
+    measured (through a trainable role of the group), and the layer mean skips it."""
+    model = make_model("llama")
+    layer(model, 0).self_attn.q_proj.weight.requires_grad_(False)
+    suite = InstrumentSuite(model, k=K, every_n=1, n_random=4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with suite.attached(model, opt):
+        for step, batch in enumerate(batches(2), 1):
+            metrics = step_once(model, opt, suite, batch, step)
+    assert not [k for k in metrics if k.endswith("L0/q")]
+    assert "rsf_in/L0/k" in metrics and "rsf_in/L1/q" in metrics and "spike_in/L0/attn_in/top1" in metrics
+    assert metrics["rsf_in/all/q"] == metrics["rsf_in/L1/q"]
+
+
+def test_k_is_capped_at_dim_minus_one():
+    model = make_model("llama")
+    suite = InstrumentSuite(model, k=100, every_n=1, n_random=0, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with suite.attached(model, opt):
+        metrics = step_once(model, opt, suite, make_batch(), 1)
+    for key, role, group, n in (("L0/q", "q", "L0/attn_in", 32), ("L1/down", "down", "L1/down_in", 64)):
+        tm = next(t for t in suite.tracked if t.key == key)
+        U = geo.top_eigvecs(suite.cov.covariance_in(group), n - 1)[0]
+        expected = geo.relative_rsf(geo.rsf_in(suite.upd.delta(tm), U), n - 1, n)
+        assert metrics[f"rsf_in/{key}"] == pytest.approx(expected, rel=REL)
+    tm = next(t for t in suite.tracked if t.key == "L0/o")
+    V = geo.prediction_subspace(model.lm_head.weight, model.model.norm.weight, k=31)[0]
+    assert metrics["rsf_out_pred/L0/o"] == pytest.approx(geo.relative_rsf(geo.rsf_out(suite.upd.delta(tm), V), 31, 32),
+                                                         rel=REL)
+
+
+# ----- 2. schedule --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("every_n, log_spaced, expected", [(3, False, {3, 6, 9}), (5, True, {1, 2, 4, 5, 8, 10})])
+def test_metrics_returned_exactly_at_scheduled_steps(every_n, log_spaced, expected):
+    model = make_model("llama", layers=1)
+    suite = InstrumentSuite(model, roles=("q", "o"), k=2, every_n=every_n, log_spaced=log_spaced, n_random=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = make_batch(batch=2, seq=6, pad_last=0)
+    fired = set()
+    with suite.attached(model, opt):
+        for step in range(1, 11):
+            metrics = step_once(model, opt, suite, batch, step)
+            assert (metrics is None) == (step not in expected), step
+            if metrics is not None:
+                fired.add(step)
+                assert "rsf_in/L0/q" in metrics
+        forced = step_once(model, opt, suite, batch, 11, force=True)  # 11 is never scheduled here
+    assert fired == expected
+    assert isinstance(forced, dict) and "rsf_out_pred/L0/o" in forced
+
+
+def test_schedule_predicate():
+    from hooks.schedule import Schedule
+
+    assert [s for s in range(0, 40) if Schedule(every_n=1000, log_spaced=True)(s)] == [1, 2, 4, 8, 16, 32]
+    assert [s for s in range(0, 20) if Schedule(every_n=7)(s)] == [7, 14]
+    two = [s for s in range(0, 17) if Schedule(every_n=1000, log_spaced=True, points_per_octave=2)(s)]
+    assert two == [1, 2, 3, 4, 6, 8, 11, 16]
+    with pytest.raises(ValueError, match="every_n"):
+        Schedule(every_n=0)
+
+
+# ----- 3. attaching changes nothing ---------------------------------------------------------------
+
+@pytest.mark.parametrize("max_tokens", [None, 7])
+def test_suite_leaves_training_bit_identical(max_tokens):
+    """Loss, gradients and updated weights bit-identical to a plain run; global RNG untouched."""
+    runs = []
+    for instrumented in (False, True):
+        model = make_model("llama")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        suite = InstrumentSuite(model, k=K, every_n=1, max_tokens=max_tokens, n_random=4)
+        trace = []
+        if instrumented:
+            suite.attach(model, opt)
+        for step, batch in enumerate(batches(2), 1):
+            rng = torch.get_rng_state()
+            opt.zero_grad()
+            loss_sum, n = token_loss_sum(model, batch)
+            suite.set_loss_normalizer(n)
+            (loss_sum / n).backward()
+            trace.append(loss_sum.detach().clone())
+            trace += [p.grad.clone() for p in model.parameters()]
+            opt.step()
+            if instrumented:
+                assert suite.after_optimizer_step(step) is not None
+                assert torch.equal(torch.get_rng_state(), rng), f"suite touched the global RNG at step {step}"
+            trace += [p.detach().clone() for p in model.parameters()]
+        suite.detach()
+        if instrumented:
+            assert int(suite.cov.state_dict()["cov_in/L0/attn_in/count"]) == (14 if max_tokens else 54)
+        runs.append(trace)
+    assert len(runs[0]) == len(runs[1])
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a, b), i
+
+
+# ----- 4. hooks removed on error ------------------------------------------------------------------
+
+def _no_hooks(model, opt) -> bool:
+    modules_clean = all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+                        for m in model.modules())
+    params_clean = all(not getattr(p, "_backward_hooks", None) for p in model.parameters())
+    return modules_clean and params_clean and not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_hooks_removed_when_training_raises():
+    model = make_model("llama")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    suite = InstrumentSuite(model, k=K, every_n=1, n_random=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with suite.attached(model, opt):
+            step_once(model, opt, suite, make_batch(), 1)
+            assert not _no_hooks(model, opt)  # attached for real, so the check below can fail
+            token_loss_sum(model, make_batch(seed=2))  # mid-step: a forward whose backward never runs
+            raise RuntimeError("boom")
+    assert _no_hooks(model, opt)
+    assert not suite.cov.attached and not suite.upd.attached
+    # nothing is measured any more: another plain training step leaves the suite's state alone
+    before = suite.state_dict()
+    opt.zero_grad()
+    loss_sum, n = token_loss_sum(model, make_batch(seed=3))
+    (loss_sum / n).backward()
+    opt.step()
+    after = suite.state_dict()
+    for key in before:
+        if key.startswith(("cov_", "weights/")) and not key.endswith("/delta"):
+            assert torch.equal(before[key], after[key]), key
+    # and the suite can be attached again
+    with suite.attached(model, opt):
+        step_once(model, opt, suite, make_batch(seed=4), 2)
+    assert suite.upd.steps == 2 and _no_hooks(model, opt)
+
+
+# ----- 5. PEFT LoRA -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["v_proj"]])
+def test_lora(targets):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model("llama"),
+                                peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    suite = InstrumentSuite(model, k=K, every_n=1000, dtype=torch.float64, n_random=0)  # built after wrapping
+    L0 = model.get_base_model().model.layers[0]
+    L1 = model.get_base_model().model.layers[1]
+    rec = Recorder({"attn_in": L0.self_attn.v_proj}, deltas={"o": L1.self_attn.o_proj})
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    data, norms = batches(3), []
+    with suite.attached(model, opt):
+        for step, batch in enumerate(data, 1):
+            opt.zero_grad()
+            loss_sum, n = token_loss_sum(model, batch)
+            suite.set_loss_normalizer(n)
+            (loss_sum / n).backward()
+            norms.append(n)
+            opt.step()
+            metrics = suite.after_optimizer_step(step, force=step == 3)
+    rec.remove()
+    masks = [b["attention_mask"] for b in data]
+    state = suite.cov.state_dict()
+    # layer 0's input group is measured although the embedding output needs no grad
+    assert int(state["cov_in/L0/attn_in/count"]) == 81
+    torch.testing.assert_close(suite.cov.covariance_in("L0/attn_in"), second_moment(rec.inputs["attn_in"], masks),
+                               rtol=1e-9, atol=1e-12)
+    # the frozen o_proj is still a measured output side: its C_delta is the plain upstream gradient
+    torch.testing.assert_close(suite.cov.covariance_out("L1/o"),
+                               second_moment([e.grad for e in rec.eps["o"]], masks, scales=norms),
+                               rtol=1e-6, atol=1e-12)
+    # the effective delta of a LoRA-wrapped matrix is scale * B A; frozen matrices have none
+    tracked = {tm.key: tm for tm in suite.tracked}
+    for role, module in (("q", L0.self_attn.q_proj), ("v", L0.self_attn.v_proj)):
+        if f"{role}_proj" in targets:
+            BA = module.lora_B["default"].weight @ module.lora_A["default"].weight * module.scaling["default"]
+            assert BA.abs().max() > 0
+            torch.testing.assert_close(suite.upd.delta(tracked[f"L0/{role}"]), BA.detach(), rtol=1e-5, atol=1e-7)
+            assert f"rsf_in/L0/{role}" in metrics and f"rsf_in_grad/L0/{role}" not in metrics
+        else:
+            assert not suite.upd.delta(tracked[f"L0/{role}"]).any()
+            assert f"rsf_in/L0/{role}" not in metrics
+    assert not [k for k in metrics if k.startswith(("rsf_", "z_", "coherence/")) and k.endswith(("/o", "/k", "/down"))]
+    assert "spike_out/L1/o/top1" in metrics
+
+
+# ----- 6. state round trip and resume -------------------------------------------------------------
+
+def _train(model, opt, suite, data, first_step=1):
+    metrics = None
+    with suite.attached(model, opt):
+        for step, batch in enumerate(data, first_step):
+            metrics = step_once(model, opt, suite, batch, step)
+    return metrics
+
+
+def test_state_round_trip_gives_identical_compute(tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_model("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    suite = InstrumentSuite(model, k=K, every_n=1000, n_random=4)
+    _train(model, opt, suite, batches(2))
+    expected = suite.compute(2)
+    suite.save(tmp_path / "s.safetensors")
+    for state in (suite.state_dict(), load_file(str(tmp_path / "s.safetensors"))):
+        clone = InstrumentSuite(model, k=K, every_n=1000, n_random=4)
+        clone.load_state_dict(state)
+        assert clone.compute(2) == expected
+    assert any(k.startswith("rsf_in_frozen/") for k in expected)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 20])
+def test_resume_mid_phase_equals_continuous_run(max_tokens):
+    data = batches(4)
+    kw = dict(k=K, every_n=1000, n_random=4, max_tokens=max_tokens)
+
+    model = make_model("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    continuous = InstrumentSuite(model, **kw)
+    _train(model, opt, continuous, data)
+
+    model = make_model("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = InstrumentSuite(model, **kw)
+    _train(model, opt, first, data[:2])
+    saved = ({k: v.clone() for k, v in model.state_dict().items()}, opt.state_dict(), first.state_dict())
+    del model, opt, first
+
+    model = make_model("llama", seed=123)  # different init: everything must come from the saved state
+    model.load_state_dict(saved[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt.load_state_dict(saved[1])
+    resumed = InstrumentSuite(model, **kw)
+    resumed.load_state_dict(saved[2])
+    _train(model, opt, resumed, data[2:], first_step=3)
+
+    a, b = continuous.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert continuous.compute(4) == resumed.compute(4)
