@@ -47,6 +47,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int, init_from: str | N
     return model
 
 
+def match_special_tokens(model: nn.Module, tokenizer) -> None:
+    """Give a model built from config the tokenizer's pad/bos/eos ids, so its saved config and
+    generation config agree with the tokenizer saved beside it (TRL otherwise rewrites them)."""
+    ids = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            for name, value in ids.items():
+                setattr(config, name, value)
+
+
 def build_corpus(cfg: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
     return build_lm_blocks(texts, tokenizer, seq_len=cfg.data.seq_len, eval_fraction=cfg.data.eval_fraction,

@@ -286,9 +286,9 @@ def build_embedded_preferences(
 ) -> list[dict]:
     """Preference pairs cut from a local corpus: chosen = true continuation, rejected = its words shuffled.
 
-    A split point is drawn uniformly over corpus positions (then moved to the next line start);
-    prompt = the `prompt_chars` characters before it, chosen = the whole lines that fit in the next
-    `completion_chars` characters, rejected = the same text with its whitespace-separated words
+    A split point is drawn uniformly over corpus positions (then moved to the end of its line);
+    prompt = the `prompt_chars` characters before it, chosen = the newline there plus the whole
+    lines that fit in the next `completion_chars` characters, rejected = the same text with its whitespace-separated words
     permuted and the whitespace (indentation, newlines) left in place. Chosen and rejected thus
     have the same characters, length and layout (no length confound, a known DPO shortcut); only
     word order differs, which any LM trained on the corpus scores: a character 6-gram already
@@ -321,10 +321,14 @@ def build_embedded_preferences(
         split = prompt_chars + pos - cumulative[doc_idx]
         if doc[split - 1] != "\n":
             split = doc.find("\n", split) + 1  # 0 when there is no later newline
-        if split == 0 or split + completion_chars > len(doc) or (doc_idx, split) in seen:
+        if split == 0 or split - 1 < prompt_chars or split + completion_chars > len(doc) or (doc_idx, split) in seen:
             continue
-        window = doc[split : split + completion_chars]
-        chosen = window[: window.rfind("\n") + 1]  # whole lines only
+        # The newline that ends the prompt's last line opens the completion instead: byte-level BPE
+        # merges "\n" with the next line's indentation, so a prompt ending in "\n" would not end on
+        # a token boundary (TRL then moves that token into the completion and warns).
+        split -= 1
+        window = doc[split : split + 1 + completion_chars]
+        chosen = window[: window.rfind("\n") + 1]  # a newline, then whole lines only
         rejected = _shuffle_words(chosen, gen)
         if rejected is not None:
             seen.add((doc_idx, split))

@@ -246,7 +246,8 @@ def test_embedded_preferences_shape_and_determinism(stdlib_texts):
         assert p["chosen"] != p["rejected"]
         assert sorted(p["chosen"]) == sorted(p["rejected"])  # same characters, new order
         assert re.split(r"\S+", p["chosen"]) == re.split(r"\S+", p["rejected"])  # same layout
-        assert len(p["prompt"]) == 200 and p["prompt"].endswith("\n") and len(p["chosen"]) <= 120
+        assert len(p["prompt"]) == 200 and not p["prompt"].endswith("\n") and len(p["chosen"]) <= 121
+        assert p["chosen"].startswith("\n") and p["rejected"].startswith("\n")  # prompt ends on a token boundary
         assert any(p["prompt"] + p["chosen"] in t for t in stdlib_texts)  # a true continuation
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from harness.build import build_corpus, build_model, build_suite, build_tokenizer
+from harness.build import build_corpus, build_model, build_suite, build_tokenizer, match_special_tokens
 from harness.checkpoint import (checkpoint_dir, load_instruments, load_trainer_state, save_checkpoint,
                                 set_rng_state)
 from harness.config import RunConfig
@@ -75,6 +75,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
     tokenizer = build_tokenizer(cfg)
     train_blocks, eval_blocks = build_corpus(cfg, tokenizer)
     model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from)
+    if not (resume or cfg.init_from) and cfg.model.source == "tiny":
+        match_special_tokens(model, tokenizer)
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t)
     suite = build_suite(cfg.instruments, model, cfg.seed)
