@@ -69,5 +69,5 @@ def build_suite(cfg: InstrumentConfig, model: nn.Module, seed: int):
     if not cfg.enabled:
         return None
     return InstrumentSuite(model, roles=tuple(cfg.roles), layers=cfg.layers, k=cfg.k, every_n=cfg.every_n,
-                           log_spaced=cfg.log_spaced, output_roles=tuple(cfg.output_roles),
+                           log_spaced=cfg.log_spaced, input_roles=tuple(cfg.input_roles), output_roles=tuple(cfg.output_roles),
                            dtype=DTYPES[cfg.dtype], max_tokens=cfg.max_tokens, n_random=cfg.n_random, seed=seed)

@@ -80,7 +80,8 @@ class InstrumentConfig:
     enabled: bool = True
     roles: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     layers: list[int] | None = None
-    output_roles: list[str] = field(default_factory=lambda: ["o", "down"])
+    input_roles: list[str] = field(default_factory=lambda: ["q", "k", "v", "gate", "up"])  # C_a, rsf_in
+    output_roles: list[str] = field(default_factory=lambda: ["o", "down"])  # C_delta, rsf_out_delta
     k: int = 8
     k_curve: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     every_n: int = 20
@@ -281,7 +282,7 @@ def _validate(obj: Any, source: str, prefix: str) -> None:
     if isinstance(obj, InstrumentConfig):
         from hooks.roles import ROLES  # noqa: PLC0415
 
-        for key in ("roles", "output_roles"):
+        for key in ("roles", "input_roles", "output_roles"):
             bad = [r for r in getattr(obj, key) if r not in ROLES]
             if bad:
                 raise ConfigError(f"{source}: key '{prefix}{key}' has unknown roles {bad}; valid: {list(ROLES)}")

@@ -23,9 +23,16 @@ How the hooks count (each point is a measured pitfall, see DESIGN.md section 3):
 * Statistics are accumulated in ``dtype`` (fp32 by default, fp64 optional) with autocast disabled,
   whatever the model's dtype.
 
-Cost: one ``n x n`` GEMM over the kept tokens per input group (shared by the roles that read the
-same tensor) and one ``m x m`` GEMM per output-side role. Scales as ``N n^2``: on wide models use
-``max_tokens`` (a seeded random subset of tokens per forward; the estimate stays unbiased).
+Cost (what keeps full-rate statistics cheap; ``benchmarks/bench_instruments.py`` measures it):
+one ``n x n`` Gram matrix over the kept tokens per input group (shared by the roles that read the
+same tensor) and one ``m x m`` per output-side role. A Gram matrix is symmetric, so only its upper
+block triangle is computed (:func:`_gram_blocks`, about 0.6x the flops of ``a.T @ a``) and the
+accumulators hold the upper triangle; :meth:`state_dict` mirrors it. Without padding no token is
+gathered (no ``index_select`` copy); fp32 inputs are not copied; ``C_delta`` is accumulated in
+place (``addmm_``). Measured on 2 CPU cores (default tiny llama, batch 16 x 128), these GEMMs are
+nearly all of the instruments' cost, and ``down_in`` (``d_ff x d_ff``) is most of that. Scales as
+``N n^2``: on wide models use ``max_tokens`` (a seeded random subset of tokens per forward; the
+estimate stays unbiased).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from torch import nn
 
 from hooks.base import Instrument
 from hooks.distributed import all_reduce_sums
-from hooks.roles import TrackedMatrix, WRITE_ROLES, unwrap_model
+from hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, unwrap_model
 from hooks.schedule import Schedule
 
 
@@ -45,19 +52,20 @@ class CovarianceInstrument(Instrument):
     """``C_a`` per (layer, input group) and ``C_delta`` per (layer, role), as sums and counts.
 
     State keys (docs/architecture.md): ``cov_in/L{i}/{g}/{sum_outer,sum,count}`` and
-    ``cov_out/L{i}/{r}/{sum_outer,count}``.
+    ``cov_out/L{i}/{r}/{sum_outer,count}``. ``input_roles``: roles whose input group gets a
+    ``C_a`` (a group is computed once, at a trainable member); ``output_roles``: roles with ``C_delta``.
     """
 
     name = "covariance"
 
-    def __init__(self, tracked: list[TrackedMatrix], *, input_side: bool = True,
+    def __init__(self, tracked: list[TrackedMatrix], *, input_roles: tuple[str, ...] = ROLES,
                  output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
                  max_tokens: int | None = None, seed: int = 0, schedule: Schedule | None = None) -> None:
         super().__init__(schedule)
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"instruments.max_tokens must be >= 1 or null, got {max_tokens}")
         self.tracked = tracked
-        self.input_side = input_side
+        self.input_roles = tuple(input_roles)
         self.output_roles = tuple(output_roles)
         self.dtype = dtype
         self.max_tokens = max_tokens
@@ -73,11 +81,18 @@ class CovarianceInstrument(Instrument):
         """Map each hooked module to the input group it represents (first role of the group) and
         the output-side roles it serves (several for a fused QKV module)."""
         duties: dict[nn.Module, dict] = defaultdict(lambda: {"group": None, "outputs": []})
-        seen_groups = set()
+        if self.input_roles:
+            # The representative must be a module whose output backward reaches: prefer one with
+            # trainable parameters (under LoRA on some roles, or in layer 0 where the embedding
+            # output needs no grad, a frozen module's output may never be back-propagated).
+            reps: dict[str, TrackedMatrix] = {}
+            for tm in (t for t in self.tracked if t.role in self.input_roles):
+                current = reps.get(tm.group_key)
+                if current is None or (not _trainable(current.module) and _trainable(tm.module)):
+                    reps[tm.group_key] = tm
+            for key, tm in reps.items():
+                duties[tm.module]["group"] = key
         for tm in self.tracked:
-            if self.input_side and tm.group_key not in seen_groups:
-                seen_groups.add(tm.group_key)
-                duties[tm.module]["group"] = tm.group_key
             if tm.role in self.output_roles:
                 duties[tm.module]["outputs"].append((tm.key, tm.rows))
         return {m: d for m, d in duties.items() if d["group"] or d["outputs"]}
@@ -116,8 +131,8 @@ class CovarianceInstrument(Instrument):
         if self._keep_cache is not None and self._keep_cache[0] == token_shape:
             return self._keep_cache[1]
         keep = None
-        if self._mask is not None and tuple(self._mask.shape) == tuple(token_shape):
-            keep = self._mask.reshape(-1).nonzero().squeeze(1)
+        if self._mask is not None and tuple(self._mask.shape) == tuple(token_shape) and not bool(self._mask.all()):
+            keep = self._mask.reshape(-1).nonzero().squeeze(1)  # gather only when something is padding
         n_tokens = int(torch.Size(token_shape).numel()) if keep is None else keep.numel()
         if self.max_tokens is not None and n_tokens > self.max_tokens:
             pick = torch.randperm(n_tokens, generator=self._generator)[: self.max_tokens].sort().values
@@ -138,9 +153,11 @@ class CovarianceInstrument(Instrument):
         keep = self._kept_tokens(output.shape[:-1], output.device)
         pending = None
         if duty["group"]:
+            # Computed now, not at backward: holding the (n x n) blocks instead of the activation
+            # keeps gradient checkpointing's memory saving.
             with torch.autocast(device_type=output.device.type, enabled=False):
-                a = self._rows(args[0].detach(), keep).to(self.dtype)
-                pending = (a.T @ a, a.sum(0), a.shape[0])
+                a = self._rows(args[0].detach(), keep).to(self.dtype)  # no copy when already fp32
+                pending = (_gram_blocks(a), a.sum(0), a.shape[0])
         group, outputs = duty["group"], duty["outputs"]
 
         def on_grad(grad: torch.Tensor) -> None:
@@ -150,27 +167,31 @@ class CovarianceInstrument(Instrument):
                 d = self._rows(grad.detach(), keep)
                 if rows is not None:
                     d = d.index_select(1, rows.to(d.device))
+                # Scaled before squaring (not c^2 on the GEMM): unscaled per-token deltas are ~1/N
+                # small and their squares could reach fp32 subnormals (slow and inexact).
                 d = d.to(self.dtype) * self.loss_normalizer
-                self._add_output(key, d.T @ d, d.shape[0])
+                self._add_output(key, d, d.shape[0])
             return None  # a returned tensor would replace the gradient
 
         output.register_hook(on_grad)
         return None  # a returned value would replace the module's output
 
-    def _add_input(self, key: str, outer: torch.Tensor, total: torch.Tensor, count: int) -> None:
+    def _add_input(self, key: str, blocks: list, total: torch.Tensor, count: int) -> None:
         if key not in self.sums_in:
-            self.sums_in[key] = [torch.zeros_like(outer), torch.zeros_like(total), 0]
+            n = total.shape[0]
+            self.sums_in[key] = [total.new_zeros(n, n), torch.zeros_like(total), 0]
         s = self.sums_in[key]
-        s[0] += outer
+        for (r0, r1), block in blocks:
+            s[0][r0:r1, r0:].add_(block)
         s[1] += total
         s[2] += count
         self.version += 1
 
-    def _add_output(self, key: str, outer: torch.Tensor, count: int) -> None:
+    def _add_output(self, key: str, d: torch.Tensor, count: int) -> None:
         if key not in self.sums_out:
-            self.sums_out[key] = [torch.zeros_like(outer), 0]
+            self.sums_out[key] = [d.new_zeros(d.shape[1], d.shape[1]), 0]
         s = self.sums_out[key]
-        s[0] += outer
+        _gram_into(s[0], d)
         s[1] += count
         self.version += 1
 
@@ -215,11 +236,11 @@ class CovarianceInstrument(Instrument):
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
         for key, (outer, total, count) in self.sums_in.items():
-            state[f"cov_in/{key}/sum_outer"] = outer.clone()
+            state[f"cov_in/{key}/sum_outer"] = _symmetric(outer)
             state[f"cov_in/{key}/sum"] = total.clone()
             state[f"cov_in/{key}/count"] = torch.tensor(float(count), dtype=torch.float64)
         for key, (outer, count) in self.sums_out.items():
-            state[f"cov_out/{key}/sum_outer"] = outer.clone()
+            state[f"cov_out/{key}/sum_outer"] = _symmetric(outer)
             state[f"cov_out/{key}/count"] = torch.tensor(float(count), dtype=torch.float64)
         return state
 
@@ -240,3 +261,35 @@ class CovarianceInstrument(Instrument):
         self.sums_in: dict[str, list] = {}
         self.sums_out: dict[str, list] = {}
         self.version = 0
+
+
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+# ----- symmetric Gram matrices: only the upper block triangle is computed and accumulated -------------
+def _gram_bounds(n: int) -> list[tuple[int, int]]:
+    """Column blocks for a Gram matrix of width ``n``: up to 4 blocks of >= 64 columns. Computing
+    the blocks on and above the diagonal costs ``(b + 1) / (2 b)`` of the full product; more, thinner
+    blocks save flops but lose GEMM efficiency (measured on CPU, n = 128 ... 1024)."""
+    b = max(1, min(4, n // 64))
+    edges = [round(i * n / b) for i in range(b + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _gram_blocks(a: torch.Tensor) -> list[tuple[tuple[int, int], torch.Tensor]]:
+    """Upper block rows of ``a^T a`` for ``a`` (N, n): ``[((r0, r1), a[:, r0:r1]^T a[:, r0:])]``.
+    The lower triangle of each diagonal block is computed too but never read."""
+    return [((r0, r1), a[:, r0:r1].T @ a[:, r0:]) for r0, r1 in _gram_bounds(a.shape[1])]
+
+
+def _gram_into(acc: torch.Tensor, d: torch.Tensor) -> None:
+    """``acc += d^T d`` on the upper block triangle, in place (no temporary)."""
+    for r0, r1 in _gram_bounds(d.shape[1]):
+        acc[r0:r1, r0:].addmm_(d[:, r0:r1].T, d[:, r0:])
+
+
+def _symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The full symmetric matrix whose upper triangle (diagonal included) is ``upper``'s; anything
+    below the diagonal is ignored. A new tensor."""
+    return torch.triu(upper) + torch.triu(upper, 1).T

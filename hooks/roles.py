@@ -25,6 +25,10 @@ GROUP_OF_ROLE = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "o_in",
                  "gate": "mlp_in", "up": "mlp_in", "down": "down_in"}
 # Roles whose output is written into the residual stream (the write pathway).
 WRITE_ROLES = ("o", "down")
+# Roles whose input side the paper reads: the read pathway (q, k) and its comparisons (v, gate, up).
+# o and down are write-pathway matrices (their output side matters); their inputs are left out
+# by default, which also skips the widest covariance (down reads d_ff).
+READ_ROLES = ("q", "k", "v", "gate", "up")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,13 @@ class TrackedMatrix:
     @property
     def group_key(self) -> str:
         return f"L{self.layer}/{self.group}"
+
+    @property
+    def plain_fp32(self) -> bool:
+        """A whole, untransposed fp32 weight with no adapter: ``weight()`` is just a copy of it."""
+        w = getattr(self.module, "weight", None)
+        return (self.rows is None and not self.transposed and _base_layer(self.module) is self.module
+                and isinstance(w, torch.Tensor) and w.dtype == torch.float32)
 
     def _orient(self, w: torch.Tensor) -> torch.Tensor:
         w = w.t() if self.transposed else w

@@ -24,7 +24,7 @@ from torch import nn
 from harness import geometry as geo
 from hooks.covariance import CovarianceInstrument
 from hooks.distributed import rank, world_size
-from hooks.roles import ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
+from hooks.roles import READ_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
 from hooks.schedule import Schedule
 from hooks.updates import UpdateInstrument
 
@@ -41,6 +41,9 @@ class InstrumentSuite:
 
     Args:
         k: subspace dimension for the streamed RSF (capped at each matrix's dim - 1).
+        input_roles: roles whose input-side ``C_a`` (and so ``rsf_in``) is measured: the read
+            pathway and its comparisons by default; add ``o`` / ``down`` for their input side
+            (``down`` reads the d_ff-wide tensor: the costliest covariance).
         output_roles: roles whose ``C_delta`` is accumulated (the write pathway by default).
         n_random: Haar-random subspaces for the z-scores (0 disables them).
         max_tokens: per-forward token subsample for the covariances (None = every token).
@@ -48,7 +51,7 @@ class InstrumentSuite:
 
     def __init__(self, model: nn.Module, *, roles: tuple[str, ...] = ROLES, layers: list[int] | None = None,
                  k: int = 8, every_n: int = 10, log_spaced: bool = False,
-                 output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
+                 input_roles: tuple[str, ...] = READ_ROLES, output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
                  max_tokens: int | None = None, n_random: int = 20, seed: int = 0,
                  arch: ArchSpec | str | None = None) -> None:
         if k < 1:
@@ -58,7 +61,8 @@ class InstrumentSuite:
         self.tracked = resolve_tracked(model, roles, arch, layers)
         if not self.tracked:
             raise ValueError(f"instruments.roles {list(roles)} matched no matrix in this model")
-        self.cov = CovarianceInstrument(self.tracked, output_roles=output_roles, dtype=dtype,
+        self.input_roles = tuple(input_roles)
+        self.cov = CovarianceInstrument(self.tracked, input_roles=input_roles, output_roles=output_roles, dtype=dtype,
                                         max_tokens=max_tokens, seed=seed, schedule=self.schedule)
         self.upd = UpdateInstrument(self.tracked, schedule=self.schedule)
         self.instruments = [self.cov, self.upd]
@@ -129,7 +133,7 @@ class InstrumentSuite:
             m, n = views[""].shape
             if not bool(views[""].any()):
                 continue  # nothing written yet (frozen under LoRA, or lr 0 in warmup): no RSF to report
-            if tm.group_key in eig_in:
+            if tm.role in self.input_roles and tm.group_key in eig_in:
                 evals, evecs = eig_in[tm.group_key]
                 k = min(self.k, n - 1)
                 self._side(out, "in", tm.key, views, evecs[:, :k], k, n)

@@ -59,8 +59,12 @@ class UpdateInstrument(Instrument):
             g = tm.grad()
             if g is not None:
                 self.grad[tm.key] = g
-                self.grad_sum[tm.key] = self.grad_sum.get(tm.key, torch.zeros_like(g)) + g
-                self.grad_sq[tm.key] = self.grad_sq.get(tm.key, 0.0) + float(g.double().pow(2).sum())
+                if tm.key in self.grad_sum:
+                    self.grad_sum[tm.key].add_(g)  # in place: no new (m, n) per step
+                else:
+                    self.grad_sum[tm.key] = g.clone()
+                flat = g.reshape(-1).double()
+                self.grad_sq[tm.key] = self.grad_sq.get(tm.key, 0.0) + float(torch.dot(flat, flat))
             self._before[tm.key] = tm.weight()
         self.steps += 1
         return None
@@ -68,8 +72,14 @@ class UpdateInstrument(Instrument):
     @torch.no_grad()
     def after_step(self) -> None:
         for tm in self.tracked:
-            if tm.key in self._before:
-                self.update[tm.key] = tm.weight() - self._before.pop(tm.key)
+            before = self._before.pop(tm.key, None)
+            if before is None:
+                continue
+            weight = tm.module.weight if tm.plain_fp32 else None
+            if weight is not None:  # plain fp32 Linear: W_{t+1} - W_t written into the pre-step copy
+                self.update[tm.key] = torch.sub(weight.detach(), before, out=before)
+            else:
+                self.update[tm.key] = tm.weight() - before
         return None
 
     def delta(self, tm: TrackedMatrix) -> torch.Tensor:

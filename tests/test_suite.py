@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness import geometry as geo
+from hooks.roles import ROLES
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
 
@@ -84,7 +85,7 @@ def layer(model, i):
 def test_compute_matches_brute_force(optim):
     model = make_model("llama")
     L0, L1 = layer(model, 0), layer(model, 1)
-    suite = InstrumentSuite(model, k=K, every_n=1000, dtype=torch.float64, n_random=6, seed=3)
+    suite = InstrumentSuite(model, input_roles=ROLES, k=K, every_n=1000, dtype=torch.float64, n_random=6, seed=3)
     opt = (torch.optim.SGD(model.parameters(), lr=0.5) if optim == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-2))
     watched = {"q": L0.self_attn.q_proj, "down": L1.mlp.down_proj, "o": L1.self_attn.o_proj}
@@ -178,7 +179,7 @@ def test_zero_delta_role_has_no_rsf_keys():
 
 def test_k_is_capped_at_dim_minus_one():
     model = make_model("llama")
-    suite = InstrumentSuite(model, k=100, every_n=1, n_random=0, dtype=torch.float64)
+    suite = InstrumentSuite(model, input_roles=ROLES, k=100, every_n=1, n_random=0, dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with suite.attached(model, opt):
         metrics = step_once(model, opt, suite, make_batch(), 1)
@@ -360,12 +361,12 @@ def test_state_round_trip_gives_identical_compute(tmp_path):
 
     model = make_model("llama")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    suite = InstrumentSuite(model, k=K, every_n=1000, n_random=4)
+    suite = InstrumentSuite(model, input_roles=ROLES, k=K, every_n=1000, n_random=4)
     _train(model, opt, suite, batches(2))
     expected = suite.compute(2)
     suite.save(tmp_path / "s.safetensors")
     for state in (suite.state_dict(), load_file(str(tmp_path / "s.safetensors"))):
-        clone = InstrumentSuite(model, k=K, every_n=1000, n_random=4)
+        clone = InstrumentSuite(model, input_roles=ROLES, k=K, every_n=1000, n_random=4)
         clone.load_state_dict(state)
         assert clone.compute(2) == expected
     assert any(k.startswith("rsf_in_frozen/") for k in expected)
@@ -374,7 +375,7 @@ def test_state_round_trip_gives_identical_compute(tmp_path):
 @pytest.mark.parametrize("max_tokens", [None, 20])
 def test_resume_mid_phase_equals_continuous_run(max_tokens):
     data = batches(4)
-    kw = dict(k=K, every_n=1000, n_random=4, max_tokens=max_tokens)
+    kw = dict(input_roles=ROLES, k=K, every_n=1000, n_random=4, max_tokens=max_tokens)
 
     model = make_model("llama")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -401,3 +402,24 @@ def test_resume_mid_phase_equals_continuous_run(max_tokens):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert continuous.compute(4) == resumed.compute(4)
+
+
+def test_default_sides_skip_write_pathway_inputs():
+    """By default C_a is measured for the read pathway's inputs only (q/k/v and gate/up), and
+    C_delta for the write pathway's outputs (o, down): o's and down's inputs are not accumulated."""
+    model = make_model("llama")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    suite = InstrumentSuite(model, k=K, every_n=1, n_random=0)
+    with suite.attached(model, opt):
+        batch = make_batch(seed=5)
+        loss, n = token_loss_sum(model, batch)
+        suite.set_loss_normalizer(n)
+        (loss / n).backward()
+        opt.step()
+        metrics = suite.after_optimizer_step(1)
+    groups = {key.split("/")[1] for key in suite.cov.sums_in}
+    assert groups == {"attn_in", "mlp_in"}
+    assert set(suite.cov.sums_out) == {f"L{i}/{r}" for i in range(2) for r in ("o", "down")}
+    assert "rsf_in/L0/q" in metrics and "rsf_in/L0/up" in metrics
+    assert not any(k.startswith("rsf_in/") and k.endswith(("/o", "/down")) for k in metrics)
+    assert "rsf_out_pred/L0/o" in metrics and "rsf_out_delta/L1/down" in metrics
