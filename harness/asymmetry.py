@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from harness.plots import plot_rsf_over_steps
+from harness.plots import plot_phase_trajectories, plot_rsf_over_steps
 from harness.report import markdown_table
 from harness.sinks import read_metrics
 
@@ -215,7 +215,19 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
               "## Per layer: relative RSF_out against the prediction subspace", "",
               per_layer_table(phases, "rsf_out_pred"), "",
               "## Spikiness of the covariances (mean over layers)", "", spikiness_table(phases), "",
-              "## Trajectories (cumulative delta vs step)", ""]
+              "## Trajectories (cumulative delta vs step)", "",
+              "The within-checkpoint trajectory: pretraining (black) and every alignment run from its final "
+              "checkpoint, each measured against its own phase-start weights.", ""]
+    for prefix, roles, label in (("rsf_in", READ_ROLES, "read pathway (q, k): relative RSF_in vs C_a"),
+                                 ("rsf_out_pred", WRITE_ROLES,
+                                  "write pathway (o, down): relative RSF_out vs prediction subspace")):
+        series = [(p.name, [(r["step"], mean_over(r, prefix, roles)) for r in p.rows
+                            if not math.isnan(mean_over(r, prefix, roles))]) for p in phases]
+        if any(points for _, points in series):
+            name = f"trajectory_{prefix}.png"
+            plot_phase_trajectories(series, out_dir / name, label, "relative RSF (mean over roles, layers)",
+                                    offset_after="pretrain (CE)")
+            lines += [f"![trajectory {prefix}]({name})", ""]
     for prefix in ("rsf_in", "rsf_out_pred"):
         for p in phases:
             if not any(k.startswith(prefix + "/L") for r in p.rows for k in r):

@@ -15,7 +15,7 @@ import copy
 import random
 from pathlib import Path
 
-from harness.checkpoint import latest_checkpoint
+from harness.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint
 from harness.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
 from harness.rundir import prepare_run_dir
 
@@ -48,21 +48,41 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     pretrain_tokenizer = build_tokenizer(cfg) if "pretrain" in cfg.stages else None
     pairs_all = load_pairs(cfg, pretrain_tokenizer)
     pretrain_dir = Path(run_dir) / "pretrain"
-    resume_path = _resume_path(pretrain_dir, resume) if resume else None
-    prepare_run_dir(run_dir, cfg, overwrite=overwrite, resuming=resume_path is not None)
+    if resume not in (None, "latest"):
+        raise ConfigError("a pipeline resumes with --resume latest: finished stages are kept, unfinished ones "
+                          "continue from their newest checkpoint")
+    resume_path = latest_checkpoint(pretrain_dir) if resume and "pretrain" in cfg.stages else None
+    prepare_run_dir(run_dir, cfg, overwrite=overwrite, resuming=bool(resume))
 
-    if "pretrain" in cfg.stages:
-        init_dir = pretrain(cfg, pretrain_dir, resume=resume_path, progress=progress, overwrite=True).checkpoint
-    else:
+    final_pretrain = checkpoint_dir(pretrain_dir, cfg.train.steps)
+    if "pretrain" not in cfg.stages:
         init_dir = Path(cfg.init_from)
+    elif resume and is_complete(final_pretrain):
+        print(f"[resume] pretraining already finished: {final_pretrain}")
+        init_dir = final_pretrain
+    else:
+        init_dir = pretrain(cfg, pretrain_dir, resume=resume_path, progress=progress, overwrite=True).checkpoint
     tokenizer = alignment_tokenizer(cfg, init_dir)
     pairs, eval_pairs = split_pairs(pairs_all, cfg.data.eval_fraction or 0.1, cfg.seed)
     for objective in cfg.align.objectives:
-        align(cfg, objective, init_dir, Path(run_dir) / "align" / objective.name, tokenizer=tokenizer,
-              pairs=pairs, eval_pairs=eval_pairs, progress=progress, overwrite=True)
+        obj_dir = Path(run_dir) / "align" / objective.name
+        obj_resume = None
+        if resume:
+            if is_complete(checkpoint_dir(obj_dir, cfg.align.train.steps)):
+                print(f"[resume] objective {objective.name} already finished")
+                continue
+            obj_resume = latest_checkpoint(obj_dir) if objective.loss != "trl" else None
+            if obj_resume is not None:
+                print(f"[resume] objective {objective.name} from {obj_resume}")
+        align(cfg, objective, init_dir, obj_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
+              progress=progress, overwrite=obj_resume is None, resume=obj_resume)
     if "report" in cfg.stages:
         write_report(run_dir)
     return Path(run_dir)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (Path(checkpoint) / STATE_FILE).is_file()
 
 
 def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:

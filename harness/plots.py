@@ -115,3 +115,31 @@ def _save(fig, out_path: Path) -> Path:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def plot_phase_trajectories(phases: list[tuple[str, list[tuple[int, float]]]], out_path: Path, title: str,
+                            ylabel: str, offset_after: str | None = None) -> Path:
+    """One line per phase of a summary metric against step. With ``offset_after`` (a phase name,
+    e.g. pretraining), the other phases start where that one ends, so alignment runs read as
+    continuations of the checkpoint they all start from."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    offset = 0
+    if offset_after is not None:
+        base = dict(phases).get(offset_after) or []
+        offset = max((s for s, _ in base), default=0)
+    for name, points in phases:
+        if not points:
+            continue
+        shift = 0 if name == offset_after else offset
+        steps, values = zip(*points)
+        style = {"color": "black", "linewidth": 2.0} if name == offset_after else {"linewidth": 1.3}
+        ax.plot([s + shift for s in steps], values, marker=".", label=name, **style)
+    if offset:
+        ax.axvline(offset, color="gray", linestyle=":", linewidth=1)
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("optimizer step" + (" (alignment runs start at the checkpoint)" if offset else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, out_path)

@@ -3,12 +3,14 @@ count only the policy's tokens (never the reference pass), TRL + LoRA + real ins
 
 from __future__ import annotations
 
+import copy
+
 import peft
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import ObjectiveConfig, load_config
+from harness.config import LoraConfig, ObjectiveConfig, load_config
 from harness.data import batch_indices, tokenize_pairs
 from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
 from hooks.suite import InstrumentSuite
@@ -90,3 +92,29 @@ def _rows(run_dir):
     from harness.sinks import read_metrics  # noqa: PLC0415
 
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_alignment_resume_matches_continuous_run(pretrained, tmp_path, lora):
+    cfg, ckpt = pretrained
+    cfg = copy.deepcopy(cfg)
+    cfg.instruments.enabled = True
+    cfg.align.train.steps, cfg.align.train.save_every = 6, 3
+    if lora:
+        cfg.align.lora = LoraConfig(r=4, alpha=8)
+    tokenizer = alignment_tokenizer(cfg, ckpt)
+    pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
+    objective = ObjectiveConfig(name="g05", loss="graded", grade=0.5)
+    kw = dict(tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
+    full = align(cfg, objective, ckpt, tmp_path / "full", **kw)
+    cut = align(cfg, objective, ckpt, tmp_path / "cut", **kw)
+    step3 = cut.run_dir / "checkpoints" / "step_0000003"
+    assert (step3 / ("adapter_model.safetensors" if lora else "model.safetensors")).is_file()
+    resumed = align(cfg, objective, ckpt, tmp_path / "cut", resume=step3, **kw)
+    for name in ("model.safetensors", "instruments.safetensors"):
+        a, b = load_file(str(full.checkpoint / name)), load_file(str(resumed.checkpoint / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    steps = [r["step"] for r in _rows(resumed.run_dir) if "pref/loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 7))

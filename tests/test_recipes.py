@@ -4,6 +4,7 @@ end to end through the CLI and produce their reports from saved files, reproduci
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_every_recipe_loads_and_validates(path):
 
 def _smoke(tmp_path: Path, name: str, *extra: str) -> list[str]:
     return ["run", "asymmetry_smoke", f"output_dir={tmp_path}", f"name={name}",
-            f"tokenizer.cache_dir={tmp_path / 'tok'}", "--no-progress", *extra]
+            f"tokenizer.cache_dir={tmp_path / 'tok'}", "align.train.save_every=3", "--no-progress", *extra]
 
 
 @pytest.mark.slow
@@ -61,6 +62,14 @@ def test_smoke_pipeline_runs_end_to_end_and_reproduces(tmp_path):
     assert (tmp_path / "b" / "report" / "report.md").read_text().split("## The asymmetry table")[1] == table
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "report.md").read_text() == report
+
+    # an interrupted pipeline resumes: finished stages are kept, g1.00 continues from its step-3 checkpoint
+    shutil.rmtree(run / "align" / "g1.00" / "checkpoints" / "step_0000006")
+    before = {name: (run / "align" / name / "metrics.jsonl").stat().st_mtime_ns for name in objectives}
+    assert main(_smoke(tmp_path, "a", "--resume", "latest")) == 0
+    after = {name: (run / "align" / name / "metrics.jsonl").stat().st_mtime_ns for name in objectives}
+    assert [n for n in objectives if after[n] != before[n]] == ["g1.00"]
+    assert (run / "report" / "verdicts.json").read_text() == json.dumps(verdicts, indent=2)
 
 
 @pytest.mark.slow

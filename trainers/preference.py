@@ -27,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.build import build_model, build_suite
-from harness.checkpoint import checkpoint_dir, save_checkpoint
+from harness.checkpoint import (checkpoint_dir, load_instruments, load_trainer_state, save_checkpoint,
+                                set_rng_state)
 from harness.config import ObjectiveConfig, RunConfig
 from harness.data import batch_indices, tokenize_pairs
 from harness.rundir import prepare_run_dir
-from harness.sinks import build_sinks
+from harness.sinks import build_sinks, truncate_after
 from trainers.losses import build_loss, sequence_logps
 from trainers.optim import make_optimizer, make_scheduler
 
@@ -88,8 +89,14 @@ def preference_eval(model, data: dict, ref: tuple, loss_fn, batch_size: int, dev
 
 
 def align(cfg: RunConfig, objective: ObjectiveConfig, init_dir: Path, run_dir: Path, *, tokenizer,
-          pairs: list[dict], eval_pairs: list[dict], progress: bool = True, overwrite: bool = False) -> AlignResult:
-    """Align the checkpoint ``init_dir`` with ``objective``; write a run directory like pretraining's."""
+          pairs: list[dict], eval_pairs: list[dict], progress: bool = True, overwrite: bool = False,
+          resume: Path | None = None) -> AlignResult:
+    """Align the checkpoint ``init_dir`` with ``objective``; write a run directory like pretraining's.
+
+    ``resume``: a checkpoint of this run (``align.train.save_every``); training continues from it
+    exactly (weights or LoRA adapters, optimizer, schedule, instrument sums). The reference is
+    always the policy at ``init_dir``. TRL objectives (``loss: trl``) restart instead.
+    """
     if objective.loss == "trl":
         from trainers.trl_dpo import align_with_trl  # noqa: PLC0415
 
@@ -104,17 +111,31 @@ def align(cfg: RunConfig, objective: ObjectiveConfig, init_dir: Path, run_dir: P
     loss_fn = build_loss(objective.loss, beta=a.beta, grade=objective.grade, lam=objective.lam)
     data = tokenize_pairs(pairs, tokenizer, a.max_len)
     eval_data = tokenize_pairs(eval_pairs, tokenizer, a.max_len) if eval_pairs else None
-    ref = reference_logps(model, data, t.batch_size, device)
+    ref = reference_logps(model, data, t.batch_size, device)  # the initial policy, also when resuming
     eval_ref = reference_logps(model, eval_data, t.batch_size, device) if eval_data else None
+    suite = build_suite(cfg.instruments, model, cfg.seed)  # W0 = the initial policy's weights
+    start = 0
+    if resume is not None:
+        state = load_trainer_state(resume)
+        load_policy_weights(model, resume)
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t)
-    suite = build_suite(cfg.instruments, model, cfg.seed)
-    prepare_run_dir(run_dir, cfg, overwrite=overwrite)
+    if resume is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        if suite is not None:
+            suite.load_state_dict(load_instruments(resume) or {})
+        start = state["step"]
+    prepare_run_dir(run_dir, cfg, overwrite=overwrite, resuming=resume is not None)
+    if resume is not None:
+        truncate_after(run_dir / "metrics.jsonl", start)
     sinks = build_sinks(run_dir, cfg.tracking.report_to)
 
     per_step = t.batch_size * t.grad_accum
     last: dict = {}
-    bar = tqdm(range(1, t.steps + 1), desc=f"align {objective.name}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(start + 1, t.steps + 1), desc=f"align {objective.name}", disable=not progress,
+               dynamic_ncols=True, initial=start, total=t.steps)
     ctx = suite.attached(model, optimizer) if suite is not None else contextlib.nullcontext()
     try:
         with ctx:
@@ -146,11 +167,39 @@ def align(cfg: RunConfig, objective: ObjectiveConfig, init_dir: Path, run_dir: P
                     last = {"step": step, **row}
                     bar.set_postfix({k.split("/")[-1]: f"{last[k]:.3g}" for k in
                                      ("pref/loss", "pref/accuracy", "rsf_out_pred/all/o") if k in last}, refresh=False)
+                if t.save_every and step % t.save_every == 0 and step < t.steps:
+                    state = suite.snapshot_state() if suite is not None else None
+                    save_checkpoint(checkpoint_dir(run_dir, step), model=model, tokenizer=tokenizer,
+                                    optimizer=optimizer, scheduler=scheduler, step=step, instruments=state)
         ckpt = save_aligned(run_dir, t.steps, model, tokenizer, optimizer, scheduler, suite)
     finally:
         bar.close()
         sinks.close()
     return AlignResult(run_dir, ckpt, last)
+
+
+def load_policy_weights(model, checkpoint: Path) -> None:
+    """Weights of a mid-run checkpoint: LoRA adapters (``adapter_model.safetensors``, saved by a
+    PeftModel) or the full model (``model.safetensors``)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict  # noqa: PLC0415
+
+        if not hasattr(model, "peft_config"):
+            raise ValueError(f"{checkpoint} holds LoRA adapters, but this recipe has no align.lora")
+        set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+        return
+    if not (checkpoint / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{checkpoint} has neither model.safetensors nor adapter_model.safetensors")
+    if hasattr(model, "peft_config"):
+        raise ValueError(f"{checkpoint} holds full weights, but this recipe wraps the policy in LoRA (align.lora)")
+    missing, unexpected = model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{checkpoint}/model.safetensors does not fit this model: missing {missing}, "
+                         f"unexpected {unexpected}")
 
 
 def save_aligned(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, suite) -> Path:
