@@ -146,8 +146,8 @@ def asymmetry_table(phases: list[Phase]) -> str:
     for p in phases:
         f = p.final
         for r in TABLE_ROLES:
-            if f"rsf_in/all/{r}" not in f:
-                continue
+            if not any(f"{prefix}/all/{r}" in f for prefix in ("rsf_in", "rsf_out_pred", "rsf_out_delta")):
+                continue  # role not tracked, or nothing written to it in this phase
             gaps_in = _layer_mean(f, "gap_in", r)
             gaps_out = _layer_mean(f, "gap_out_delta", r)
             rows.append([p.name, r, f.get(f"rsf_in/all/{r}"), f.get(f"z_in/all/{r}"), gaps_in,

@@ -111,3 +111,18 @@ def test_bad_recipe_errors_name_key_and_file(tmp_path, capsys):
     assert "align.objectives[0].loss" in err and str(bad) in err
     assert main(["run", "no_such_recipe"]) == 2
     assert "asymmetry_smoke" in capsys.readouterr().err  # lists the bundled recipes
+
+
+@pytest.mark.slow
+def test_dpo_lora_recipe_measures_the_adapted_matrices(tmp_path):
+    assert main(["run", "dpo_lora", f"output_dir={tmp_path}", f"tokenizer.cache_dir={tmp_path / 'tok'}",
+                 "tokenizer.vocab_size=512", "model.hidden_size=32", "data.max_tokens=60000", "train.steps=20",
+                 "align.n_pairs=48", "align.max_len=48", "align.train.steps=4", "align.train.batch_size=4",
+                 "instruments.every_n=2", "instruments.n_random=4", "--no-progress"]) == 0
+    run = tmp_path / "dpo_lora" / "align" / "dpo"
+    final = [r for r in read_metrics(run / "metrics.jsonl") if "rsf_in/L0/q" in r][-1]
+    assert "rsf_out_pred/L1/o" in final  # LoRA on q, k, v, o: their effective deltas are measured
+    assert not any(k.endswith(("/gate", "/up", "/down")) and k.startswith("rsf_") for k in final)  # frozen MLP
+    assert any("eval/pref_accuracy" in r for r in read_metrics(run / "metrics.jsonl"))
+    merged = run / "checkpoints" / "step_0000004"
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_model.safetensors").exists()
