@@ -60,8 +60,10 @@ class CovarianceInstrument(Instrument):
 
     def __init__(self, tracked: list[TrackedMatrix], *, input_roles: tuple[str, ...] = ROLES,
                  output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
-                 max_tokens: int | None = None, seed: int = 0, schedule: Schedule | None = None) -> None:
+                 max_tokens: int | None = None, seed: int = 0, schedule: Schedule | None = None,
+                 spike_k: int = 8) -> None:
         super().__init__(schedule)
+        self.spike_k = spike_k  # top-k share in this instrument's own compute() (the suite passes its k)
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"instruments.max_tokens must be >= 1 or null, got {max_tokens}")
         self.tracked = tracked
@@ -227,10 +229,10 @@ class CovarianceInstrument(Instrument):
         out: dict[str, float] = {}
         for key in self.sums_in:
             evals, _ = sym_eigh(self.covariance_in(key, state=state))
-            out.update({f"spike_in/{key}/{k}": v for k, v in spikiness(evals, 8).items()})
+            out.update({f"spike_in/{key}/{k}": v for k, v in spikiness(evals, self.spike_k).items()})
         for key in self.sums_out:
             evals, _ = sym_eigh(self.covariance_out(key, state=state))
-            out.update({f"spike_out/{key}/{k}": v for k, v in spikiness(evals, 8).items()})
+            out.update({f"spike_out/{key}/{k}": v for k, v in spikiness(evals, self.spike_k).items()})
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -63,7 +63,7 @@ class InstrumentSuite:
             raise ValueError(f"instruments.roles {list(roles)} matched no matrix in this model")
         self.input_roles = tuple(input_roles)
         self.cov = CovarianceInstrument(self.tracked, input_roles=input_roles, output_roles=output_roles, dtype=dtype,
-                                        max_tokens=max_tokens, seed=seed, schedule=self.schedule)
+                                        max_tokens=max_tokens, seed=seed, schedule=self.schedule, spike_k=k)
         self.upd = UpdateInstrument(self.tracked, schedule=self.schedule)
         self.instruments = [self.cov, self.upd]
         self.frozen: dict[str, torch.Tensor] = {}
