@@ -107,3 +107,31 @@ def _model_dir_without_weights(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32}))
     return d
+
+
+def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
+    """torchrun with 2 CPU processes (gloo): the same global batches, so the same logged loss and the
+    same instrument statistics (all-reduced) as one process."""
+    import shutil  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    args = [f"output_dir={tmp_path}", f"tokenizer.cache_dir={cache_dir}", "stages=[pretrain]", "train.steps=10",
+            "train.log_every=5", "instruments.every_n=5", "instruments.n_random=0", "--no-progress"]
+    single = subprocess.run([sys.executable, "-m", "harness.cli", "run", "asymmetry_smoke", "name=one", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    multi = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "harness.cli", "run", "asymmetry_smoke",
+                            "name=two", *args], capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        for key in ("train/loss", "rsf_in/all/q", "rsf_out_pred/all/o", "rsf_out_delta/all/down"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-3), key
+    sa = load_file(str(tmp_path / "one" / "instruments" / "step_0000010.safetensors"))
+    sb = load_file(str(tmp_path / "two" / "instruments" / "step_0000010.safetensors"))
+    assert int(sb["cov_in/L0/attn_in/count"]) == int(sa["cov_in/L0/attn_in/count"])
+    torch.testing.assert_close(sb["cov_in/L1/mlp_in/sum_outer"], sa["cov_in/L1/mlp_in/sum_outer"], rtol=1e-4, atol=1e-4)

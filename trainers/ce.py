@@ -94,9 +94,11 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
         if suite is not None:
             suite.load_state_dict(load_instruments(Path(resume)) or {})
         start_step = state["step"]
-    prepare_run_dir(run_dir, cfg, resuming=resume is not None, overwrite=overwrite)
-    if resume is not None:
-        truncate_after(run_dir / "metrics.jsonl", start_step)
+    if accelerator.is_main_process:  # one process owns the directory (torchrun: the others would race it)
+        prepare_run_dir(run_dir, cfg, resuming=resume is not None, overwrite=overwrite)
+        if resume is not None:
+            truncate_after(run_dir / "metrics.jsonl", start_step)
+    accelerator.wait_for_everyone()
     model, optimizer = accelerator.prepare(model, optimizer)
     sinks = build_sinks(run_dir, cfg.tracking.report_to, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -134,7 +136,12 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
                 if step % t.log_every == 0 or step == t.steps or geometry:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens * world / max(elapsed, 1e-9)
-                    row = {"train/loss": window_loss / max(window_tokens, 1), "train/lr": scheduler.get_last_lr()[0],
+                    loss_total, tokens_total = window_loss, float(window_tokens)
+                    if world > 1:  # the global mean over every process's tokens (all ranks log at the same steps)
+                        totals = accelerator.reduce(torch.tensor([window_loss, float(window_tokens)], dtype=torch.float64,
+                                                                 device=accelerator.device), reduction="sum")
+                        loss_total, tokens_total = float(totals[0]), float(totals[1])
+                    row = {"train/loss": loss_total / max(tokens_total, 1), "train/lr": scheduler.get_last_lr()[0],
                            "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_per_s}
                     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
                 if t.eval_every and (step % t.eval_every == 0 or step == t.steps) and len(eval_blocks):
