@@ -58,6 +58,7 @@ class InstrumentSuite:
             raise ValueError(f"instruments.k must be >= 1, got {k}")
         self.model, self.arch, self.k, self.n_random, self.seed = model, arch, k, n_random, seed
         self.schedule = Schedule(every_n=every_n, log_spaced=log_spaced)
+        self._roles, self._layers = tuple(roles), layers
         self.tracked = resolve_tracked(model, roles, arch, layers)
         if not self.tracked:
             raise ValueError(f"instruments.roles {list(roles)} matched no matrix in this model")
@@ -70,8 +71,21 @@ class InstrumentSuite:
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def attach(self, model: nn.Module | None = None, optimizer=None) -> None:
+        model = model if model is not None else self.model
+        self._check_modules(model)
         for inst in self.instruments:
-            inst.attach(model if model is not None else self.model, optimizer)
+            inst.attach(model, optimizer)
+
+    def _check_modules(self, model: nn.Module) -> None:
+        """The tracked modules must still be the model's: wrapping after construction (PEFT's
+        ``get_peft_model``, TRL's ``peft_config``) replaces them, and hooks on the old ones would
+        silently see a frozen base layer."""
+        current = {tm.key: tm.module for tm in resolve_tracked(model, self._roles, self.arch, self._layers)}
+        stale = [tm.key for tm in self.tracked if current.get(tm.key) is not tm.module]
+        if stale:
+            raise RuntimeError(f"the model's modules changed after the InstrumentSuite was built ({stale[:3]}...): "
+                               "build the suite after wrapping the model (e.g. after peft.get_peft_model), "
+                               "and wrap before handing the model to TRL instead of passing peft_config")
 
     def detach(self) -> None:
         for inst in self.instruments:

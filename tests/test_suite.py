@@ -423,3 +423,15 @@ def test_default_sides_skip_write_pathway_inputs():
     assert "rsf_in/L0/q" in metrics and "rsf_in/L0/up" in metrics
     assert not any(k.startswith("rsf_in/") and k.endswith(("/o", "/down")) for k in metrics)
     assert "rsf_out_pred/L0/o" in metrics and "rsf_out_delta/L1/down" in metrics
+
+
+def test_attach_refuses_modules_replaced_after_construction():
+    """PEFT wrapping after the suite was built would leave hooks on frozen base layers: an error."""
+    peft = pytest.importorskip("peft")
+    model = make_model("llama")
+    suite = InstrumentSuite(model, k=K, every_n=1, n_random=0)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    with pytest.raises(RuntimeError, match="build the suite after wrapping"):
+        with suite.attached(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1)):
+            pass
+    assert not any(m._forward_hooks for m in wrapped.modules())
