@@ -16,12 +16,11 @@ from pathlib import Path
 import yaml
 
 from harness.plots import plot_phase_trajectories, plot_rsf_over_steps
-from harness.report import markdown_table
+from harness.report import final_geometry, markdown_table
 from harness.sinks import read_metrics
+from hooks.roles import ROLES, WRITE_ROLES
 
-READ_ROLES = ("q", "k")
-WRITE_ROLES = ("o", "down")
-TABLE_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+READ_ROLES = ("q", "k")  # the paper's read pathway (v, gate, up are comparisons)
 # Thresholds (relative RSF: 1.0 = isotropic). Stated in the report next to every verdict.
 CONCENTRATED = 2.0  # relative RSF above this, with z above Z_MIN, counts as concentrated
 NEAR_ISOTROPIC = 2.0  # relative RSF below this counts as near-isotropic
@@ -40,10 +39,7 @@ class Phase:
     @property
     def final(self) -> dict:
         """Last row holding geometry (the forced compute at the phase's last step)."""
-        for row in reversed(self.rows):
-            if any(k.startswith("rsf_in/") for k in row):
-                return row
-        return {}
+        return final_geometry(self.rows)
 
 
 def load_phases(run_dir: Path) -> list[Phase]:
@@ -145,7 +141,7 @@ def asymmetry_table(phases: list[Phase]) -> str:
     rows = []
     for p in phases:
         f = p.final
-        for r in TABLE_ROLES:
+        for r in ROLES:
             if not any(f"{prefix}/all/{r}" in f for prefix in ("rsf_in", "rsf_out_pred", "rsf_out_delta")):
                 continue  # role not tracked, or nothing written to it in this phase
             gaps_in = _layer_mean(f, "gap_in", r)
@@ -162,7 +158,7 @@ def per_layer_table(phases: list[Phase], prefix: str) -> str:
     header = ["objective", "role"] + [f"L{i}" for i in layers]
     rows = []
     for p in phases:
-        for r in TABLE_ROLES:
+        for r in ROLES:
             vals = [p.final.get(f"{prefix}/L{i}/{r}") for i in layers]
             if any(v is not None for v in vals):
                 rows.append([p.name, r] + vals)

@@ -29,9 +29,14 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
+def is_complete(path: Path) -> bool:
+    """A checkpoint whose save finished (the trainer state is written last, then renamed into place)."""
+    return (Path(path) / STATE_FILE).is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
-    complete = [p for p in found if (p / STATE_FILE).is_file()]
+    complete = [p for p in found if is_complete(p)]
     return complete[-1] if complete else None
 
 
@@ -68,7 +73,7 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
 
 def load_trainer_state(path: Path) -> dict:
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
+    if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}); "
                                 f"pass a directory under RUN/checkpoints/ written by `harness run`")
     return torch.load(path / STATE_FILE, weights_only=False)

@@ -357,6 +357,13 @@ def _shuffle_words(text: str, gen: torch.Generator) -> str | None:
     return None
 
 
+def prompt_budget(n_prompt: int, n_completion: int, max_len: int) -> int:
+    """Prompt tokens to keep (from the right) so that prompt + completion fits ``max_len``: the
+    prompt gives way first but keeps at least ``max_len // 2`` tokens (or all it has);
+    ``n_completion`` counts the eos a trainer appends."""
+    return min(n_prompt, max(max_len - n_completion, max_len // 2))
+
+
 def tokenize_pairs(
     pairs: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int, append_eos: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -385,7 +392,7 @@ def tokenize_pairs(
     rows = {"chosen": [], "rejected": []}
     for p, c, r in zip(prompts, chosen, rejected):
         c, r = c + eos, r + eos
-        keep_p = min(len(p), max(max_len - max(len(c), len(r)), max_len // 2))
+        keep_p = prompt_budget(len(p), max(len(c), len(r)), max_len)
         prompt = p[len(p) - keep_p :]
         for side, completion in (("chosen", c), ("rejected", r)):
             rows[side].append((prompt, completion[: max_len - keep_p]))

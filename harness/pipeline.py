@@ -15,7 +15,7 @@ import copy
 import random
 from pathlib import Path
 
-from harness.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint
+from harness.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
 from harness.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
 from harness.rundir import prepare_run_dir
 
@@ -81,10 +81,6 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     return Path(run_dir)
 
 
-def is_complete(checkpoint: Path) -> bool:
-    return (Path(checkpoint) / STATE_FILE).is_file()
-
-
 def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
     """The preference pairs: the embedded set built from the local corpus, or a local file."""
     from harness.data import build_embedded_preferences, load_preference_pairs, load_texts  # noqa: PLC0415
@@ -93,9 +89,8 @@ def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
         texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
         return build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
     pairs, stats = load_preference_pairs(cfg.align.data)
-    dropped = f"; {stats.n_identical_dropped} with chosen == rejected dropped" if stats.n_identical_dropped else ""
     print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used "
-          f"({'conversational' if stats.conversational else 'plain'}{dropped})")
+          f"({'conversational' if stats.conversational else 'plain'})")
     return pairs
 
 

@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-ROLE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
+from hooks.roles import ROLES  # noqa: E402
+
 
 
 def plot_rsf_over_steps(rows: list[dict], prefix: str, out_path: Path, title: str | None = None) -> Path:
@@ -28,7 +29,7 @@ def plot_rsf_over_steps(rows: list[dict], prefix: str, out_path: Path, title: st
                 series[parts[2]][int(parts[1][1:])].append((row["step"], value))
     if not series:
         raise ValueError(f"no '{prefix}/L*/*' metrics in these rows: was the phase instrumented?")
-    roles = [r for r in ROLE_ORDER if r in series] + sorted(set(series) - set(ROLE_ORDER))
+    roles = [r for r in ROLES if r in series] + sorted(set(series) - set(ROLES))
     cols = min(len(roles), 4)
     nrows = (len(roles) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False, sharex=True)

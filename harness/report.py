@@ -24,9 +24,8 @@ from safetensors.torch import load_file
 from harness import geometry as geo
 from harness.plots import plot_rsf_k_curve, plot_rsf_over_steps, plot_series, plot_spectra
 from harness.sinks import read_metrics
-from hooks.roles import GROUP_OF_ROLE
+from hooks.roles import GROUP_OF_ROLE, ROLES
 
-ROLE_ORDER = ("q", "k", "v", "o", "gate", "up", "down")
 FAMILIES = (("rsf_in", "z_in", "input side vs top-k of C_a"),
             ("rsf_out_pred", "z_out_pred", "output side vs the prediction subspace"),
             ("rsf_out_delta", "z_out_delta", "output side vs top-k of C_delta"))
@@ -60,7 +59,7 @@ def rsf_table(row: dict, prefix: str, zprefix: str) -> str:
     layers = sorted({int(k.split("/")[1][1:]) for k in row if k.startswith(prefix + "/L")})
     header = ["role"] + [f"L{i}" for i in layers] + ["mean", "z (mean)"]
     body = []
-    for role in ROLE_ORDER:
+    for role in ROLES:
         vals = [row.get(f"{prefix}/L{i}/{role}") for i in layers]
         if all(v is None for v in vals):
             continue
@@ -86,7 +85,7 @@ def k_curves(state: dict, ks: list[int]) -> dict[str, tuple[list[int], list[floa
         if usable and dW.norm() > 0:
             per_role[role].append(geo.rsf_curve(dW, evecs, usable, side="in"))
     curves = {}
-    for role in ROLE_ORDER:
+    for role in ROLES:
         if per_role.get(role):
             common = sorted(set.intersection(*(set(c) for c in per_role[role])))
             curves[role] = (common, [sum(c[k] for c in per_role[role]) / len(per_role[role]) for k in common])

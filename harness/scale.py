@@ -15,8 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from harness.asymmetry import READ_ROLES, WRITE_ROLES, load_phases, mean_over, verdicts  # noqa: E402
+from harness.asymmetry import READ_ROLES, load_phases, mean_over, verdicts  # noqa: E402
 from harness.report import markdown_table  # noqa: E402
+from hooks.roles import WRITE_ROLES  # noqa: E402
 
 
 def sweep_rows(run_dir: Path) -> list[dict]:

@@ -56,7 +56,7 @@ class TensorBoardSink:
 class AccelerateTrackerSink:
     """Forwards rows to trackers registered on an ``Accelerator`` (``accelerator.log``)."""
 
-    def __init__(self, accelerator, names: list[str], project: str, config: dict | None = None) -> None:
+    def __init__(self, accelerator, project: str, config: dict | None = None) -> None:
         self.accelerator = accelerator
         accelerator.init_trackers(project, config=config or {})
 
@@ -81,6 +81,11 @@ class MultiSink:
             sink.close()
 
 
+def tracker_names(report_to: list[str]) -> list[str]:
+    """The ``report_to`` entries that are accelerate trackers (``Accelerator(log_with=...)``)."""
+    return [n for n in report_to if n not in ("jsonl", "tensorboard")]
+
+
 def build_sinks(run_dir: Path, report_to: list[str], accelerator=None) -> MultiSink:
     """Sinks named in ``tracking.report_to``. Only the main process writes; others get no sinks.
 
@@ -91,7 +96,7 @@ def build_sinks(run_dir: Path, report_to: list[str], accelerator=None) -> MultiS
     if accelerator is not None and not accelerator.is_main_process:
         return MultiSink([])
     sinks: list = []
-    others = [n for n in report_to if n not in ("jsonl", "tensorboard")]
+    others = tracker_names(report_to)
     if "jsonl" in report_to:
         sinks.append(JsonlSink(run_dir / FILE))
     if "tensorboard" in report_to:
@@ -100,7 +105,7 @@ def build_sinks(run_dir: Path, report_to: list[str], accelerator=None) -> MultiS
         if accelerator is None or not accelerator.log_with:
             raise ValueError(f"tracking.report_to lists {others}: these go through an accelerate tracker, which this "
                              "trainer cannot set up; use 'jsonl' and 'tensorboard' here")
-        sinks.append(AccelerateTrackerSink(accelerator, others, project=run_dir.name))
+        sinks.append(AccelerateTrackerSink(accelerator, project=run_dir.name))
     return MultiSink(sinks)
 
 

@@ -28,7 +28,7 @@ WRITE_ROLES = ("o", "down")
 # Roles whose input side the paper reads: the read pathway (q, k) and its comparisons (v, gate, up).
 # o and down are write-pathway matrices (their output side matters); their inputs are left out
 # by default, which also skips the widest covariance (down reads d_ff).
-READ_ROLES = ("q", "k", "v", "gate", "up")
+DEFAULT_INPUT_ROLES = ("q", "k", "v", "gate", "up")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from torch import nn
 from harness import geometry as geo
 from hooks.covariance import CovarianceInstrument
 from hooks.distributed import rank, world_size
-from hooks.roles import READ_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
+from hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
 from hooks.schedule import Schedule
 from hooks.updates import UpdateInstrument
 
@@ -51,7 +51,7 @@ class InstrumentSuite:
 
     def __init__(self, model: nn.Module, *, roles: tuple[str, ...] = ROLES, layers: list[int] | None = None,
                  k: int = 8, every_n: int = 10, log_spaced: bool = False,
-                 input_roles: tuple[str, ...] = READ_ROLES, output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
+                 input_roles: tuple[str, ...] = DEFAULT_INPUT_ROLES, output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
                  max_tokens: int | None = None, n_random: int = 20, seed: int = 0,
                  arch: ArchSpec | str | None = None) -> None:
         if k < 1:

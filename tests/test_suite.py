@@ -411,12 +411,7 @@ def test_default_sides_skip_write_pathway_inputs():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     suite = InstrumentSuite(model, k=K, every_n=1, n_random=0)
     with suite.attached(model, opt):
-        batch = make_batch(seed=5)
-        loss, n = token_loss_sum(model, batch)
-        suite.set_loss_normalizer(n)
-        (loss / n).backward()
-        opt.step()
-        metrics = suite.after_optimizer_step(1)
+        metrics = step_once(model, opt, suite, make_batch(seed=5), 1)
     groups = {key.split("/")[1] for key in suite.cov.sums_in}
     assert groups == {"attn_in", "mlp_in"}
     assert set(suite.cov.sums_out) == {f"L{i}/{r}" for i in range(2) for r in ("o", "down")}

@@ -32,7 +32,7 @@ from harness.checkpoint import (checkpoint_dir, load_instruments, load_trainer_s
 from harness.config import RunConfig
 from harness.data import batch_indices
 from harness.rundir import prepare_run_dir
-from harness.sinks import build_sinks, truncate_after
+from harness.sinks import build_sinks, tracker_names, truncate_after
 from trainers.optim import make_optimizer, make_scheduler
 
 
@@ -80,7 +80,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
     optimizer = make_optimizer(model.parameters(), t)
     scheduler = make_scheduler(optimizer, t)
     suite = build_suite(cfg.instruments, model, cfg.seed)
-    trackers = [n for n in cfg.tracking.report_to if n not in ("jsonl", "tensorboard")]  # e.g. wandb, mlflow
+    trackers = tracker_names(cfg.tracking.report_to)  # e.g. wandb, mlflow
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(),
                               log_with=trackers or None, project_dir=str(run_dir))
 

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, TrainerCallback
 
+from harness.data import prompt_budget, tokenize_pairs
+
 # TRL's logged key -> ours (docs/architecture.md). TRL 1.16 logs rewards/* as means over the pairs
 # of the logging window and ``loss`` as the mean of the optimizer steps' losses.
 TRL_TO_HARNESS = {
@@ -267,7 +269,7 @@ def trainer_settings(train_cfg, progress: bool) -> dict:
 
 def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
     """Trim each prompt from the left so prompt + completion fits ``max_len`` tokens, by the rule
-    ``tokenize_pairs`` uses for our own loops (the prompt keeps at least ``max_len // 2`` tokens).
+    ``tokenize_pairs`` uses for our own loops (``harness.data.prompt_budget``).
 
     TRL keeps the *start* of a too-long sequence and drops pairs whose prompt alone fills
     ``max_length``; long prompts (the embedded set's 200-character contexts under a small
@@ -277,7 +279,7 @@ def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
     for pair in pairs:
         prompt = tokenizer(pair["prompt"], add_special_tokens=False)["input_ids"]
         completion = max(len(tokenizer(pair[f], add_special_tokens=False)["input_ids"]) for f in ("chosen", "rejected"))
-        keep = min(len(prompt), max(max_len - completion - 1, max_len // 2))  # -1: TRL appends eos
+        keep = prompt_budget(len(prompt), completion + 1, max_len)  # +1: TRL appends eos
         if keep < len(prompt):
             pair = {**pair, "prompt": tokenizer.decode(prompt[len(prompt) - keep:])}
         out.append(pair)
@@ -292,7 +294,6 @@ def align_with_trl(cfg, objective, init_dir: Path, run_dir: Path, *, tokenizer, 
     modules, so they hook the LoRA wrappers; TRL then uses the adapter-disabled model as reference.
     """
     from harness.build import build_model, build_suite  # noqa: PLC0415
-    from harness.data import tokenize_pairs  # noqa: PLC0415
     from harness.rundir import prepare_run_dir  # noqa: PLC0415
     from harness.sinks import build_sinks  # noqa: PLC0415
     from trainers.losses import build_loss  # noqa: PLC0415
