@@ -77,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"harness: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Under torchrun, tear the process group down before exit: a gloo group left alive at
+    interpreter shutdown can abort a rank ("terminate called without an active exception")."""
+    if "torch" not in sys.modules:  # validate / report never start one
+        return
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
