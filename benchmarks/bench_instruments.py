@@ -2,7 +2,7 @@
 
 A step is forward + backward + AdamW step on a batch of random tokens (fp32, no padding, as the
 CE pretraining loop feeds packed blocks). The instrumented model carries the default roles
-(``harness.config.InstrumentConfig``): ``C_a`` per input group, ``C_delta`` for the write roles and
+(``hooks.suite.SuiteConfig``): ``C_a`` per input group, ``C_delta`` for the write roles and
 the optimizer-side update instrument, accumulated on *every* step (``every_n`` huge, so the
 scheduled metric compute never fires inside the timed steps). The metric compute is timed on its
 own afterwards and reported as ms per compute.
@@ -27,9 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from harness.config import InstrumentConfig  # noqa: E402
-from harness.models import build_tiny_model  # noqa: E402
-from hooks.suite import InstrumentSuite  # noqa: E402
+from core.models import build_tiny_model  # noqa: E402
+from hooks.suite import InstrumentSuite, SuiteConfig  # noqa: E402
 
 VOCAB, LAYERS, HEADS, SEQ, BATCH = 4096, 4, 4, 128, 16
 
@@ -39,12 +38,9 @@ def make_model(hidden: int) -> torch.nn.Module:
                             num_heads=HEADS, max_position_embeddings=256, seed=0)
 
 
-def make_suite(model: torch.nn.Module, cfg: InstrumentConfig) -> InstrumentSuite:
+def make_suite(model: torch.nn.Module, cfg: SuiteConfig) -> InstrumentSuite:
     # every_n = 10**9: statistics on every step, metrics never due during the timed loop.
-    return InstrumentSuite(model, roles=tuple(cfg.roles), layers=cfg.layers, k=cfg.k, every_n=10**9,
-                           log_spaced=False, input_roles=tuple(cfg.input_roles), output_roles=tuple(cfg.output_roles),
-                           dtype=getattr(torch, cfg.dtype), max_tokens=cfg.max_tokens,
-                           n_random=cfg.n_random, seed=0)
+    return InstrumentSuite(model, cfg, every_n=10**9, log_spaced=False, seed=0)
 
 
 def train_step(model, optimizer, ids: torch.Tensor, suite: InstrumentSuite | None, step: int) -> tuple[float, float]:
@@ -65,7 +61,7 @@ def train_step(model, optimizer, ids: torch.Tensor, suite: InstrumentSuite | Non
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def bench_size(hidden: int, cfg: InstrumentConfig, steps: int, warmup: int, computes: int) -> dict:
+def bench_size(hidden: int, cfg: SuiteConfig, steps: int, warmup: int, computes: int) -> dict:
     plain, inst = make_model(hidden), make_model(hidden)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3)
     opt_inst = torch.optim.AdamW(inst.parameters(), lr=1e-3)
@@ -126,12 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = InstrumentConfig(max_tokens=args.max_tokens)
+    cfg = SuiteConfig(max_tokens=args.max_tokens)
     if args.input_roles:
         cfg.input_roles = args.input_roles.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; llama, {LAYERS} layers, {HEADS} heads, "
           f"vocab {VOCAB}, batch {BATCH} x seq {SEQ}, fp32, AdamW; {args.warmup} warmup + {args.steps} timed steps")
-    print(f"instruments (InstrumentConfig defaults, statistics every step): roles={cfg.roles} input_roles={cfg.input_roles} "
+    print(f"instruments (SuiteConfig defaults, statistics every step): roles={cfg.roles} input_roles={cfg.input_roles} "
           f"output_roles={cfg.output_roles} k={cfg.k} n_random={cfg.n_random} max_tokens={cfg.max_tokens} "
           f"dtype={cfg.dtype}; C_a per input group, C_delta per output role, update instrument on the optimizer")
     rows = [bench_size(int(h), cfg, args.steps, args.warmup, args.computes) for h in args.sizes.split(",")]

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from core.config import saved_objective
+from core.sinks import read_metrics
 from harness.plots import plot_phase_trajectories, plot_rsf_over_steps
 from harness.report import final_geometry, markdown_table
-from harness.sinks import read_metrics
+from hooks import keys
 from hooks.roles import ROLES, WRITE_ROLES
 
 READ_ROLES = ("q", "k")  # the paper's read pathway (v, gate, up are comparisons)
@@ -32,8 +34,8 @@ GRADE_DROP = 0.25  # and the g=0 value above the g=1 value by at least this (rel
 @dataclass
 class Phase:
     name: str  # "pretrain (CE)" or an objective name
-    kind: str  # "ce", "trl", "graded", "mixture", "dpo", "likelihood"
-    grade: float | None
+    kind: str  # "ce", or the objective's loss: "trl", "graded", "mixture", "dpo", "likelihood"
+    grade: float | None  # where the objective sits on the graded axis (1 = DPO); None: not on it
     rows: list[dict]
 
     @property
@@ -45,16 +47,14 @@ class Phase:
 def load_phases(run_dir: Path) -> list[Phase]:
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    objectives = {o["name"]: o for o in (cfg.get("align", {}) or {}).get("objectives", [])}
+    objectives = {o["name"]: saved_objective(o) for o in (cfg.get("align", {}) or {}).get("objectives", [])}
     phases = []
     if (run_dir / "pretrain" / "metrics.jsonl").is_file():
         phases.append(Phase("pretrain (CE)", "ce", None, read_metrics(run_dir / "pretrain" / "metrics.jsonl")))
     for path in sorted((run_dir / "align").glob("*/metrics.jsonl")):
         name = path.parent.name
-        obj = objectives.get(name, {})
-        kind = obj.get("loss", "graded")
-        grade = {"trl": 1.0, "dpo": 1.0, "likelihood": 0.0}.get(kind, obj.get("grade") if kind == "graded" else None)
-        phases.append(Phase(name, kind, grade, read_metrics(path)))
+        obj = objectives.get(name) or saved_objective({"name": name})
+        phases.append(Phase(name, obj.loss, obj.contrast_grade(), read_metrics(path)))
     if not phases:
         raise FileNotFoundError(f"{run_dir} has no pretrain/metrics.jsonl or align/*/metrics.jsonl; "
                                 "run an asymmetry recipe first: `harness run recipes/asymmetry.yaml`")
@@ -62,7 +62,7 @@ def load_phases(run_dir: Path) -> list[Phase]:
 
 
 def mean_over(row: dict, prefix: str, roles: tuple[str, ...]) -> float:
-    vals = [row[f"{prefix}/all/{r}"] for r in roles if row.get(f"{prefix}/all/{r}") is not None]
+    vals = [row[keys.layer_mean(prefix, r)] for r in roles if row.get(keys.layer_mean(prefix, r)) is not None]
     return sum(vals) / len(vals) if vals else math.nan
 
 
@@ -142,24 +142,24 @@ def asymmetry_table(phases: list[Phase]) -> str:
     for p in phases:
         f = p.final
         for r in ROLES:
-            if not any(f"{prefix}/all/{r}" in f for prefix in ("rsf_in", "rsf_out_pred", "rsf_out_delta")):
+            if not any(keys.layer_mean(prefix, r) in f for prefix in keys.RSF_FAMILIES):
                 continue  # role not tracked, or nothing written to it in this phase
             gaps_in = _layer_mean(f, "gap_in", r)
             gaps_out = _layer_mean(f, "gap_out_delta", r)
-            rows.append([p.name, r, f.get(f"rsf_in/all/{r}"), f.get(f"z_in/all/{r}"), gaps_in,
-                         f.get(f"rsf_out_pred/all/{r}"), f.get(f"z_out_pred/all/{r}"),
-                         f.get(f"rsf_out_delta/all/{r}"), f.get(f"z_out_delta/all/{r}"), gaps_out])
+            rows.append([p.name, r, f.get(keys.layer_mean("rsf_in", r)), f.get(keys.layer_mean("z_in", r)), gaps_in,
+                         f.get(keys.layer_mean("rsf_out_pred", r)), f.get(keys.layer_mean("z_out_pred", r)),
+                         f.get(keys.layer_mean("rsf_out_delta", r)), f.get(keys.layer_mean("z_out_delta", r)),
+                         gaps_out])
     return markdown_table(header, rows)
 
 
 def per_layer_table(phases: list[Phase], prefix: str) -> str:
-    layers = sorted({int(k.split("/")[1][1:]) for p in phases for k in p.final
-                     if k.startswith(prefix + "/L")})
+    layers = sorted({found[0] for p in phases for k in p.final if (found := keys.layer_of(k, prefix))})
     header = ["objective", "role"] + [f"L{i}" for i in layers]
     rows = []
     for p in phases:
         for r in ROLES:
-            vals = [p.final.get(f"{prefix}/L{i}/{r}") for i in layers]
+            vals = [p.final.get(keys.metric(prefix, i, r)) for i in layers]
             if any(v is not None for v in vals):
                 rows.append([p.name, r] + vals)
     return markdown_table(header, rows)
@@ -170,10 +170,10 @@ def spikiness_table(phases: list[Phase]) -> str:
     rows = []
     for p in phases:
         f = p.final
-        names = sorted({"/".join(k.split("/")[2:-1]) for k in f if k.startswith(("spike_in/", "spike_out/"))})
+        names = sorted({parsed.name for k in f if (parsed := keys.parse(k)) and parsed.family in ("spike_in", "spike_out")})
         for side in ("spike_in", "spike_out"):
             for name in names:
-                stats = [_layer_mean(f, side, f"{name}/{s}") for s in ("top1", "topk", "pr", "erank")]
+                stats = [_layer_mean(f, side, name, s) for s in ("top1", "topk", "pr", "erank")]
                 if not any(v is not None for v in stats):
                     continue
                 label = ("C_a " if side == "spike_in" else "C_delta ") + name
@@ -181,9 +181,14 @@ def spikiness_table(phases: list[Phase]) -> str:
     return markdown_table(header, rows)
 
 
-def _layer_mean(row: dict, prefix: str, suffix: str) -> float | None:
-    vals = [v for k, v in row.items() if k.startswith(prefix + "/L") and k.split("/", 2)[2] == suffix
-            and v is not None]
+def _layer_mean(row: dict, prefix: str, name: str, stat: str | None = None) -> float | None:
+    """Mean over layers of ``{prefix}/L{i}/{name}[/{stat}]`` in ``row`` (None when absent)."""
+    vals = []
+    for k, v in row.items():
+        parsed = keys.parse(k)
+        if (parsed and parsed.family == prefix and parsed.layer is not None and parsed.name == name
+                and parsed.stat == stat and v is not None):
+            vals.append(v)
     return sum(vals) / len(vals) if vals else None
 
 
@@ -226,7 +231,7 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
             lines += [f"![trajectory {prefix}]({name})", ""]
     for prefix in ("rsf_in", "rsf_out_pred"):
         for p in phases:
-            if not any(k.startswith(prefix + "/L") for r in p.rows for k in r):
+            if not any(keys.layer_of(k, prefix) for r in p.rows for k in r):
                 continue
             safe = p.name.split(" ")[0].replace("/", "_")
             path = plot_rsf_over_steps(p.rows, prefix=prefix, out_path=out_dir / f"{prefix}_{safe}.png",

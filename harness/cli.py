@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -55,22 +56,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from harness.config import ConfigError, load_config, to_dict  # noqa: PLC0415 (fast --help)
+    # Imported after parsing so that `harness --help` answers in a blink: the pipeline imports torch,
+    # transformers and TRL (seconds).
+    import yaml  # noqa: PLC0415
+
+    from core.config import ConfigError, load_config, to_dict  # noqa: PLC0415
+    from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
 
     try:
         if args.command == "report":
-            from harness.pipeline import write_report  # noqa: PLC0415
-
             print(write_report(Path(args.run_dir)))
             return 0
         cfg = load_config(resolve_recipe(args.recipe), args.overrides)
         if args.command == "validate":
-            import yaml  # noqa: PLC0415
-
+            validate_recipe(cfg)
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
-        from harness.pipeline import run_recipe  # noqa: PLC0415
-
         out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(f"done: {out}")
         return 0
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 def _close_process_group() -> None:
     """Under torchrun, tear the process group down before exit: a gloo group left alive at
     interpreter shutdown can abort a rank ("terminate called without an active exception")."""
-    if "torch" not in sys.modules:  # validate / report never start one
+    if "torch" not in sys.modules:  # --help never started one
         return
     import torch.distributed as dist  # noqa: PLC0415
 

@@ -15,17 +15,27 @@ import copy
 import random
 from pathlib import Path
 
-from harness.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
-from harness.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
-from harness.rundir import prepare_run_dir
+import yaml
+
+from core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
+from core.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
+from core.data import build_embedded_preferences, load_preference_pairs, load_texts
+from core.rundir import prepare_run_dir
+from core.tokenizer import load_tokenizer, tokenizer_from_config
+from harness.asymmetry import write_asymmetry_report
+from harness.report import write_run_report
+from harness.scale import write_scale_report
+from trainers.ce import pretrain
+from trainers.losses import check_objectives
+from trainers.preference import align
+from trainers.session import RunResult
+from trainers.trl_dpo import align_with_trl
 
 
 def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
     if cfg.sweep:
         return run_sweep(cfg, overwrite=overwrite, progress=progress)
     if "align" not in cfg.stages:
-        from trainers.ce import pretrain  # noqa: PLC0415
-
         if "pretrain" not in cfg.stages:
             raise ConfigError("stages must include 'pretrain' or 'align' (a report alone: `harness report RUN_DIR`)")
         pretrain(cfg, cfg.run_dir, resume=_resume_path(cfg.run_dir, resume), overwrite=overwrite, progress=progress)
@@ -38,14 +48,11 @@ def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = F
 def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Pretrain (or start from ``init_from``), align with every objective, report."""
-    from harness.build import build_tokenizer  # noqa: PLC0415
-    from trainers.ce import pretrain  # noqa: PLC0415
-    from trainers.preference import align  # noqa: PLC0415
-
     if "pretrain" not in cfg.stages and not cfg.init_from:
         raise ConfigError("an alignment-only recipe needs init_from: a checkpoint or local HF model directory")
     # validate the inputs every stage needs before the run directory exists
-    pretrain_tokenizer = build_tokenizer(cfg) if "pretrain" in cfg.stages else None
+    validate_recipe(cfg)
+    pretrain_tokenizer = tokenizer_from_config(cfg.tokenizer) if "pretrain" in cfg.stages else None
     pairs_all = load_pairs(cfg, pretrain_tokenizer)
     pretrain_dir = Path(run_dir) / "pretrain"
     if resume not in (None, "latest"):
@@ -74,17 +81,33 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
             obj_resume = latest_checkpoint(obj_dir) if objective.loss != "trl" else None
             if obj_resume is not None:
                 print(f"[resume] objective {objective.name} from {obj_resume}")
-        align(cfg, objective, init_dir, obj_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
-              progress=progress, overwrite=obj_resume is None, resume=obj_resume)
+        run_objective(cfg, objective, init_dir, obj_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
+                      progress=progress, overwrite=obj_resume is None, resume=obj_resume)
     if "report" in cfg.stages:
         write_report(run_dir)
     return Path(run_dir)
 
 
+def validate_recipe(cfg: RunConfig) -> None:
+    """The checks that need the trainers: every alignment objective's settings, by the loss that
+    uses them (so a bad ``lam`` fails before pretraining, not after)."""
+    try:
+        check_objectives(cfg.align.objectives, cfg.align.beta)
+    except ValueError as err:
+        raise ConfigError(f"recipe {cfg.name}: {err}") from err
+
+
+def run_objective(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, **kwargs) -> RunResult:
+    """One alignment run: TRL's DPOTrainer for ``loss: trl``, our preference loop for the others
+    (TRL objectives restart instead of resuming)."""
+    if objective.loss == "trl":
+        kwargs.pop("resume", None)
+        return align_with_trl(cfg, objective, init_dir, run_dir, **kwargs)
+    return align(cfg, objective, init_dir, run_dir, **kwargs)
+
+
 def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
     """The preference pairs: the embedded set built from the local corpus, or a local file."""
-    from harness.data import build_embedded_preferences, load_preference_pairs, load_texts  # noqa: PLC0415
-
     if cfg.align.data == "embedded":
         texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
         return build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
@@ -103,12 +126,9 @@ def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[lis
 
 def alignment_tokenizer(cfg: RunConfig, init_dir: Path):
     """The tokenizer saved with the starting model, else the recipe's."""
-    from harness.build import build_tokenizer  # noqa: PLC0415
-    from harness.tokenizer import load_tokenizer  # noqa: PLC0415
-
     if any((Path(init_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return load_tokenizer(str(init_dir), cfg.tokenizer.vocab_size, Path(cfg.tokenizer.cache_dir).expanduser())
-    return build_tokenizer(cfg)
+    return tokenizer_from_config(cfg.tokenizer)
 
 
 def _resume_path(run_dir: Path, resume: str | None) -> Path | None:
@@ -139,8 +159,6 @@ def sweep_configs(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
 
 
 def _yaml_scalar(value) -> str:
-    import yaml  # noqa: PLC0415
-
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
@@ -161,16 +179,10 @@ def write_report(run_dir: Path) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist; produce one with `harness run RECIPE`")
     if (run_dir / "metrics.jsonl").is_file():
-        from harness.report import write_run_report  # noqa: PLC0415
-
         return write_run_report(run_dir)
     if (run_dir / "align").is_dir():
-        from harness.asymmetry import write_asymmetry_report  # noqa: PLC0415
-
         return write_asymmetry_report(run_dir)
     if any((p / "align").is_dir() for p in run_dir.iterdir() if p.is_dir()):
-        from harness.scale import write_scale_report  # noqa: PLC0415
-
         return write_scale_report(run_dir)
     raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl, align/ or sweep runs; produce one with "
                             "`harness run RECIPE`")

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from hooks import keys  # noqa: E402
 from hooks.roles import ROLES  # noqa: E402
 
 
@@ -24,9 +25,10 @@ def plot_rsf_over_steps(rows: list[dict], prefix: str, out_path: Path, title: st
     series: dict[str, dict[int, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         for key, value in row.items():
-            parts = key.split("/")
-            if len(parts) == 3 and parts[0] == prefix and parts[1].startswith("L") and value == value:
-                series[parts[2]][int(parts[1][1:])].append((row["step"], value))
+            found = keys.layer_of(key, prefix)
+            if found and value == value:  # NaN (a null in the JSONL) is no point
+                layer, role = found
+                series[role][layer].append((row["step"], value))
     if not series:
         raise ValueError(f"no '{prefix}/L*/*' metrics in these rows: was the phase instrumented?")
     roles = [r for r in ROLES if r in series] + sorted(set(series) - set(ROLES))
@@ -54,21 +56,21 @@ def plot_spectra(state: dict[str, torch.Tensor], out_path: Path, title: str | No
     """Eigenvalue spectra (normalised to sum 1, log scale) of every ``C_a`` and ``C_delta`` in an
     instrument snapshot; one panel per side, a line per layer/group."""
     panels = {"cov_in": "C_a (input side)", "cov_out": "C_delta (output side)"}
-    found = {side: sorted(k for k in state if k.startswith(side + "/") and k.endswith("/sum_outer"))
+    found = {side: sorted(k for k in state if (p := keys.parse_state_key(k)) and p[0] == side and p[3] == "sum_outer")
              for side in panels}
-    found = {side: keys for side, keys in found.items() if keys}
+    found = {side: names for side, names in found.items() if names}
     if not found:
         raise ValueError("no cov_in/*/sum_outer or cov_out/*/sum_outer tensors in this snapshot")
     fig, axes = plt.subplots(1, len(found), figsize=(5.5 * len(found), 3.8), squeeze=False)
-    for ax, (side, keys) in zip(axes.flat, found.items()):
-        for key in keys:
+    for ax, (side, names) in zip(axes.flat, found.items()):
+        for key in names:
             outer = state[key].double()
             evals = torch.linalg.eigvalsh((outer + outer.T) / 2).flip(0).clamp_min(0)
             if evals.sum() <= 0:
                 continue
             share = (evals / evals.sum())[:top]
             ax.semilogy(range(1, len(share) + 1), share.clamp_min(1e-12).numpy(), linewidth=1.2,
-                        label=key.removeprefix(side + "/").removesuffix("/sum_outer"))
+                        label=keys.matrix_key(*keys.parse_state_key(key)[1:3]))
         ax.set_title(panels[side], fontsize=10)
         ax.set_xlabel("eigenvalue index", fontsize=8)
         ax.set_ylabel("share of trace", fontsize=8)

@@ -21,9 +21,10 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from harness import geometry as geo
+from hooks import geometry as geo
+from core.sinks import read_metrics
 from harness.plots import plot_rsf_k_curve, plot_rsf_over_steps, plot_series, plot_spectra
-from harness.sinks import read_metrics
+from hooks import keys
 from hooks.roles import GROUP_OF_ROLE, ROLES
 
 FAMILIES = (("rsf_in", "z_in", "input side vs top-k of C_a"),
@@ -49,21 +50,21 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 def final_geometry(rows: list[dict]) -> dict:
     """The last row that holds geometry metrics (the forced compute at the run's last step)."""
     for row in reversed(rows):
-        if any(k.startswith("rsf_in/") for k in row):
+        if any(keys.family(k) == "rsf_in" for k in row):
             return row
     return {}
 
 
 def rsf_table(row: dict, prefix: str, zprefix: str) -> str:
     """Roles x layers (+ mean and its z-score) of one relative-RSF family."""
-    layers = sorted({int(k.split("/")[1][1:]) for k in row if k.startswith(prefix + "/L")})
+    layers = sorted({found[0] for k in row if (found := keys.layer_of(k, prefix))})
     header = ["role"] + [f"L{i}" for i in layers] + ["mean", "z (mean)"]
     body = []
     for role in ROLES:
-        vals = [row.get(f"{prefix}/L{i}/{role}") for i in layers]
+        vals = [row.get(keys.metric(prefix, i, role)) for i in layers]
         if all(v is None for v in vals):
             continue
-        body.append([role] + vals + [row.get(f"{prefix}/all/{role}"), row.get(f"{zprefix}/all/{role}")])
+        body.append([role] + vals + [row.get(keys.layer_mean(prefix, role)), row.get(keys.layer_mean(zprefix, role))])
     return markdown_table(header, body)
 
 
@@ -72,11 +73,11 @@ def k_curves(state: dict, ks: list[int]) -> dict[str, tuple[list[int], list[floa
     k in ``ks``, averaged over layers (recomputed from snapshot tensors)."""
     per_role: dict[str, list[dict[int, float]]] = defaultdict(list)
     for key in state:
-        parts = key.split("/")
-        if parts[0] != "weights" or parts[-1] != "delta":
+        parsed = keys.parse_state_key(key)
+        if parsed is None or parsed[0] != "weights" or parsed[3] != "delta":
             continue
-        layer, role = parts[1], parts[2]
-        cov_key = f"cov_in/{layer}/{GROUP_OF_ROLE.get(role, '')}/sum_outer"
+        _, layer, role, _ = parsed
+        cov_key = keys.state_key("cov_in", keys.matrix_key(layer, GROUP_OF_ROLE.get(role, "")), "sum_outer")
         if cov_key not in state:
             continue
         dW = state[key].double()
@@ -119,11 +120,11 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     if final:
         lines += [f"## Relative RSF at step {final['step']}", ""]
         for prefix, zprefix, meaning in FAMILIES:
-            if any(k.startswith(prefix + "/L") for k in final):
+            if any(keys.layer_of(k, prefix) for k in final):
                 lines += [f"### `{prefix}`: {meaning}", "", rsf_table(final, prefix, zprefix), ""]
         lines += ["## Trajectories", ""]
         for prefix, _, meaning in FAMILIES:
-            if any(k.startswith(prefix + "/L") for r in rows for k in r):
+            if any(keys.layer_of(k, prefix) for r in rows for k in r):
                 plot_rsf_over_steps(rows, prefix, out_dir / f"{prefix}.png", f"{prefix}: {meaning}")
                 lines += [f"![{prefix}]({prefix}.png)", ""]
     else:

@@ -1,4 +1,4 @@
-"""The one interface every instrument implements, and the context that guarantees hook removal."""
+"""The one interface every instrument implements, with guaranteed hook removal."""
 
 from __future__ import annotations
 
@@ -9,22 +9,18 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from hooks.schedule import Schedule
-
 
 class Instrument(ABC):
-    """A measurement that rides along with training.
+    """An accumulator that rides along with training.
 
-    Lifecycle: ``attach(model, optimizer)`` registers hooks; training runs; ``should_run(step)``
-    says whether ``compute(step)`` is due; ``detach()`` removes every hook. ``state_dict()`` is a
-    flat ``dict[str, Tensor]`` of *sums and counts* (never means), so resuming and summing across
+    Lifecycle: ``attach(model, optimizer)`` registers hooks; training runs; ``detach()`` removes every
+    hook (``with instrument.attached(model):`` does both, also when training raises). ``state_dict()``
+    is a flat ``dict[str, Tensor]`` of *sums and counts* (never means), so resuming and summing across
     processes are exact. ``reset()`` starts a new phase (new reference weights, empty sums).
+    Instruments only accumulate; the metrics computed from their state live in ``hooks/quantities``.
     """
 
-    name: str = "instrument"
-
-    def __init__(self, schedule: Schedule | None = None) -> None:
-        self.schedule = schedule or Schedule()
+    def __init__(self) -> None:
         self._handles: list = []
 
     @abstractmethod
@@ -35,14 +31,17 @@ class Instrument(ABC):
             self._handles.pop().remove()
 
     @property
-    def attached(self) -> bool:
+    def is_attached(self) -> bool:
         return bool(self._handles)
 
-    def should_run(self, step: int) -> bool:
-        return self.schedule(step)
-
-    @abstractmethod
-    def compute(self, step: int) -> dict[str, float]: ...
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Iterator:
+        """Hooks registered for the ``with`` block and removed on exit, also when training raises."""
+        try:
+            self.attach(model, optimizer)
+            yield self
+        finally:
+            self.detach()
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -52,17 +51,3 @@ class Instrument(ABC):
 
     @abstractmethod
     def reset(self) -> None: ...
-
-
-@contextlib.contextmanager
-def instrumented(model: nn.Module, instruments, optimizer=None) -> Iterator:
-    """Attach ``instruments`` (one or a list) for the duration of a ``with`` block; every hook is
-    removed on exit, also when training raises."""
-    items = instruments if isinstance(instruments, (list, tuple)) else [instruments]
-    try:
-        for inst in items:
-            inst.attach(model, optimizer)
-        yield instruments
-    finally:
-        for inst in items:
-            inst.detach()

@@ -44,8 +44,12 @@ from torch import nn
 
 from hooks.base import Instrument
 from hooks.distributed import all_reduce_sums
+from hooks.geometry import covariance_from_sums
 from hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, unwrap_model
-from hooks.schedule import Schedule
+
+# State of the token-subsampling generator (``max_tokens``), so that a resumed run draws the same
+# token subsets as an uninterrupted one. Not a sum: never reduced across processes.
+GENERATOR_KEY = "meta/cov_generator"
 
 
 class CovarianceInstrument(Instrument):
@@ -56,14 +60,10 @@ class CovarianceInstrument(Instrument):
     ``C_a`` (a group is computed once, at a trainable member); ``output_roles``: roles with ``C_delta``.
     """
 
-    name = "covariance"
-
     def __init__(self, tracked: list[TrackedMatrix], *, input_roles: tuple[str, ...] = ROLES,
                  output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
-                 max_tokens: int | None = None, seed: int = 0, schedule: Schedule | None = None,
-                 spike_k: int = 8) -> None:
-        super().__init__(schedule)
-        self.spike_k = spike_k  # top-k share in this instrument's own compute() (the suite passes its k)
+                 max_tokens: int | None = None, seed: int = 0) -> None:
+        super().__init__()
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"instruments.max_tokens must be >= 1 or null, got {max_tokens}")
         self.tracked = tracked
@@ -109,7 +109,7 @@ class CovarianceInstrument(Instrument):
 
     # ----- hooks ----------------------------------------------------------------------------------
     def attach(self, model: nn.Module, optimizer=None) -> None:
-        if self.attached:
+        if self.is_attached:
             raise RuntimeError("CovarianceInstrument is already attached; detach() it first")
         root = unwrap_model(model)
         self._handles.append(root.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
@@ -187,7 +187,6 @@ class CovarianceInstrument(Instrument):
             s[0][r0:r1, r0:].add_(block)
         s[1] += total
         s[2] += count
-        self.version += 1
 
     def _add_output(self, key: str, d: torch.Tensor, count: int) -> None:
         if key not in self.sums_out:
@@ -195,45 +194,24 @@ class CovarianceInstrument(Instrument):
         s = self.sums_out[key]
         _gram_into(s[0], d)
         s[1] += count
-        self.version += 1
 
     # ----- results --------------------------------------------------------------------------------
     def covariance_in(self, key: str, centered: bool = False, state: dict | None = None) -> torch.Tensor:
         """``C_a`` of input group ``key`` (e.g. ``"L0/attn_in"``), float64, uncentered by default."""
         state = state if state is not None else self.state_dict()
-        outer = state[f"cov_in/{key}/sum_outer"].double()
-        count = float(state[f"cov_in/{key}/count"])
-        if count == 0:
-            return torch.zeros_like(outer)
-        c = outer / count
-        if centered:
-            mean = state[f"cov_in/{key}/sum"].double() / count
-            c = c - torch.outer(mean, mean)
-        return c
+        return covariance_from_sums(state[f"cov_in/{key}/sum_outer"], state[f"cov_in/{key}/sum"],
+                                    state[f"cov_in/{key}/count"], centered=centered)
 
     def covariance_out(self, key: str, state: dict | None = None) -> torch.Tensor:
         """``C_delta`` of role ``key`` (e.g. ``"L0/o"``), float64."""
         state = state if state is not None else self.state_dict()
-        outer = state[f"cov_out/{key}/sum_outer"].double()
-        count = float(state[f"cov_out/{key}/count"])
-        return outer / count if count else torch.zeros_like(outer)
+        return covariance_from_sums(state[f"cov_out/{key}/sum_outer"], None, state[f"cov_out/{key}/count"])
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        """State summed over processes (identity without torch.distributed)."""
-        return all_reduce_sums(self.state_dict())
-
-    def compute(self, step: int) -> dict[str, float]:
-        from harness.geometry import spikiness, sym_eigh  # noqa: PLC0415 (pure math, torch only)
-
-        state = self.global_state()
-        out: dict[str, float] = {}
-        for key in self.sums_in:
-            evals, _ = sym_eigh(self.covariance_in(key, state=state))
-            out.update({f"spike_in/{key}/{k}": v for k, v in spikiness(evals, self.spike_k).items()})
-        for key in self.sums_out:
-            evals, _ = sym_eigh(self.covariance_out(key, state=state))
-            out.update({f"spike_out/{key}/{k}": v for k, v in spikiness(evals, self.spike_k).items()})
-        return out
+        """State with the sums and counts summed over processes (identity without torch.distributed)."""
+        state = self.state_dict()
+        sums = {k: v for k, v in state.items() if k.startswith(("cov_in/", "cov_out/"))}
+        return {**state, **all_reduce_sums(sums)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}
@@ -244,10 +222,13 @@ class CovarianceInstrument(Instrument):
         for key, (outer, count) in self.sums_out.items():
             state[f"cov_out/{key}/sum_outer"] = _symmetric(outer)
             state[f"cov_out/{key}/count"] = torch.tensor(float(count), dtype=torch.float64)
+        state[GENERATOR_KEY] = self._generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.reset()
+        if GENERATOR_KEY in state:
+            self._generator.set_state(state[GENERATOR_KEY].to(torch.uint8).cpu().clone())
         for name, value in state.items():
             parts = name.split("/")
             if parts[0] == "cov_in" and parts[-1] == "sum_outer":
@@ -262,7 +243,6 @@ class CovarianceInstrument(Instrument):
     def reset(self) -> None:
         self.sums_in: dict[str, list] = {}
         self.sums_out: dict[str, list] = {}
-        self.version = 0
 
 
 def _trainable(module: nn.Module) -> bool:

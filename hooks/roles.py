@@ -7,8 +7,9 @@ tensor share one input covariance), and how to cut a fused matrix into its roles
 Weights are always handed out as PyTorch ``nn.Linear`` orientation ``(out, in)``: GPT-2's ``Conv1D``
 stores ``(in, out)`` and is transposed; fused QKV projections are split by output rows.
 
-To add an architecture, add a row to ``ARCHITECTURES`` (keyed by ``config.model_type``) or pass
-your own ``ArchSpec`` to :func:`resolve_tracked` (``arch=``).
+To add an architecture, add a row to ``ARCHITECTURES`` (keyed by ``config.model_type``; recipes,
+the tiny-model builder and the instruments all read this table) or pass your own ``ArchSpec`` to
+:func:`resolve_tracked` (``arch=``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ class RoleSpec:
     transposed: bool = False  # Conv1D stores (in, out)
 
 
+# How a family's HF config names the sizes that `model:` recipes set (core.models builds tiny models
+# from these); a family without `num_kv_heads` has no grouped-query attention.
+LLAMA_CONFIG_NAMES = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                      "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
+                      "max_seq_len": "max_position_embeddings"}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     layers: str  # path of the ModuleList of blocks
@@ -69,6 +77,7 @@ class ArchSpec:
     unembed: str
     roles: dict[str, RoleSpec]
     layernorm: bool = False  # LayerNorm (mean-free outputs) vs RMSNorm
+    config_names: dict[str, str] = field(default_factory=lambda: dict(LLAMA_CONFIG_NAMES))
 
 
 _LLAMA = ArchSpec(
@@ -86,6 +95,8 @@ _GPT2 = ArchSpec(
            "o": RoleSpec("attn.c_proj", transposed=True),
            "up": RoleSpec("mlp.c_fc", transposed=True),
            "down": RoleSpec("mlp.c_proj", transposed=True)},
+    config_names={"hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+                  "intermediate_size": "n_inner", "max_seq_len": "n_positions"},
 )
 _NEOX = ArchSpec(
     layers="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head", layernorm=True,
@@ -95,7 +106,10 @@ _NEOX = ArchSpec(
            "o": RoleSpec("attention.dense"),
            "up": RoleSpec("mlp.dense_h_to_4h"),
            "down": RoleSpec("mlp.dense_4h_to_h")},
+    config_names={k: v for k, v in LLAMA_CONFIG_NAMES.items() if k != "num_kv_heads"},
 )
+# The one list of supported architectures, keyed by ``config.model_type``: the instruments' role
+# tables, the model builder (core.models) and the recipe check (model.arch) all read it.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "qwen3": _LLAMA,
     "gpt2": _GPT2, "gpt_neox": _NEOX,

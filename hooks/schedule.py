@@ -12,7 +12,7 @@ class Schedule:
     ``points_per_octave`` points between powers of two), so early training, where geometry moves
     fastest, is sampled densely. Step 0 never fires: there is no update yet."""
 
-    every_n: int = 10
+    every_n: int
     log_spaced: bool = False
     points_per_octave: int = 1
 

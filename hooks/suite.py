@@ -1,86 +1,138 @@
-"""The one object trainers talk to: covariance + update instruments and the geometry they stream.
+"""The one object trainers talk to: covariance + update instruments and the metrics they stream.
 
-Trainer protocol (the CE loop and the TRL callback both follow it)::
+Trainer protocol (our loops and the TRL callback follow it)::
 
     suite = InstrumentSuite(model, k=8, every_n=10)
     with suite.attached(model, optimizer):        # hooks removed on exit, also on error
         for step in range(1, steps + 1):
             suite.set_loss_normalizer(n_loss_tokens)  # before backward
             loss.backward(); optimizer.step()         # optimizer hooks record G_t and U_t
-            metrics = suite.after_optimizer_step(step)  # dict when the schedule fires, else None
+            metrics = suite.after_optimizer_step(step, force=step == steps)  # dict when due, else None
 
-Metric names are listed in docs/architecture.md. Relative RSF = RSF / (k / dim): 1.0 is isotropic.
+``NullSuite`` has the same interface and measures nothing (``instruments.enabled: false``), so a
+trainer never branches on whether instruments are on. Metric names: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import defaultdict
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from harness import geometry as geo
+from hooks import geometry as geo
+from hooks import keys
 from hooks.covariance import CovarianceInstrument
 from hooks.distributed import rank, world_size
+from hooks.measurement import Measurement
+from hooks.quantities import DEFAULT_QUANTITIES, Quantity
 from hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
 from hooks.schedule import Schedule
 from hooks.updates import UpdateInstrument
 
 # Present in a snapshot whose cov_* sums were summed over this many processes (see load_state_dict).
 REDUCED_KEY = "meta/cov_reduced_over"
-# State of the covariance instrument's token-subsampling generator (max_tokens), so that a resumed
-# run draws the same token subsets as an uninterrupted one.
-GENERATOR_KEY = "meta/cov_generator"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class SuiteConfig:
+    """What the instruments measure and when (the recipe's ``instruments:`` section).
+
+    ``roles``: matrices whose weight deltas are tracked; ``input_roles``: roles whose input-side
+    ``C_a`` (and so ``rsf_in``) is measured, by default the read pathway q, k and its comparisons
+    v, gate, up (add ``o`` / ``down`` for their input side; ``down`` reads the d_ff-wide tensor, the
+    costliest covariance); ``output_roles``: roles with ``C_delta`` (the write pathway).
+    ``k``: subspace dimension of the streamed RSF (capped at each matrix's dim - 1); ``k_curve``: the
+    k values of the reports' RSF-vs-k curves. ``every_n`` / ``log_spaced``: the metric schedule.
+    ``n_random``: Haar-random subspaces per z-score (0 disables them). ``max_tokens``: per-forward
+    token subsample for the covariances (None: every token, exact). ``dtype``: accumulation dtype.
+    """
+
+    enabled: bool = True
+    roles: list[str] = field(default_factory=lambda: list(ROLES))
+    layers: list[int] | None = None
+    input_roles: list[str] = field(default_factory=lambda: list(DEFAULT_INPUT_ROLES))
+    output_roles: list[str] = field(default_factory=lambda: list(WRITE_ROLES))
+    k: int = 8
+    k_curve: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    every_n: int = 20
+    log_spaced: bool = True
+    n_random: int = 20
+    max_tokens: int | None = None
+    dtype: Literal["float32", "float64"] = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("roles", "input_roles", "output_roles"):
+            bad = [r for r in getattr(self, name) if r not in ROLES]
+            if bad:
+                raise ValueError(f"instruments.{name} has unknown roles {bad}; valid roles: {list(ROLES)}")
+        for name in ("k", "every_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"instruments.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_random < 0:
+            raise ValueError(f"instruments.n_random must be >= 0 (0 disables z-scores), got {self.n_random}")
+        if self.n_random == 1:
+            raise ValueError("instruments.n_random must be 0 (no z-scores) or >= 2 (a standard deviation needs two samples)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"instruments.max_tokens must be >= 1 or null, got {self.max_tokens}")
+        if any(k < 1 for k in self.k_curve):
+            raise ValueError(f"instruments.k_curve values must be >= 1, got {self.k_curve}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"instruments.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 class InstrumentSuite:
     """Covariances (``C_a`` per input group, ``C_delta`` per output role), weight updates, and the
-    relative-RSF / spikiness / coherence metrics computed from them.
+    metric quantities computed from them on a schedule.
 
-    Args:
-        k: subspace dimension for the streamed RSF (capped at each matrix's dim - 1).
-        input_roles: roles whose input-side ``C_a`` (and so ``rsf_in``) is measured: the read
-            pathway and its comparisons by default; add ``o`` / ``down`` for their input side
-            (``down`` reads the d_ff-wide tensor: the costliest covariance).
-        output_roles: roles whose ``C_delta`` is accumulated (the write pathway by default).
-        n_random: Haar-random subspaces for the z-scores (0 disables them).
-        max_tokens: per-forward token subsample for the covariances (None = every token).
+    Build with a :class:`SuiteConfig` or its fields as keywords
+    (``InstrumentSuite(model, k=4, every_n=10)``); ``quantities`` replaces the default metric set
+    (``hooks.quantities.DEFAULT_QUANTITIES``). Build it after any wrapping that replaces modules
+    (PEFT): :meth:`attach` refuses a model whose tracked modules changed.
     """
 
-    def __init__(self, model: nn.Module, *, roles: tuple[str, ...] = ROLES, layers: list[int] | None = None,
-                 k: int = 8, every_n: int = 10, log_spaced: bool = False,
-                 input_roles: tuple[str, ...] = DEFAULT_INPUT_ROLES, output_roles: tuple[str, ...] = WRITE_ROLES, dtype: torch.dtype = torch.float32,
-                 max_tokens: int | None = None, n_random: int = 20, seed: int = 0,
-                 arch: ArchSpec | str | None = None) -> None:
-        if k < 1:
-            raise ValueError(f"instruments.k must be >= 1, got {k}")
-        self.model, self.arch, self.k, self.n_random, self.seed = model, arch, k, n_random, seed
-        self.schedule = Schedule(every_n=every_n, log_spaced=log_spaced)
-        self._roles, self._layers = tuple(roles), layers
-        self.tracked = resolve_tracked(model, roles, arch, layers)
+    def __init__(self, model: nn.Module, config: SuiteConfig | None = None, *, seed: int = 0,
+                 arch: ArchSpec | str | None = None, quantities: tuple[Quantity, ...] | None = None,
+                 **options) -> None:
+        if isinstance(options.get("dtype"), torch.dtype):
+            options["dtype"] = str(options["dtype"]).removeprefix("torch.")
+        for name in ("roles", "input_roles", "output_roles"):
+            if name in options:
+                options[name] = list(options[name])
+        self.config = dataclasses.replace(config or SuiteConfig(), **options)
+        c = self.config
+        self.model, self.arch, self.seed = model, arch, seed
+        self.k, self.n_random = c.k, c.n_random
+        self.input_roles = tuple(c.input_roles)
+        self.schedule = Schedule(every_n=c.every_n, log_spaced=c.log_spaced)
+        self.quantities = tuple(quantities) if quantities is not None else DEFAULT_QUANTITIES
+        self.tracked = resolve_tracked(model, c.roles, arch, c.layers)
         if not self.tracked:
-            raise ValueError(f"instruments.roles {list(roles)} matched no matrix in this model")
-        self.input_roles = tuple(input_roles)
-        self.cov = CovarianceInstrument(self.tracked, input_roles=input_roles, output_roles=output_roles, dtype=dtype,
-                                        max_tokens=max_tokens, seed=seed, schedule=self.schedule, spike_k=k)
-        self.upd = UpdateInstrument(self.tracked, schedule=self.schedule)
-        self.instruments = [self.cov, self.upd]
+            raise ValueError(f"instruments.roles {list(c.roles)} matched no matrix in this model")
+        self.cov = CovarianceInstrument(self.tracked, input_roles=tuple(c.input_roles),
+                                        output_roles=tuple(c.output_roles), dtype=DTYPES[c.dtype],
+                                        max_tokens=c.max_tokens, seed=seed)
+        self.upd = UpdateInstrument(self.tracked)
         self.frozen: dict[str, torch.Tensor] = {}
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def attach(self, model: nn.Module | None = None, optimizer=None) -> None:
         model = model if model is not None else self.model
         self._check_modules(model)
-        for inst in self.instruments:
-            inst.attach(model, optimizer)
+        self.cov.attach(model, optimizer)
+        self.upd.attach(model, optimizer)
 
     def _check_modules(self, model: nn.Module) -> None:
         """The tracked modules must still be the model's: wrapping after construction (PEFT's
         ``get_peft_model``, TRL's ``peft_config``) replaces them, and hooks on the old ones would
         silently see a frozen base layer."""
-        current = {tm.key: tm.module for tm in resolve_tracked(model, self._roles, self.arch, self._layers)}
+        current = {tm.key: tm.module for tm in resolve_tracked(model, self.config.roles, self.arch, self.config.layers)}
         stale = [tm.key for tm in self.tracked if current.get(tm.key) is not tm.module]
         if stale:
             raise RuntimeError(f"the model's modules changed after the InstrumentSuite was built ({stale[:3]}...): "
@@ -88,8 +140,8 @@ class InstrumentSuite:
                                "and wrap before handing the model to TRL instead of passing peft_config")
 
     def detach(self) -> None:
-        for inst in self.instruments:
-            inst.detach()
+        self.cov.detach()
+        self.upd.detach()
 
     @contextlib.contextmanager
     def attached(self, model: nn.Module | None = None, optimizer=None):
@@ -99,22 +151,19 @@ class InstrumentSuite:
         finally:
             self.detach()
 
-    def start_phase(self) -> None:
-        """Current weights become ``W0``; all sums, histories and frozen subspaces are cleared."""
-        for inst in self.instruments:
-            inst.reset()
-        self.frozen = {}
-
     def set_loss_normalizer(self, n: float) -> None:
         """The number the loss was divided by (tokens for a token-mean CE, pairs for a pair-mean
         preference loss, times the accumulation steps it was further divided by)."""
         self.cov.loss_normalizer = float(n)
 
     def before_optimizer_step(self) -> None:
+        """For trainers whose optimizer the suite could not hook (called before ``optimizer.step()``)."""
         if not self.upd.driven_by_optimizer:
             self.upd.before_step()
 
     def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None:
+        """Bookkeeping after ``optimizer.step()``; the metrics when the schedule fires at ``step``
+        (or ``force``, e.g. at a phase's last step), else None."""
         if not self.upd.driven_by_optimizer:
             self.upd.after_step()
         if not self.frozen and self.upd.steps >= 1:
@@ -131,74 +180,25 @@ class InstrumentSuite:
             C = self.cov.covariance_in(key, state=state)
             self.frozen[f"frozen_in/{key}"] = geo.top_eigvecs(C, min(self.k, C.shape[0] - 1))[0]
 
-    def prediction_subspace(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        W_U, gain, layernorm = unembedding(self.model, self.arch)
-        return geo.prediction_subspace(W_U, gain, k=k, layernorm=layernorm)
-
     def compute(self, step: int) -> dict[str, float]:
-        state = self.cov.global_state()
-        eig_in = {key: geo.sym_eigh(self.cov.covariance_in(key, state=state)) for key in self.cov.sums_in}
-        eig_out = {key: geo.sym_eigh(self.cov.covariance_out(key, state=state)) for key in self.cov.sums_out}
-        pred = None
+        """Every quantity's metrics now (a collective under torch.distributed: call it on every rank)."""
+        m = Measurement(step=step, k=self.k, n_random=self.n_random, seed=self.seed, cov=self.cov, upd=self.upd,
+                        tracked=self.tracked, input_roles=self.input_roles, frozen=self.frozen, model=self.model,
+                        arch=self.arch)
         out: dict[str, float] = {}
-        for tm in self.tracked:
-            views = {"": self.upd.delta(tm), "_update": self.upd.update.get(tm.key),
-                     "_grad": self.upd.grad.get(tm.key)}
-            m, n = views[""].shape
-            if not bool(views[""].any()):
-                continue  # nothing written yet (frozen under LoRA, or lr 0 in warmup): no RSF to report
-            if tm.role in self.input_roles and tm.group_key in eig_in:
-                evals, evecs = eig_in[tm.group_key]
-                k = min(self.k, n - 1)
-                self._side(out, "in", tm.key, views, evecs[:, :k], k, n)
-                out[f"gap_in/{tm.key}"] = geo.eigengap(evals, k)
-                frozen = self.frozen.get(f"frozen_in/{tm.group_key}")
-                if frozen is not None:
-                    out[f"rsf_in_frozen/{tm.key}"] = geo.relative_rsf(geo.rsf_in(views[""], frozen), frozen.shape[1], n)
-            if tm.role in WRITE_ROLES:
-                k = min(self.k, m - 1)
-                if pred is None:
-                    pred, svals = self.prediction_subspace(k)
-                    out["gap_pred"] = geo.eigengap(svals.pow(2), k)
-                self._side(out, "out_pred", tm.key, views, pred, k, m)
-            if tm.key in eig_out:
-                evals, evecs = eig_out[tm.key]
-                k = min(self.k, m - 1)
-                self._side(out, "out_delta", tm.key, views, evecs[:, :k], k, m)
-                out[f"gap_out_delta/{tm.key}"] = geo.eigengap(evals, k)
-        out.update(_layer_means(out))
-        # Spikiness from the spectra above (not CovarianceInstrument.compute): top-k share uses this
-        # suite's k, and the covariances are neither all-reduced nor decomposed a second time.
-        for prefix, eig in (("spike_in", eig_in), ("spike_out", eig_out)):
-            for key, (evals, _) in eig.items():
-                out.update({f"{prefix}/{key}/{name}": v for name, v in geo.spikiness(evals, self.k).items()})
-        out.update(self.upd.compute(step))
+        for quantity in self.quantities:
+            out.update(quantity.compute(m))
+        out.update(keys.layer_means(out))
         return out
-
-    def _side(self, out: dict, side: str, key: str, views: dict, basis: torch.Tensor, k: int, dim: int) -> None:
-        """Relative RSF of each view (cumulative delta, last update, last gradient) against ``basis``
-        on the input (``basis`` n x k) or output (m x k) side, plus the cumulative delta's z-score."""
-        fn = geo.rsf_in if side == "in" else geo.rsf_out
-        for suffix, M in views.items():
-            if M is None:
-                continue
-            value = fn(M, basis)
-            out[f"rsf_{side}{suffix}/{key}"] = geo.relative_rsf(value, k, dim)
-            if suffix == "" and self.n_random:
-                out[f"z_{side}/{key}"] = geo.zscore_vs_random(
-                    M, value, k, "in" if side == "in" else "out", n_samples=self.n_random, seed=self.seed)
 
     # ----- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {}
-        for inst in self.instruments:
-            state.update(inst.state_dict())
+        state = {**self.cov.state_dict(), **self.upd.state_dict()}
         state.update({k: v.clone() for k, v in self.frozen.items()})
         W_U, gain, _ = unembedding(self.model, self.arch)
         state["pred/W_U"] = W_U
         if gain is not None:
             state["pred/gain"] = gain
-        state[GENERATOR_KEY] = self.cov._generator.get_state()
         return state
 
     def snapshot_state(self) -> dict[str, torch.Tensor]:
@@ -213,19 +213,15 @@ class InstrumentSuite:
         """Restore :meth:`state_dict` (this process's sums) or :meth:`snapshot_state` (sums over all
         processes). Every rank of a resumed run loads the same snapshot, so process-summed sums are
         kept by rank 0 only and zeroed elsewhere: the next all-reduce then counts each token once."""
-        cov = {k: v for k, v in state.items() if k.startswith("cov_")}
+        cov = {k: v for k, v in state.items() if k.startswith(("cov_", "meta/"))}
         if REDUCED_KEY in state and rank() != 0:
             cov = {k: torch.zeros_like(v) if k.startswith(("cov_in/", "cov_out/")) else v for k, v in cov.items()}
         self.cov.load_state_dict(cov)
-        if GENERATOR_KEY in state:
-            self.cov._generator.set_state(state[GENERATOR_KEY].to(torch.uint8).cpu().clone())
         self.upd.load_state_dict({k: v for k, v in state.items() if k.startswith("weights/")})
         self.frozen = {k: v.clone() for k, v in state.items() if k.startswith("frozen_in/")}
 
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write a snapshot (``state``, default :meth:`snapshot_state`) atomically as safetensors."""
-        from safetensors.torch import save_file  # noqa: PLC0415
-
         state = {k: v.contiguous() for k, v in (state or self.snapshot_state()).items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(path) + ".tmp")
@@ -233,11 +229,38 @@ class InstrumentSuite:
         tmp.replace(path)
 
 
-def _layer_means(metrics: dict[str, float]) -> dict[str, float]:
-    """``prefix/all/role`` = mean over layers of ``prefix/L{i}/role`` for the RSF and z metrics."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for key, value in metrics.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[1].startswith("L") and (parts[0].startswith("rsf_") or parts[0].startswith("z_")):
-            groups[f"{parts[0]}/all/{parts[2]}"].append(value)
-    return {key: sum(v) / len(v) for key, v in groups.items()}
+class NullSuite:
+    """The suite when ``instruments.enabled`` is false: the same interface, nothing measured or saved."""
+
+    config = SuiteConfig(enabled=False)
+    tracked: list = []
+
+    def attach(self, model=None, optimizer=None) -> None: ...
+    def detach(self) -> None: ...
+
+    @contextlib.contextmanager
+    def attached(self, model=None, optimizer=None):
+        yield self
+
+    def set_loss_normalizer(self, n: float) -> None: ...
+    def before_optimizer_step(self) -> None: ...
+
+    def after_optimizer_step(self, step: int, force: bool = False) -> None:
+        return None
+
+    def compute(self, step: int) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def snapshot_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+    def save(self, path, state=None) -> None: ...
+
+
+def build_suite(model: nn.Module, config: SuiteConfig, seed: int = 0) -> InstrumentSuite | NullSuite:
+    """The suite a config asks for: :class:`NullSuite` when ``config.enabled`` is false."""
+    return InstrumentSuite(model, config, seed=seed) if config.enabled else NullSuite()

@@ -20,16 +20,13 @@ from torch import nn
 
 from hooks.base import Instrument
 from hooks.roles import TrackedMatrix
-from hooks.schedule import Schedule
 
 
 class UpdateInstrument(Instrument):
     """State keys: ``weights/L{i}/{r}/{W0,delta,update,grad,grad_sum,grad_sq,steps}``."""
 
-    name = "updates"
-
-    def __init__(self, tracked: list[TrackedMatrix], schedule: Schedule | None = None) -> None:
-        super().__init__(schedule)
+    def __init__(self, tracked: list[TrackedMatrix]) -> None:
+        super().__init__()
         self.tracked = tracked
         self.w0: dict[str, torch.Tensor] = {}
         self.reset_history()
@@ -85,12 +82,6 @@ class UpdateInstrument(Instrument):
     def delta(self, tm: TrackedMatrix) -> torch.Tensor:
         """Cumulative ``W - W0`` (fp32, out x in)."""
         return tm.weight() - self.w0[tm.key]
-
-    def compute(self, step: int) -> dict[str, float]:
-        from harness.geometry import coherence  # noqa: PLC0415
-
-        return {f"coherence/{key}": coherence(self.grad_sum[key], self.grad_sq[key])
-                for key in self.grad_sum}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from harness.pipeline import run_recipe
-from harness.sinks import read_metrics, read_tensorboard_scalars
+from core.sinks import read_metrics, read_tensorboard_scalars
 from trainers.ce import pretrain
 
 pytestmark = pytest.mark.slow
@@ -135,3 +135,15 @@ def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
     sb = load_file(str(tmp_path / "two" / "instruments" / "step_0000010.safetensors"))
     assert int(sb["cov_in/L0/attn_in/count"]) == int(sa["cov_in/L0/attn_in/count"])
     torch.testing.assert_close(sb["cov_in/L1/mlp_in/sum_outer"], sa["cov_in/L1/mlp_in/sum_outer"], rtol=1e-4, atol=1e-4)
+
+
+def test_instruments_disabled_trains_without_measuring(tmp_path, cache_dir):
+    """instruments.enabled: false gives the do-nothing suite: training and checkpoints as usual,
+    no geometry rows, no instrument state anywhere."""
+    result = pretrain(tiny_cfg(tmp_path, cache_dir, "instruments.enabled=false", "train.steps=10"), progress=False)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert any("train/loss" in r for r in rows)
+    assert not any(k.startswith(("rsf_", "z_", "spike_", "coherence/")) for r in rows for k in r)
+    assert (result.checkpoint / "model.safetensors").is_file()
+    assert not (result.checkpoint / "instruments.safetensors").exists()
+    assert not (result.run_dir / "instruments").exists()

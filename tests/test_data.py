@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from harness.data import (
+from core.data import (
     PreferenceStats,
     batch_indices,
     build_embedded_preferences,
@@ -16,7 +16,7 @@ from harness.data import (
     load_texts,
     tokenize_pairs,
 )
-from harness.tokenizer import train_stdlib_tokenizer
+from core.tokenizer import train_stdlib_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from harness.config import load_config
-from harness.sinks import read_metrics
+from core.config import load_config
+from core.sinks import read_metrics
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
 from trainers.ce import pretrain

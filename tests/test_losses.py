@@ -13,7 +13,8 @@ from trl import DPOConfig, DPOTrainer
 
 from tests.conftest import make_model
 from tests.test_trl_dpo import PROMPTS, tiny_tokenizer
-from trainers.losses import (LOSSES, DPOLoss, GradedLoss, LikelihoodLoss, MixtureLoss, build_loss,
+from core.config import DpoObjective, GradedObjective, LikelihoodObjective, MixtureObjective, TrlObjective
+from trainers.losses import (LOSSES, DPOLoss, GradedLoss, LikelihoodLoss, MixtureLoss, build_loss, check_objectives,
                              sequence_logps)
 
 BETA = 0.5
@@ -144,28 +145,32 @@ def test_sequence_logps_matches_a_per_token_loop():
         sequence_logps(logits, ids, mask[:, :-1])
 
 
-def test_registry_builds_each_loss_and_explains_bad_input():
+def test_registry_builds_each_loss_from_its_objective_config_and_explains_bad_input():
     assert set(LOSSES) == {"graded", "mixture", "dpo", "likelihood"}
-    assert isinstance(build_loss("graded", grade=0.5, beta=0.2), GradedLoss)
-    # One objective config passed whole: parameters of other losses are ignored.
-    dpo = build_loss("dpo", beta=0.1, grade=0.3, lam=0.5)
-    assert isinstance(dpo, DPOLoss) and dpo.grade == 1.0
-    assert build_loss("likelihood", beta=0.1, grade=1.0).grade == 0.0
-    assert build_loss("mixture", lam=0.25).lam == 0.25
+    assert isinstance(build_loss(GradedObjective("g", grade=0.5), 0.2), GradedLoss)
+    assert isinstance(build_loss(DpoObjective("d"), 0.1), DPOLoss) and build_loss(DpoObjective("d"), 0.1).grade == 1.0
+    assert build_loss(LikelihoodObjective("l"), 0.1).grade == 0.0
+    assert build_loss(MixtureObjective("m", lam=0.25), 0.1).lam == 0.25
+    assert build_loss(GradedObjective("g", grade=1.5), 0.1).grade == 1.5  # outside [0, 1] is allowed (documented)
 
-    with pytest.raises(ValueError, match="unknown loss 'ipo'.*graded, mixture, dpo, likelihood"):
-        build_loss("ipo", beta=0.1)
-    with pytest.raises(ValueError, match=r"unknown loss parameter\(s\) \['gamma'\]"):
-        build_loss("dpo", gamma=1.0)
-    with pytest.raises(ValueError, match=r"needs parameter\(s\) \['grade'\]"):
-        build_loss("graded", beta=0.1)
+    with pytest.raises(ValueError, match="loss 'trl' is not trained by our preference loop"):
+        build_loss(TrlObjective("t"), 0.1)
     with pytest.raises(ValueError, match="beta must be"):
-        build_loss("dpo", beta=0.0)
+        build_loss(DpoObjective("d"), 0.0)
     with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
-        build_loss("mixture", lam=1.5)
+        build_loss(MixtureObjective("m", lam=1.5), 0.1)
     with pytest.raises(ValueError, match="grade must be a finite"):
-        build_loss("graded", grade=math.inf)
-    assert build_loss("graded", grade=1.5).grade == 1.5  # outside [0, 1] is allowed (documented)
+        build_loss(GradedObjective("g", grade=math.inf), 0.1)
+
+
+def test_objectives_are_checked_together_naming_the_bad_one():
+    good = [TrlObjective("dpo"), GradedObjective("g0", grade=0.0), MixtureObjective("mix", lam=0.5)]
+    check_objectives(good, 0.1)
+    with pytest.raises(ValueError, match=r"align.objectives\[1\] \(mix\): lam must be in"):
+        check_objectives([good[0], MixtureObjective("mix", lam=2.0)], 0.1)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        check_objectives([TrlObjective("dpo")], -1.0)  # beta is checked even when only TRL uses it
+
 
     x = random_logps()
     with pytest.raises(ValueError, match="five \\(B,\\) tensors"):

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from harness.models import ARCHITECTURES, build_tiny_model, count_parameters, load_local_model
+from core.models import build_tiny_model, count_parameters, load_local_model
+from hooks.roles import ARCHITECTURES
 
 VOCAB = 97
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import LoraConfig, ObjectiveConfig, load_config
-from harness.data import batch_indices, tokenize_pairs
+from core.config import GradedObjective, LoraConfig, load_config
+from core.data import batch_indices, tokenize_pairs
 from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_model
@@ -40,7 +40,7 @@ def test_graded_dpo_learns_the_embedded_set_and_counts_policy_tokens_only(pretra
     cfg.instruments.enabled = True
     tokenizer = alignment_tokenizer(cfg, ckpt)
     pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
-    result = align(cfg, ObjectiveConfig(name="g1", loss="graded", grade=1.0), ckpt, tmp_path / "g1",
+    result = align(cfg, GradedObjective(name="g1", grade=1.0), ckpt, tmp_path / "g1",
                    tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
     rows = [r for r in _rows(result.run_dir) if "pref/loss" in r]
     first, last = rows[:5], rows[-5:]
@@ -89,7 +89,7 @@ def test_trl_dpo_with_lora_and_real_instruments_ignores_the_reference_pass(tmp_p
 
 
 def _rows(run_dir):
-    from harness.sinks import read_metrics  # noqa: PLC0415
+    from core.sinks import read_metrics  # noqa: PLC0415
 
     return read_metrics(run_dir / "metrics.jsonl")
 
@@ -104,7 +104,7 @@ def test_alignment_resume_matches_continuous_run(pretrained, tmp_path, lora):
         cfg.align.lora = LoraConfig(r=4, alpha=8)
     tokenizer = alignment_tokenizer(cfg, ckpt)
     pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
-    objective = ObjectiveConfig(name="g05", loss="graded", grade=0.5)
+    objective = GradedObjective(name="g05", grade=0.5)
     kw = dict(tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
     full = align(cfg, objective, ckpt, tmp_path / "full", **kw)
     cut = align(cfg, objective, ckpt, tmp_path / "cut", **kw)

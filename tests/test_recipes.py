@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from harness.cli import RECIPES_DIR, main
-from harness.config import load_config
+from core.config import load_config
 from harness.pipeline import sweep_configs
-from harness.sinks import read_metrics
+from core.sinks import read_metrics
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 

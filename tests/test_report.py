@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from harness import geometry as geo
+from hooks import geometry as geo
 from harness.report import k_curves, markdown_table, write_run_report
-from harness.sinks import build_sinks
+from core.sinks import build_sinks
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

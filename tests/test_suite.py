@@ -3,7 +3,7 @@ effects on training, hook removal, PEFT LoRA, state round trip and mid-phase res
 
 References are independent of the suite's hooks: plain forward hooks store each watched module's
 input, and add a zero leaf ``eps`` (requires_grad) to its output, whose ``.grad`` after backward is
-the per-token ``delta = dL/dy``. Expected metrics are then recomputed with ``harness.geometry``.
+the per-token ``delta = dL/dy``. Expected metrics are then recomputed with ``hooks.geometry``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from harness import geometry as geo
+from hooks import geometry as geo
 from hooks.roles import ROLES
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
@@ -281,7 +281,7 @@ def test_hooks_removed_when_training_raises():
             token_loss_sum(model, make_batch(seed=2))  # mid-step: a forward whose backward never runs
             raise RuntimeError("boom")
     assert _no_hooks(model, opt)
-    assert not suite.cov.attached and not suite.upd.attached
+    assert not suite.cov.is_attached and not suite.upd.is_attached
     # nothing is measured any more: another plain training step leaves the suite's state alone
     before = suite.state_dict()
     opt.zero_grad()

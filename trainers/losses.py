@@ -21,8 +21,8 @@ micro-batch's loss by its share of the step's pairs.
 
 from __future__ import annotations
 
-import inspect
 import math
+from collections.abc import Callable
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -106,8 +106,7 @@ class PreferenceLoss(ABC):
     :meth:`objective`."""
 
     def __init__(self, beta: float = 0.1) -> None:
-        if not (math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {beta}")
+        check_beta(beta)
         self.beta = float(beta)
 
     def __call__(self, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
@@ -180,29 +179,39 @@ class MixtureLoss(PreferenceLoss):
         return self.lam * ce + (1.0 - self.lam) * graded_loss(d_w, d_l, 1.0, self.beta)
 
 
-LOSSES: dict[str, type[PreferenceLoss]] = {
-    "graded": GradedLoss,
-    "mixture": MixtureLoss,
-    "dpo": DPOLoss,
-    "likelihood": LikelihoodLoss,
+def check_beta(beta: float) -> None:
+    """``beta`` (the DPO temperature, ``align.beta``) must be a finite number > 0."""
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+
+
+# Each objective config (core.config.OBJECTIVES) -> its loss. ``loss: trl`` objectives are trained by
+# TRL (trainers/trl_dpo.py), which reports their held-out metrics with sigmoid DPO.
+LOSSES: dict[str, Callable[..., PreferenceLoss]] = {
+    "graded": lambda objective, beta: GradedLoss(objective.grade, beta),
+    "dpo": lambda objective, beta: DPOLoss(beta),
+    "likelihood": lambda objective, beta: LikelihoodLoss(beta),
+    "mixture": lambda objective, beta: MixtureLoss(objective.lam, beta),
 }
 
 
-def build_loss(name: str, **params: float) -> PreferenceLoss:
-    """The loss registered as ``name``, built from the parameters its constructor takes.
+def build_loss(objective, beta: float) -> PreferenceLoss:
+    """The loss of an objective config (``core.config.GradedObjective``, ``MixtureObjective``, ...);
+    its parameters are checked here, by the loss that uses them."""
+    if objective.loss not in LOSSES:
+        raise ValueError(f"objective {objective.name!r}: loss {objective.loss!r} is not trained by our preference "
+                         f"loop (its losses: {', '.join(LOSSES)}; 'trl' runs through trainers.trl_dpo)")
+    return LOSSES[objective.loss](objective, beta)
 
-    Parameters that belong to another loss of the family (``beta``, ``grade``, ``lam``) are ignored,
-    so one objective config can be passed whole (e.g. ``build_loss("dpo", beta=0.1, grade=1.0, lam=0.5)``);
-    a name no loss takes, or a missing required parameter, is an error.
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid losses: {', '.join(LOSSES)}")
-    known = {p for cls in LOSSES.values() for p in inspect.signature(cls).parameters}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"unknown loss parameter(s) {unknown}; the losses take: {', '.join(sorted(known))}")
-    signature = inspect.signature(LOSSES[name]).parameters
-    missing = [p for p, spec in signature.items() if spec.default is inspect.Parameter.empty and p not in params]
-    if missing:
-        raise ValueError(f"loss {name!r} needs parameter(s) {missing}")
-    return LOSSES[name](**{k: v for k, v in params.items() if k in signature})
+
+def check_objectives(objectives: list, beta: float) -> None:
+    """Build every objective's loss once, so a bad setting fails before any training starts;
+    a ``ValueError`` names the objective and the setting."""
+    check_beta(beta)
+    for i, objective in enumerate(objectives):
+        if objective.loss not in LOSSES:
+            continue
+        try:
+            build_loss(objective, beta)
+        except ValueError as err:
+            raise ValueError(f"align.objectives[{i}] ({objective.name}): {err}") from err

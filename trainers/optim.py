@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from harness.config import TrainConfig
+from core.config import TrainConfig
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -7,11 +7,11 @@ own loops (attach, loss normaliser, raw gradient before the optimizer step, upda
     on_train_begin           suite.attach(model, torch optimizer)   (TRL builds the optimizer inside train())
     on_step_begin            suite.set_loss_normalizer(pairs in this optimizer step)
     on_pre_optimizer_step    suite.before_optimizer_step()          (gradients are populated and clipped)
-    on_step_end              suite.after_optimizer_step(step)       -> geometry metrics when scheduled
+    on_step_end              suite.after_optimizer_step(step, force=last step) -> geometry metrics when due
     on_log                   TRL's rewards/* and loss -> pref/*, merged with that step's geometry -> sink
     on_train_end             suite.detach()   (run_trl_dpo also detaches in ``finally`` if training raises)
 
-Pitfalls on this stack (see shared/DESIGN.md section 3) and how they are handled here:
+Pitfalls of TRL on this stack (measured with TRL 1.16) and how they are handled here:
 - TRL replaces the LM head with a fused function: hooks on ``lm_head`` never fire (we hook none).
 - ``ref_model=None`` without PEFT makes TRL reload the reference from ``config._name_or_path``,
   which fails for a model built from config: we pass a frozen deep copy instead.
@@ -36,7 +36,14 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, TrainerCallback
 
-from harness.data import prompt_budget, tokenize_pairs
+from core.config import RunConfig
+from core.data import prompt_budget, tokenize_pairs
+from core.models import apply_lora, build_model
+from core.rundir import RunDirectory
+from hooks.suite import build_suite
+from trainers.losses import DPOLoss, check_beta
+from trainers.pairs import preference_eval, reference_logps
+from trainers.session import RunResult, save_final
 
 # TRL's logged key -> ours (docs/architecture.md). TRL 1.16 logs rewards/* as means over the pairs
 # of the logging window and ``loss`` as the mean of the optimizer steps' losses.
@@ -58,7 +65,7 @@ class Suite(Protocol):
     def detach(self) -> None: ...
     def set_loss_normalizer(self, n: float) -> None: ...
     def before_optimizer_step(self) -> None: ...
-    def after_optimizer_step(self, step: int) -> dict[str, float] | None: ...
+    def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None: ...
 
 
 class Sink(Protocol):
@@ -127,7 +134,8 @@ class InstrumentCallback(TrainerCallback):
         if self.suite is None:
             return
         self._flush()  # an earlier step's geometry that no log row picked up (logging_steps > 1)
-        metrics = self.suite.after_optimizer_step(state.global_step)
+        # The phase's last step is always measured, whatever the schedule.
+        metrics = self.suite.after_optimizer_step(state.global_step, force=state.global_step >= state.max_steps)
         if metrics:
             self._pending = (state.global_step, metrics)
 
@@ -213,8 +221,7 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
 
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {steps}, {batch_size}, {grad_accum}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    check_beta(beta)
     if tokenizer.eos_token is None or tokenizer.pad_token is None:
         raise ValueError("the tokenizer needs an eos_token (TRL appends it to completions) and a pad_token")
     dataset = preference_dataset(pairs)
@@ -269,7 +276,7 @@ def trainer_settings(train_cfg, progress: bool) -> dict:
 
 def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
     """Trim each prompt from the left so prompt + completion fits ``max_len`` tokens, by the rule
-    ``tokenize_pairs`` uses for our own loops (``harness.data.prompt_budget``).
+    ``tokenize_pairs`` uses for our own loops (``core.data.prompt_budget``).
 
     TRL keeps the *start* of a too-long sequence and drops pairs whose prompt alone fills
     ``max_length``; long prompts (the embedded set's 200-character contexts under a small
@@ -286,19 +293,13 @@ def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
     return out
 
 
-def align_with_trl(cfg, objective, init_dir: Path, run_dir: Path, *, tokenizer, pairs: list[dict],
-                   eval_pairs: list[dict] | None = None, progress: bool = True, overwrite: bool = False):
+def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, tokenizer, pairs: list[dict],
+                   eval_pairs: list[dict] | None = None, progress: bool = True, overwrite: bool = False) -> RunResult:
     """One ``loss: trl`` objective of a recipe: DPO through TRL from ``init_dir``, instrumented,
     written to ``run_dir`` like every other alignment run (config, metrics, tb/, snapshot,
     checkpoint). LoRA (``align.lora``) is applied here, before the instruments resolve their
     modules, so they hook the LoRA wrappers; TRL then uses the adapter-disabled model as reference.
     """
-    from harness.build import build_model, build_suite  # noqa: PLC0415
-    from harness.rundir import prepare_run_dir  # noqa: PLC0415
-    from harness.sinks import build_sinks  # noqa: PLC0415
-    from trainers.losses import build_loss  # noqa: PLC0415
-    from trainers.preference import AlignResult, apply_lora, preference_eval, reference_logps, save_aligned  # noqa: PLC0415
-
     t, a = cfg.align.train, cfg.align
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -308,29 +309,26 @@ def align_with_trl(cfg, objective, init_dir: Path, run_dir: Path, *, tokenizer, 
         model = apply_lora(model, a.lora)
     else:
         ref_model = frozen_copy(model)
-    eval_loss = build_loss("dpo", beta=a.beta)
+    eval_loss = DPOLoss(a.beta)  # held-out metrics with sigmoid DPO, whatever TRL's loss_type
     eval_data = tokenize_pairs(eval_pairs, tokenizer, a.max_len) if eval_pairs else None
     eval_ref = reference_logps(model.to(device), eval_data, t.batch_size, device) if eval_data else None
-    suite = build_suite(cfg.instruments, model, cfg.seed)
-    prepare_run_dir(run_dir, cfg, overwrite=overwrite)
-    sinks = build_sinks(run_dir, cfg.tracking.report_to)
+    suite = build_suite(model, cfg.instruments, cfg.seed)
+    files = RunDirectory(run_dir, cfg, overwrite=overwrite)
     phase = f"align/{objective.name}"
-    callback = InstrumentCallback(suite, sinks, phase=phase)
+    callback = InstrumentCallback(suite, files, phase=phase)
     try:
-        trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl", ref_model=ref_model, steps=t.steps,
-                              lr=t.lr, beta=a.beta, loss_type=objective.loss_type, batch_size=t.batch_size,
-                              grad_accum=t.grad_accum, max_length=a.max_len, seed=cfg.seed,
+        trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl",
+                              ref_model=ref_model, steps=t.steps, lr=t.lr, beta=a.beta, loss_type=objective.loss_type,
+                              batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=a.max_len, seed=cfg.seed,
                               callbacks=[callback], extra_args=trainer_settings(t, progress))
         model = trainer.model
         final: dict[str, float] = {}
-        if suite is not None and not suite.schedule(t.steps):
-            final.update(suite.compute(t.steps))  # the phase's end is always measured
         if eval_data is not None:
-            final.update(preference_eval(model, eval_data, eval_ref, eval_loss, t.batch_size, device))
-        if final:
-            sinks.log({"phase": phase, **final}, t.steps)
-        ckpt = save_aligned(run_dir, t.steps, model, tokenizer, trainer.optimizer, trainer.lr_scheduler, suite)
+            final = preference_eval(model, eval_data, eval_ref, eval_loss, t.batch_size, device)
+            files.log({"phase": phase, **final}, t.steps)
+        ckpt = save_final(files, t.steps, model=model, tokenizer=tokenizer, optimizer=trainer.optimizer,
+                          scheduler=trainer.lr_scheduler, suite=suite)
     finally:
-        sinks.close()
+        files.close()
     shutil.rmtree(run_dir / "trl", ignore_errors=True)  # TRL's output_dir: nothing of ours lives there
-    return AlignResult(run_dir, ckpt, final)
+    return RunResult(run_dir, ckpt, {"step": t.steps, **final})

@@ -53,6 +53,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``tensors`` as safetensors atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int,
                     instruments: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
     path = Path(path)
@@ -62,7 +72,7 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if instruments is not None:
+    if instruments:
         save_file({k: v.contiguous() for k, v in instruments.items()}, str(tmp / INSTRUMENTS_FILE))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), **(extra or {})}, tmp / STATE_FILE)

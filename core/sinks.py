@@ -136,12 +136,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def metric_series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    """``(steps, values)`` of every row that holds ``key``."""
-    pairs = [(r["step"], r[key]) for r in rows if key in r]
-    return [s for s, _ in pairs], [v for _, v in pairs]
-
-
 def read_tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the event files under ``log_dir``: ``{tag: [(step, value), ...]}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: PLC0415

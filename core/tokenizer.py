@@ -18,6 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from core.config import TokenizerConfig
+
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"
 # Bump when the training recipe changes so stale caches are not reused.
@@ -160,3 +162,9 @@ def load_tokenizer(source: str, vocab_size: int, cache_dir: Path) -> PreTrainedT
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def tokenizer_from_config(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:
+    """The recipe's tokenizer: a local directory (``tokenizer.source``), else the embedded stdlib BPE
+    trained (once, then cached in ``tokenizer.cache_dir``) at ``tokenizer.vocab_size``."""
+    return load_tokenizer(cfg.source, cfg.vocab_size, Path(cfg.cache_dir).expanduser())

@@ -18,15 +18,43 @@ from typing import Any, Literal
 
 import yaml
 
+from hooks.roles import ARCHITECTURES
+from hooks.suite import SuiteConfig
+
 
 class ConfigError(ValueError):
     """A recipe problem, with the key and the file in the message."""
 
 
+class FieldError(ValueError):
+    """A bad value of one field, raised by a section's checks; the loader adds the section and file."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field, self.reason = field, message
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise FieldError(field, message)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value > 0, name, f"must be > 0, got {value}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= 0, name, f"must be >= 0, got {value}")
+
+
 @dataclass
 class ModelConfig:
     source: str = "tiny"  # "tiny" (built from this config) or a local HF model directory
-    arch: Literal["llama", "qwen2", "mistral", "gpt2", "gpt_neox"] = "llama"
+    arch: str = "llama"  # a row of hooks.roles.ARCHITECTURES
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -37,12 +65,22 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        _require(self.arch in ARCHITECTURES, "arch", f"must be one of {sorted(ARCHITECTURES)} (the role table in "
+                                                     f"hooks/roles.py), got {self.arch!r}")
+        _positive(self, "hidden_size", "num_layers", "num_heads", "max_seq_len")
+        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
+                 f"({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+
 
 @dataclass
 class TokenizerConfig:
     source: str = "stdlib-bpe"  # trained locally on Python's stdlib sources, or a local directory
     vocab_size: int = 4096
     cache_dir: str = "~/.cache/weightgeom"
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size")
 
 
 @dataclass
@@ -52,6 +90,10 @@ class DataConfig:
     seq_len: int = 128
     eval_fraction: float = 0.02
     max_tokens: int | None = 2_000_000  # cap on tokens read from the corpus
+
+    def __post_init__(self) -> None:
+        _positive(self, "seq_len")
+        _require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclass
@@ -74,31 +116,10 @@ class TrainConfig:
     save_every: int = 0  # 0: checkpoint only at the end
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
-
-@dataclass
-class InstrumentConfig:
-    enabled: bool = True
-    roles: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
-    layers: list[int] | None = None
-    input_roles: list[str] = field(default_factory=lambda: ["q", "k", "v", "gate", "up"])  # C_a, rsf_in
-    output_roles: list[str] = field(default_factory=lambda: ["o", "down"])  # C_delta, rsf_out_delta
-    k: int = 8
-    k_curve: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
-    every_n: int = 20
-    log_spaced: bool = True
-    n_random: int = 20
-    max_tokens: int | None = None
-    dtype: Literal["float32", "float64"] = "float32"
-    snapshot_every: int = 0  # 0: snapshot whenever metrics are computed is too much; end only
-
-
-@dataclass
-class ObjectiveConfig:
-    name: str
-    loss: Literal["trl", "graded", "mixture", "dpo", "likelihood"] = "graded"
-    grade: float = 1.0  # graded: L = -log sigmoid(beta (D_w - grade * D_l))
-    lam: float = 0.5  # mixture: lam * CE(chosen) + (1 - lam) * DPO
-    loss_type: str | list[str] = "sigmoid"  # TRL loss types, for loss: trl
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch_size", "grad_accum", "lr", "log_every")
+        _non_negative(self, "weight_decay", "momentum", "warmup_steps", "eval_every", "eval_batches", "save_every")
+        _require(len(self.betas) == 2, "betas", f"must be two numbers [beta1, beta2], got {self.betas}")
 
 
 @dataclass
@@ -108,17 +129,91 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
+    def __post_init__(self) -> None:
+        _positive(self, "r")
+        _non_negative(self, "dropout")
+
+
+# ----- alignment objectives: one dataclass per loss, holding exactly the settings that loss takes -----
+@dataclass
+class GradedObjective:
+    """``L_g = -log sigmoid(beta (D_w - grade * D_l))``: grade 0 = chosen likelihood, 1 = DPO."""
+
+    name: str
+    loss: Literal["graded"] = "graded"
+    grade: float = 1.0
+
+    def contrast_grade(self) -> float | None:
+        return self.grade
+
+
+@dataclass
+class DpoObjective:
+    """Sigmoid DPO in our loop (the graded loss at grade 1)."""
+
+    name: str
+    loss: Literal["dpo"] = "dpo"
+
+    def contrast_grade(self) -> float | None:
+        return 1.0
+
+
+@dataclass
+class LikelihoodObjective:
+    """The graded loss at grade 0: raise the chosen completion's likelihood only."""
+
+    name: str
+    loss: Literal["likelihood"] = "likelihood"
+
+    def contrast_grade(self) -> float | None:
+        return 0.0
+
+
+@dataclass
+class MixtureObjective:
+    """``lam * CE(chosen) + (1 - lam) * DPO``."""
+
+    name: str
+    loss: Literal["mixture"] = "mixture"
+    lam: float = 0.5
+
+    def contrast_grade(self) -> float | None:
+        return None  # a mixture with CE is not a point on the graded axis
+
+
+@dataclass
+class TrlObjective:
+    """TRL's ``DPOTrainer`` with ``loss_type`` (``sigmoid`` is DPO; ``ipo``, ``hinge``, ...)."""
+
+    name: str
+    loss: Literal["trl"] = "trl"
+    loss_type: str | list[str] = "sigmoid"
+
+    def contrast_grade(self) -> float | None:
+        return 1.0 if self.loss_type in ("sigmoid", ["sigmoid"]) else None
+
+
+# ``loss`` picks the dataclass (default: graded); a key of another loss is an unknown key.
+OBJECTIVES = {"graded": GradedObjective, "dpo": DpoObjective, "likelihood": LikelihoodObjective,
+              "mixture": MixtureObjective, "trl": TrlObjective}
+Objective = GradedObjective | DpoObjective | LikelihoodObjective | MixtureObjective | TrlObjective
+
 
 @dataclass
 class AlignConfig:
     data: str = "embedded"  # "embedded" (built from the local corpus) or a local .jsonl/.json/.parquet
     n_pairs: int = 512
     max_len: int = 128
-    beta: float = 0.1
-    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig(name="dpo", loss="trl")])
+    beta: float = 0.1  # checked where it is used (trainers.losses.check_beta)
+    objectives: list[Objective] = field(default_factory=lambda: [TrlObjective(name="dpo")])
     lora: LoraConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=100, batch_size=8, lr=5e-4, warmup_steps=5, eval_every=0, max_grad_norm=1.0))
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_pairs", "max_len")
+        names = [o.name for o in self.objectives]
+        _require(len(set(names)) == len(names), "objectives", f"names must be unique, got {names}")
 
 
 @dataclass
@@ -137,7 +232,7 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    instruments: InstrumentConfig = field(default_factory=InstrumentConfig)
+    instruments: SuiteConfig = field(default_factory=SuiteConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: list[dict[str, Any]] = field(default_factory=list)  # asymmetry_scale: one override set per run
@@ -186,8 +281,9 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``, checking every key and type."""
+def from_dict(cls: type, data: Any, source: str, prefix: str = "", what: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking every key and type (``what`` qualifies the
+    list of valid keys in errors, e.g. "for loss 'dpo'")."""
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where} must be a mapping, got {data!r}")
@@ -195,20 +291,24 @@ def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys here: {sorted(fields)}")
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys here{' ' + what if what else ''}: "
+                          f"{sorted(fields)}")
     kwargs = {name: _convert(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{source}: missing required key '{prefix}{missing[0]}'")
-    obj = cls(**kwargs)
-    _validate(obj, source, prefix)
-    return obj
+    try:
+        return cls(**kwargs)
+    except FieldError as err:
+        raise ConfigError(f"{source}: key '{prefix}{err.field}' {err.reason}") from err
+    except ValueError as err:  # a section's own check (e.g. instruments.k), already naming the key
+        raise ConfigError(f"{source}: {err}") from err
 
 
 def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType) and tp is not Objective:
         if value is None and type(None) in args:
             return None
         errors = []
@@ -231,6 +331,13 @@ def _convert(tp: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: key '{key}' expects a mapping, got {value!r}")
         return dict(value)
+    if tp is Objective:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping like {{name: dpo, loss: trl}}, got {value!r}")
+        loss = value.get("loss", "graded")
+        if loss not in OBJECTIVES:
+            raise ConfigError(f"{source}: key '{key}.loss' must be one of {list(OBJECTIVES)}, got {loss!r}")
+        return from_dict(OBJECTIVES[loss], value, source, f"{key}.", what=f"for loss '{loss}'")
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, f"{key}.")
     if tp is Any:
@@ -251,41 +358,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-_POSITIVE = {"hidden_size", "num_layers", "num_heads", "vocab_size", "seq_len", "steps", "batch_size",
-             "grad_accum", "k", "every_n", "max_len", "n_pairs", "r", "max_seq_len", "log_every"}
-_NON_NEGATIVE = {"warmup_steps", "eval_every", "eval_batches", "save_every", "n_random", "weight_decay",
-                 "snapshot_every", "momentum", "dropout"}
-
-
-def _validate(obj: Any, source: str, prefix: str) -> None:
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if f.name in _POSITIVE and isinstance(value, (int, float)) and value <= 0:
-            raise ConfigError(f"{source}: key '{prefix}{f.name}' must be > 0, got {value}")
-        if f.name in _NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
-            raise ConfigError(f"{source}: key '{prefix}{f.name}' must be >= 0, got {value}")
-    if isinstance(obj, (TrainConfig,)) and obj.lr <= 0:
-        raise ConfigError(f"{source}: key '{prefix}lr' must be > 0, got {obj.lr}")
-    if isinstance(obj, DataConfig) and not 0 <= obj.eval_fraction < 1:
-        raise ConfigError(f"{source}: key '{prefix}eval_fraction' must be in [0, 1), got {obj.eval_fraction}")
-    if isinstance(obj, ModelConfig) and obj.hidden_size % obj.num_heads:
-        raise ConfigError(f"{source}: model.hidden_size ({obj.hidden_size}) must be divisible by "
-                          f"model.num_heads ({obj.num_heads})")
-    if isinstance(obj, AlignConfig):
-        names = [o.name for o in obj.objectives]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"{source}: align.objectives names must be unique, got {names}")
-        if obj.beta <= 0:
-            raise ConfigError(f"{source}: key '{prefix}beta' must be > 0, got {obj.beta}")
-    if isinstance(obj, ObjectiveConfig) and not 0 <= obj.lam <= 1:
-        raise ConfigError(f"{source}: key '{prefix}lam' must be in [0, 1], got {obj.lam}")
-    if isinstance(obj, InstrumentConfig):
-        from hooks.roles import ROLES  # noqa: PLC0415
-
-        for key in ("roles", "input_roles", "output_roles"):
-            bad = [r for r in getattr(obj, key) if r not in ROLES]
-            if bad:
-                raise ConfigError(f"{source}: key '{prefix}{key}' has unknown roles {bad}; valid: {list(ROLES)}")
+def saved_objective(data: dict) -> Objective:
+    """An objective from a run's saved ``config.yaml``. Lenient where recipes are strict: runs written
+    before objectives had one dataclass per loss saved every loss's keys, so keys the loss does not
+    take are dropped here (never when loading a recipe)."""
+    cls = OBJECTIVES.get(data.get("loss", "graded"), GradedObjective)
+    names = {f.name for f in dataclasses.fields(cls)}
+    return from_dict(cls, {k: v for k, v in data.items() if k in names}, "saved config.yaml", "align.objectives.")
 
 
 def to_dict(cfg: Any) -> dict:

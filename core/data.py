@@ -21,7 +21,8 @@ from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from harness.tokenizer import stdlib_text_files
+from core.config import DataConfig
+from core.tokenizer import stdlib_text_files
 
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_EXTENSIONS = (".txt", *TABLE_FORMATS)
@@ -150,6 +151,13 @@ def build_lm_blocks(
     n_eval = min(math.ceil(eval_fraction * n_blocks), n_blocks - 1)
     blocks = blocks[order]
     return blocks[n_eval:].contiguous(), blocks[:n_eval].contiguous()
+
+
+def build_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe's pretraining corpus as packed (train, eval) blocks (see :func:`build_lm_blocks`)."""
+    texts = load_texts(cfg.source, text_field=cfg.text_field)
+    return build_lm_blocks(texts, tokenizer, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed,
+                           max_tokens=cfg.max_tokens)
 
 
 def _token_stream(

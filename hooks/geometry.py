@@ -1,6 +1,6 @@
 """Pure weight-geometry math: tensors in, python floats or float64 tensors out.
 
-Definitions are the binding ones of ``shared/DESIGN.md`` section 2. Conventions:
+Definitions: docs/metrics.md. Conventions:
 
 - A weight (or delta, update, gradient) is ``(m, n)`` = out x in, as PyTorch stores ``nn.Linear``.
 - Bases are column-orthonormal: ``U`` is ``(n, k)`` on the input side, ``V`` is ``(m, k)`` on the
@@ -67,7 +67,7 @@ def covariance_from_sums(sum_outer: Tensor, sum_vec: Tensor | None, count: float
         raise ValueError(f"sum_vec must have shape ({n},) to match sum_outer {tuple(sum_outer.shape)}, "
                          f"got {tuple(sum_vec.shape)}")
     if count == 0:
-        return torch.zeros(n, n, dtype=torch.float64)
+        return torch.zeros_like(sum_outer, dtype=torch.float64)  # on the sums' device
     C = sum_outer.detach().double() / count
     if centered:
         mean = sum_vec.detach().double() / count

@@ -1,0 +1,25 @@
+"""Metric quantities: one small class per family of streamed metrics (as Cockpit keeps one per quantity).
+
+A quantity reads a :class:`hooks.measurement.Measurement` and returns ``{metric key: value}``. To add
+a metric, write a class with ``compute(measurement) -> dict[str, float]`` in a new file here, add it to
+:data:`DEFAULT_QUANTITIES` (or pass ``quantities=`` to the suite) and list its keys in
+docs/architecture.md. Keys are built with ``hooks.keys``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from hooks.measurement import Measurement
+from hooks.quantities.coherence import Coherence
+from hooks.quantities.rsf import DeltaRSF, InputRSF, PredictionRSF
+from hooks.quantities.spikiness import Spikiness
+
+
+class Quantity(Protocol):
+    def compute(self, m: Measurement) -> dict[str, float]: ...
+
+
+DEFAULT_QUANTITIES: tuple[Quantity, ...] = (InputRSF(), PredictionRSF(), DeltaRSF(), Spikiness(), Coherence())
+
+__all__ = ["DEFAULT_QUANTITIES", "Coherence", "DeltaRSF", "InputRSF", "PredictionRSF", "Quantity", "Spikiness"]

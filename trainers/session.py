@@ -1,0 +1,165 @@
+"""What our training loops share, written once: processes and devices (accelerate), optimizer and
+learning-rate schedule, instruments, the run directory (config, metric sinks, checkpoints), resume
+and the progress bar. A loop built on it reads::
+
+    session = TrainingSession(cfg, cfg.train, run_dir, phase="pretrain", model=model, tokenizer=tokenizer,
+                              resume=checkpoint)
+    with session:                                       # instruments attached; files closed on exit
+        for step in session.steps():                    # continues after a resumed checkpoint's step
+            session.suite.set_loss_normalizer(n)        # what this process's loss was divided by
+            ... forward; session.backward(loss) ...
+            grad_norm, geometry = session.optimizer_step(step)  # clip, step, schedule; metrics when due
+            session.end_step(step, row)                 # log the row; checkpoint when due
+    session.result                                      # run dir, final checkpoint, last logged row
+
+The final checkpoint is a plain HF model directory (a LoRA adapter is merged into it) with the
+trainer state and the instruments' state; the instruments' snapshot for reports is written beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
+from core.config import RunConfig, TrainConfig
+from core.rundir import RunDirectory
+from core.sinks import tracker_names
+from hooks.suite import build_suite
+from trainers.optim import make_optimizer, make_scheduler
+
+# Progress-bar fields: metric key -> short label.
+POSTFIX = {"train/loss": "loss", "pref/loss": "loss", "pref/accuracy": "acc", "eval/loss": "eval",
+           "train/tokens_per_s": "tok/s", "rsf_in/all/q": "rsf_in q", "rsf_out_pred/all/o": "rsf_pred o"}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict = field(default_factory=dict)  # the last logged row, with its "step"
+
+
+def save_final(files: RunDirectory, step: int, *, model, tokenizer, optimizer, scheduler, suite) -> Path:
+    """The phase's last checkpoint and instrument snapshot. The suite's state is taken first (a
+    collective, and it reads LoRA wrappers); then a LoRA adapter is merged, so the checkpoint is a
+    plain HF model directory that ``from_pretrained`` and the next phase load directly."""
+    state = suite.snapshot_state()
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return files.save(step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                      instruments=state, snapshot=True)
+
+
+class TrainingSession:
+    """Setup, resume, stepping bookkeeping and saving of one training phase (see the module docstring).
+
+    ``train``: the phase's :class:`TrainConfig` (``cfg.train`` or ``cfg.align.train``); ``phase``:
+    the label written with every metric row (``pretrain``, ``align/dpo``). ``resume``: a checkpoint of
+    this run: optimizer, schedule, RNG and instrument sums continue from it (the caller loads the
+    weights, which differ by phase: a full model or a LoRA adapter).
+    """
+
+    def __init__(self, cfg: RunConfig, train: TrainConfig, run_dir: Path, *, phase: str, model, tokenizer,
+                 resume: Path | None = None, overwrite: bool = False, progress: bool = True) -> None:
+        self.cfg, self.train, self.phase, self.tokenizer = cfg, train, phase, tokenizer
+        self.accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available(),
+                                       log_with=tracker_names(cfg.tracking.report_to) or None,
+                                       project_dir=str(run_dir))
+        self.optimizer = make_optimizer(model.parameters(), train)
+        self.scheduler = make_scheduler(self.optimizer, train)
+        self.suite = build_suite(model, cfg.instruments, cfg.seed)
+        self.start_step = self._resume(Path(resume)) if resume is not None else 0
+        # One process owns the directory (under torchrun the others would race it).
+        self.files = RunDirectory(run_dir, cfg, resume_step=self.start_step if resume is not None else None,
+                                  overwrite=overwrite, is_main=self.accelerator.is_main_process,
+                                  accelerator=self.accelerator)
+        self.accelerator.wait_for_everyone()
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.bar = tqdm(total=train.steps, initial=self.start_step, desc=f"{phase} {cfg.name}", dynamic_ncols=True,
+                        disable=not progress or not self.accelerator.is_main_process)
+        self.result = RunResult(Path(run_dir), checkpoint_dir(run_dir, train.steps))
+        self._suite_ctx = None
+
+    def _resume(self, checkpoint: Path) -> int:
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.suite.load_state_dict(load_instruments(checkpoint) or {})
+        return state["step"]
+
+    # ----- the loop ----------------------------------------------------------------------------------
+    def __enter__(self) -> TrainingSession:
+        self._suite_ctx = self.suite.attached(self.model, self.optimizer)
+        self._suite_ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._suite_ctx.__exit__(*exc)
+        finally:
+            self.bar.close()
+            self.files.close()
+
+    def steps(self):
+        """Optimizer steps ``start + 1 .. train.steps``."""
+        for step in range(self.start_step + 1, self.train.steps + 1):
+            yield step
+            self.bar.update(1)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def optimizer_step(self, step: int) -> tuple[float, dict[str, float] | None]:
+        """Clip, step, advance the schedule, zero the gradients; then the instruments' bookkeeping.
+        Returns the gradient norm before clipping and the geometry metrics when they are due (always
+        at the phase's last step), else None."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), self.suite.after_optimizer_step(step, force=step == self.train.steps)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def log_due(self, step: int) -> bool:
+        return step % self.train.log_every == 0 or step == self.train.steps
+
+    def eval_due(self, step: int) -> bool:
+        return bool(self.train.eval_every and step % self.train.eval_every == 0) or step == self.train.steps
+
+    def reduce_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` summed over processes (every process calls it at the same steps)."""
+        if self.world == 1 or not values:
+            return values
+        names = sorted(values)
+        t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.device)
+        t = self.accelerator.reduce(t, reduction="sum")
+        return dict(zip(names, t.tolist()))
+
+    def end_step(self, step: int, row: dict) -> None:
+        """Log ``row`` (if not empty) and write a checkpoint when due."""
+        if row:
+            self.files.log({"phase": self.phase, **row}, step)
+            self.result.metrics = {"step": step, **row}
+            self.bar.set_postfix({short: f"{row[k]:.3g}" for k, short in POSTFIX.items() if k in row}, refresh=False)
+        if step == self.train.steps:
+            save_final(self.files, step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
+                       optimizer=self.optimizer, scheduler=self.scheduler, suite=self.suite)
+        elif self.train.save_every and step % self.train.save_every == 0:
+            self.files.save(step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
+                            optimizer=self.optimizer, scheduler=self.scheduler,
+                            instruments=self.suite.snapshot_state(), snapshot=False)
+        self.accelerator.wait_for_everyone()
