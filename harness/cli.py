@@ -5,6 +5,7 @@
     harness run recipes/ce_tiny.yaml --resume latest    # continue from the newest checkpoint
     harness report runs/asymmetry                       # Markdown + PNG report from saved files
     harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
+    harness compare BASE_DIR AFTER_DIR --out cmp/       # static geometry of the delta between two checkpoints
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    from harness.compare_cli import add_compare_parser  # noqa: PLC0415
+
+    add_compare_parser(sub)
     return parser
 
 
@@ -58,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from harness.config import ConfigError, load_config, to_dict  # noqa: PLC0415 (fast --help)
 
     try:
+        if args.command == "compare":
+            from harness.compare_cli import compare_command  # noqa: PLC0415
+
+            return compare_command(args)
         if args.command == "report":
             from harness.pipeline import write_report  # noqa: PLC0415
 
