@@ -202,8 +202,10 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
     Raises ValueError / FileNotFoundError naming the path, matrix, flag or snapshot key at fault.
     """
     k_curve = tuple(int(v) for v in k_curve)
-    _check_options(k, k_curve, unembed, c_a_model, n_random)
+    _check_options(k, k_curve, unembed, c_a_model, n_random, n_tokens, seq_len, batch_size)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if c_a is None and text != "stdlib" and not Path(text).exists():  # fail before loading two models
+        raise FileNotFoundError(f"--text {text!r} does not exist; use 'stdlib', a local file or a directory")
     base = _load("BASE", base_dir, device)
     after = _load("AFTER", after_dir, device)
     model_type = _same_model_type(base, after)
@@ -230,7 +232,11 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
 
 # ----- loading and consistency checks --------------------------------------------------------------
 
-def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: str, n_random: int) -> None:
+def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: str, n_random: int,
+                   n_tokens: int, seq_len: int, batch_size: int) -> None:
+    for flag, value in (("--n-tokens", n_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}")
     if not k_curve or min(k_curve) < 1:
@@ -366,15 +372,17 @@ def _curve_ks(ks: tuple[int, ...], dim: int) -> list[int]:
 def _input_side(result: CompareResult, deltas: dict[str, Tensor], tracked: list[TrackedMatrix],
                 ca: InputCovariances) -> None:
     eig = {g: geo.sym_eigh(C) for g, C in ca.cov.items()}
+    group_of = {tm.key: tm.group_key for tm in tracked}
     unmeasured = []
-    for m, tm in zip(result.matrices, tracked):
+    for m in result.matrices:
+        group = group_of[m.key]
         if m.no_delta:
             continue
-        if tm.group_key not in eig:
+        if group not in eig:
             unmeasured.append(m.key)
             continue
         dW = deltas[m.key]
-        evals, evecs = eig[tm.group_key]
+        evals, evecs = eig[group]
         n = dW.shape[1]
         k = min(result.k, n - 1)
         value = geo.rsf_in(dW, evecs[:, :k])

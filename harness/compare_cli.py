@@ -1,10 +1,11 @@
-"""``harness compare BASE AFTER``: the command-line face of :func:`harness.compare.compare`.
+"""harness compare BASE AFTER: static read/write geometry of the weight delta between two local checkpoints.
 
     harness compare runs/asym/pretrain/checkpoints/step_0000030 runs/asym/align/g1.00/checkpoints/step_0000006
     harness compare BASE AFTER --text /data/sample.jsonl --k 4 --unembed base --out cmp/
     harness compare BASE AFTER --c-a RUN/align/g1.00/instruments/step_0000006.safetensors
 
-Prints the mean-over-layers table and writes report.md, compare.json and PNGs to ``--out``.
+Prints the mean-over-layers table and writes report.md, compare.json and PNGs to --out.
+Python: harness.compare.compare(); the numbers and choices are explained in docs/compare.md.
 """
 
 from __future__ import annotations

@@ -66,6 +66,7 @@ def plot_rsf_per_layer(result: CompareResult, out_path: Path) -> Path:
                 ax.plot(layers, values, marker="o", linewidth=1.2, label=role)
                 plotted += 1
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xticks(result.layers)
         ax.set_xlabel("layer")
         ax.set_ylabel("relative RSF (1 = isotropic)")
         ax.set_title(title, fontsize=10)

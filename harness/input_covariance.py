@@ -75,8 +75,8 @@ class ForwardCovariance:
         self._keep = None if bool(flat.all()) else flat.nonzero().squeeze(1)
 
     @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator[ForwardCovariance]:
-        del model  # the tracked modules already belong to it; kept for the usual attach signature
+    def attached(self) -> Iterator[ForwardCovariance]:
+        """Hooks on the tracked modules for the duration of a ``with`` block, removed also on error."""
         handles = [m.register_forward_pre_hook(self._hook) for m in self._group_of]
         try:
             yield self
@@ -171,7 +171,7 @@ def measure_input_covariances(model: nn.Module, tracked: list[TrackedMatrix],
     was_training = model.training
     model.eval()
     try:
-        with collector.attached(model):
+        with collector.attached():
             for ids, mask in batches:
                 collector.set_mask(mask)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))

@@ -330,7 +330,11 @@ def test_error_snapshot_that_does_not_fit(tokenizer, tmp_path):
     measured = {m.key for m in result.matrices if m.rsf_in is not None}
     assert measured == {"L0/q", "L0/k", "L0/v"}
     assert any("No C_a for the input groups of" in note and "L1/q" in note for note in result.notes)
-    assert any("W0 differ" in note for note in result.notes) is False  # this snapshot holds no W0
+    assert not any("W0 differ" in note for note in result.notes)  # this snapshot holds no W0
+    # a snapshot whose reference weights are not BASE's is used, and the report says so
+    save_file({**good, "weights/L0/q/W0": torch.zeros(D, D)}, str(tmp_path / "other_w0.safetensors"))
+    result = compare(base_dir, after_dir, c_a=tmp_path / "other_w0.safetensors", k=4, n_random=0, device="cpu")
+    assert any("W0 differ from BASE" in note for note in result.notes)
 
 
 def test_error_no_tokenizer_for_text_c_a_and_bad_options(tokenizer, tmp_path):
@@ -342,9 +346,22 @@ def test_error_no_tokenizer_for_text_c_a_and_bad_options(tokenizer, tmp_path):
     assert result.c_a_tokens["L0/attn_in"] == SAMPLE["n_tokens"]
     for kwargs, message in (({"unembed": "before"}, "--unembed must be one of"), ({"k": 0}, "--k must be >= 1"),
                             ({"n_random": 1}, "--n-random must be 0"), ({"c_a_model": "x"}, "--c-a-model must be"),
-                            ({"k_curve": ()}, "--k-curve needs")):
+                            ({"k_curve": ()}, "--k-curve needs"), ({"n_tokens": 0}, "--n-tokens must be >= 1")):
         with pytest.raises(ValueError, match=message):
             compare(base_dir, after_dir, **kwargs)
+    with pytest.raises(FileNotFoundError, match="--text .*nothing.txt.* does not exist"):
+        compare(base_dir, after_dir, text=str(tmp_path / "nothing.txt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_numbers(tokenizer, text_file, tmp_path):
+    base_dir, after_dir = tiny_pair(tmp_path, "llama", tokenizer)
+    runs = {device: compare(base_dir, after_dir, text=str(text_file), k=4, n_random=4, device=device, **SAMPLE).metrics()
+            for device in ("cpu", "cuda")}
+    assert runs["cuda"].keys() == runs["cpu"].keys()
+    for key, value in runs["cpu"].items():
+        assert runs["cuda"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
 
 
 # ----- reproduction of the live metrics on the smoke pipeline -----------------------------------------------------
