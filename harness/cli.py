@@ -5,6 +5,7 @@
     harness run recipes/ce_tiny.yaml --resume latest    # continue from the newest checkpoint
     harness report runs/asymmetry                       # Markdown + PNG report from saved files
     harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
+    harness compare BASE_DIR AFTER_DIR --out cmp/       # static geometry of the delta between two checkpoints
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from harness.compare_cli import add_compare_parser, compare_command
 
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -44,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    add_compare_parser(sub)
     return parser
 
 
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
 
     try:
+        if args.command == "compare":
+            return compare_command(args)
         if args.command == "report":
             print(write_report(Path(args.run_dir)))
             return 0

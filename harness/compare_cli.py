@@ -1,0 +1,82 @@
+"""harness compare BASE AFTER: static read/write geometry of the weight delta between two local checkpoints.
+
+    harness compare runs/asym/pretrain/checkpoints/step_0000030 runs/asym/align/g1.00/checkpoints/step_0000006
+    harness compare BASE AFTER --text /data/sample.jsonl --k 4 --unembed base --out cmp/
+    harness compare BASE AFTER --c-a RUN/align/g1.00/instruments/step_0000006.safetensors
+
+Prints the mean-over-layers table and writes report.md, compare.json and PNGs to --out.
+Python: harness.compare.compare(); the numbers and choices are explained in docs/compare.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE, DEFAULT_N_RANDOM,
+                                     DEFAULT_N_TOKENS, DEFAULT_SEQ_LEN, UNEMBED_CHOICES)
+
+DEFAULT_OUT = "compare"
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,4,8, got {value!r}") from err
+
+
+def add_compare_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``compare`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "compare", help="static read/write geometry of the weight delta between two local checkpoints",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", help="BASE model directory (config.json + weights), e.g. RUN/pretrain/checkpoints/step_N")
+    p.add_argument("after", help="AFTER model directory of the same architecture and shapes")
+    p.add_argument("--text", default="stdlib",
+                   help="text sample for C_a: 'stdlib' (embedded corpus, default), a .txt/.jsonl/.json/.parquet file or a directory")
+    p.add_argument("--text-field", default="text", help="column holding the text in .jsonl/.json/.parquet (default: text)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"subspace dimension (default {DEFAULT_K}; capped at dim - 1)")
+    p.add_argument("--k-curve", type=_int_list, default=list(DEFAULT_K_CURVE),
+                   help=f"k values of the RSF-vs-k curves (default {','.join(map(str, DEFAULT_K_CURVE))})")
+    p.add_argument("--unembed", choices=UNEMBED_CHOICES, default="after",
+                   help="whose W_U spans the prediction subspace (default after, as the live metrics)")
+    p.add_argument("--c-a", dest="c_a", metavar="SNAPSHOT",
+                   help="take C_a from an instrument snapshot (*.safetensors) instead of measuring it on --text")
+    p.add_argument("--c-a-model", choices=C_A_MODELS, default="base",
+                   help="which checkpoint runs over the text to measure C_a (default base)")
+    p.add_argument("--n-tokens", type=int, default=DEFAULT_N_TOKENS,
+                   help=f"non-padding tokens in the C_a sample (default {DEFAULT_N_TOKENS})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
+                   help=f"tokens per sequence, capped at the model's positions (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=f"sequences per forward (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--n-random", type=int, default=DEFAULT_N_RANDOM,
+                   help=f"random subspaces per z-score (0 disables; default {DEFAULT_N_RANDOM})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the token sample and the random subspaces")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved in BASE)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
+    return p
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """Run :func:`harness.compare.compare` from parsed arguments; print the table and the report path."""
+    from harness.compare import compare  # noqa: PLC0415 (torch and transformers: not for --help)
+    from harness.compare_report import mean_table  # noqa: PLC0415
+
+    result = compare(args.base, args.after, text=args.text, text_field=args.text_field, k=args.k,
+                     k_curve=args.k_curve, unembed=args.unembed, c_a=args.c_a, c_a_model=args.c_a_model,
+                     n_tokens=args.n_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                     n_random=args.n_random, seed=args.seed, tokenizer=args.tokenizer, device=args.device,
+                     out_dir=args.out)
+    if result.no_delta:
+        print(f"no delta: {result.notes[0]}")
+    else:
+        print(f"C_a: {result.c_a_source}")
+        print(f"prediction subspace: {result.unembed.upper()}'s W_U, eigengap {result.gap_pred:.3g}")
+        print(mean_table(result))
+    for note in result.notes[1:] if result.no_delta else result.notes:
+        print(f"note: {note}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
