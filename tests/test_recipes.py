@@ -82,7 +82,7 @@ def test_local_model_recipe_runs_on_a_checkpoint_and_a_preference_file(tmp_path)
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["run", "dpo_local_model", f"init_from={ckpt}", f"align.data={prefs}", f"output_dir={tmp_path}",
                  "name=local", "align.train.steps=4", "align.train.batch_size=4", "align.max_len=32",
-                 "align.train.eval_every=2", "instruments.every_n=2", "instruments.n_random=4", "--no-progress"]) == 0
+                 "align.train.eval_every=2", "instruments.every_n=2", "--no-progress"]) == 0
     run = tmp_path / "local"
     assert sorted(p.name for p in (run / "align").iterdir()) == ["dpo", "g0.00", "g0.50"]
     assert "## Verdicts" in (run / "report" / "report.md").read_text()
@@ -118,7 +118,7 @@ def test_dpo_lora_recipe_measures_the_adapted_matrices(tmp_path):
     assert main(["run", "dpo_lora", f"output_dir={tmp_path}", f"tokenizer.cache_dir={tmp_path / 'tok'}",
                  "tokenizer.vocab_size=512", "model.hidden_size=32", "data.max_tokens=60000", "train.steps=20",
                  "align.n_pairs=48", "align.max_len=48", "align.train.steps=4", "align.train.batch_size=4",
-                 "instruments.every_n=2", "instruments.n_random=4", "--no-progress"]) == 0
+                 "instruments.every_n=2", "--no-progress"]) == 0
     run = tmp_path / "dpo_lora" / "align" / "dpo"
     final = [r for r in read_metrics(run / "metrics.jsonl") if "rsf_in/L0/q" in r][-1]
     assert "rsf_out_pred/L1/o" in final  # LoRA on q, k, v, o: their effective deltas are measured
