@@ -159,7 +159,8 @@ def verdicts(phases: list[Phase]) -> list[Verdict]:
                             evidence if measured else evidence + "; " + _missing(dpo, "RSF_in or z_in (q, k)")))
         specs = [(p.name, specificity(p)) for p in dpo]
         evidence = "; ".join(
-            f"{n}: read (q, k) {fmt(s.read_mean)} vs controls ({', '.join(s.controls) or 'none'}) {fmt(s.control_mean)} "
+            f"{n}: read (q, k) {fmt(s.read_mean)} vs controls ({', '.join(s.controls) or 'none'}) "
+            f"{fmt(s.control_mean)} "
             f"(sd {fmt(s.control_sd)}), excess {fmt(s.excess)}" for n, s in specs)
         flags = [s.specific for _, s in specs]
         out.append(_verdict("read_specific", all(flags) if None not in flags else None,

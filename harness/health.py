@@ -50,6 +50,9 @@ RULES = {
 }
 
 
+TITLES = {"memorisation": "memorisation", "preference_at_chance": "preference at chance", "non_finite": "non-finite"}
+
+
 @dataclass(frozen=True)
 class HealthWarning:
     check: str  # a key of RULES
@@ -248,17 +251,17 @@ def health_block(warnings: list[HealthWarning], notes: list[HealthNote]) -> list
         "## Health: no warnings"
     lines = [title, ""]
     for w in warnings:
-        lines += [f"> **WARNING ({w.check.replace('_', ' ')}, {w.phase})**: {w.message}", ">"]
+        lines += [f"> **WARNING ({TITLES[w.check]}, {w.phase})**: {w.message}", ">"]
     if warnings:
         lines[-1] = ""
     grouped: dict[tuple[str, str], list[str]] = {}  # the same note on several phases is printed once
     for n in notes:
         grouped.setdefault((n.check, n.message), []).append(n.phase)
     for (check, message), phases in grouped.items():
-        lines.append(f"- note ({check.replace('_', ' ')}; {', '.join(phases)}): {message}")
+        lines.append(f"- note ({TITLES[check]}; {', '.join(phases)}): {message}")
     if notes:
         lines.append("")
-    lines += ["Rules: " + "; ".join(f"**{name.replace('_', ' ')}** = {rule}" for name, rule in RULES.items()) + ".",
+    lines += ["Rules: " + "; ".join(f"**{TITLES[name]}** = {rule}" for name, rule in RULES.items()) + ".",
               ""]
     return lines
 

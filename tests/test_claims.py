@@ -17,7 +17,8 @@ def _phases(pretrain: bool = True, read: dict | None = None, write_dpo: float = 
     read = read or {"q": 6.0, "k": 5.0, **CONTROLS}
     phases = []
     if pretrain:
-        phases.append(Phase("pretrain (CE)", "ce", None, [{"step": 10, **geometry(read, {"o": ce_write, "down": ce_write})}]))
+        ce_row = {"step": 10, **geometry(read, {"o": ce_write, "down": ce_write})}
+        phases.append(Phase("pretrain (CE)", "ce", None, [ce_row]))
     for name, kind, grade, write in (("dpo", "trl", 1.0, write_dpo), ("g0.00", "graded", 0.0, 1.6),
                                      ("g0.50", "graded", 0.5, 1.3), ("g1.00", "graded", 1.0, write_dpo)):
         phases.append(Phase(name, kind, grade, [{"step": 4, **geometry(read, {"o": write, "down": write}, z=z)}]))

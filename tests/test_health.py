@@ -56,7 +56,8 @@ def test_memorisation_says_when_it_cannot_run():
 
 def _pref_rows(accuracy: float, margin: float, n_rows: int = 5, eval_acc: float | None = None,
                eval_margin: float = 0.3) -> list[dict]:
-    rows = [{"step": s, "pref/accuracy": accuracy, "pref/margin": margin, "pref/loss": 0.6} for s in range(1, n_rows + 1)]
+    rows = [{"step": s, "pref/accuracy": accuracy, "pref/margin": margin, "pref/loss": 0.6}
+            for s in range(1, n_rows + 1)]
     if eval_acc is not None:
         rows[-1].update({"eval/pref_accuracy": eval_acc, "eval/pref_margin": eval_margin})
     return rows

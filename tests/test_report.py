@@ -150,3 +150,18 @@ def test_asymmetry_report_rerenders_byte_identically_and_links_the_definitions(t
     assert (run / "report" / link).resolve() == (Path(__file__).resolve().parents[1] / "docs" / "metrics.md")
     for name in ("training.png", "trajectory_rsf_in.png", "trajectory_rsf_out_pred.png"):
         assert (run / "report" / name).read_bytes()[:8] == PNG, name
+
+
+def test_asymmetry_report_of_a_diverged_phase_says_not_measured(tmp_path):
+    run = pipeline(tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "align" / "g1.00" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:  # the g1.00 run diverged: every number from step 20 on is null (NaN)
+        if row["step"] >= 20:
+            row.update({k: None for k in row if k not in ("step", "phase")})
+    (run / "align" / "g1.00" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_asymmetry_report(run).read_text()
+    found = {v["id"]: v["held"] for v in json.loads((run / "report" / "verdicts.json").read_text())}
+    assert found == {"read_concentrates": None, "read_specific": None, "write_isotropic": None,
+                     "ce_prediction": True, "grade_dependence": None}
+    assert "> **WARNING (non-finite, g1.00)**: non-finite values (NaN or inf) in 3 training metrics" in report
+    assert "g1.00: relative RSF_in NaN (z NaN)" in report
