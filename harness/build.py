@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from harness.config import InstrumentConfig, ModelConfig, RunConfig
-from harness.data import build_lm_blocks, load_texts
 from harness.models import build_tiny_model, load_local_model
+from harness.shards import PackedBlocks, load_corpus
 from harness.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -57,10 +57,12 @@ def match_special_tokens(model: nn.Module, tokenizer) -> None:
                 setattr(config, name, value)
 
 
-def build_corpus(cfg: RunConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
-    return build_lm_blocks(texts, tokenizer, seq_len=cfg.data.seq_len, eval_fraction=cfg.data.eval_fraction,
-                           seed=cfg.seed, max_tokens=cfg.data.max_tokens)
+def build_corpus(cfg: RunConfig, tokenizer) -> tuple[PackedBlocks, PackedBlocks]:
+    """(train, eval) blocks of ``data.seq_len`` over memory-mapped token shards (`harness.shards`):
+    ``data.source`` read directly when it is a prepared directory, else prepared once (documents
+    held out by ``data.eval_fraction`` and ``seed``) into ``<tokenizer.cache_dir>/corpora/`` and reused."""
+    cache = Path(cfg.tokenizer.cache_dir).expanduser() / "corpora"
+    return load_corpus(cfg.data, tokenizer, seed=cfg.seed, cache_dir=cache)
 
 
 def build_suite(cfg: InstrumentConfig, model: nn.Module, seed: int):

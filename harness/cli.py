@@ -5,6 +5,7 @@
     harness run recipes/ce_tiny.yaml --resume latest    # continue from the newest checkpoint
     harness report runs/asymmetry                       # Markdown + PNG report from saved files
     harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
+    harness prepare-data /data/corpus/ --out /data/tok  # pre-tokenize text into token shards
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from harness.prepare_data_cli import add_prepare_data_parser, prepare_data_command
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -43,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    add_prepare_data_parser(sub)
     return parser
 
 
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(Path(args.run_dir)))
             return 0
+        if args.command == "prepare-data":
+            return prepare_data_command(args)
         cfg = load_config(resolve_recipe(args.recipe), args.overrides)
         if args.command == "validate":
             import yaml  # noqa: PLC0415
