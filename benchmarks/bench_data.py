@@ -4,8 +4,8 @@
     python benchmarks/bench_data.py --sizes 10,50 --num-proc 1,2 # compare tokenizer processes
 
 Writes a deterministic synthetic corpus once (``--work``, default /tmp/bench_data): .jsonl files of
-about 10 M tokens each, documents of 50-1500 words drawn from a fixed 4096-word vocabulary with
-Zipf frequencies. A corpus of N M tokens is the first N/10 files. For each size and num_proc it
+about 10 M tokens each, documents of 50-1500 words drawn from a fixed 4096-word vocabulary (the
+stdlib's most frequent words) with Zipf frequencies. A corpus of N M tokens is the first N/10 files. For each size and num_proc it
 runs, each in a fresh child process:
 
 - prepare: `harness.shards.prepare_corpus` with the embedded stdlib BPE (vocab 4096); wall time,
@@ -15,7 +15,8 @@ runs, each in a fresh child process:
   `blocks[idx]`); peak RSS, the RSS after imports, ms per batch, and `batch_indices` cost
   (first call of an epoch draws the permutation; later calls reuse it).
 
-Prints a Markdown table. Asserts nothing.
+Prints one JSON line per run and a Markdown table (with the 1-minute load average at the end of
+each prepare: on a shared machine, read the CPU seconds). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's harness, not an installed copy
 TOKENS_PER_FILE = 10_000_000
 
 
@@ -44,7 +47,6 @@ def _rss_kb(field: str) -> int:
 
 
 def _tokenizer(cache: str):
-    sys.path.insert(0, str(ROOT))
     from harness.tokenizer import train_stdlib_tokenizer  # noqa: PLC0415
 
     return train_stdlib_tokenizer(4096, Path(cache).expanduser())
@@ -54,10 +56,18 @@ def _tokenizer(cache: str):
 # Synthetic corpus
 
 
-def _vocabulary(rng: np.random.Generator, size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
-    words = np.array(["".join(rng.choice(letters, size=int(rng.integers(2, 10)))) for _ in range(size)], dtype=object)
-    freq = 1.0 / np.arange(1, size + 1)
+def _vocabulary(size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The `size` most frequent words (letters only, >= 2) of the stdlib sources, Zipf probabilities
+    by rank: text the stdlib BPE tokenizes at a realistic ~3-4 characters per token."""
+    from collections import Counter  # noqa: PLC0415
+
+    from harness.tokenizer import stdlib_text_files  # noqa: PLC0415
+
+    counts: Counter[str] = Counter()
+    for path in stdlib_text_files():
+        counts.update(re.findall(r"[A-Za-z]{2,}", path.read_text(encoding="utf-8", errors="replace")))
+    words = np.array(sorted(counts, key=lambda w: (-counts[w], w))[:size], dtype=object)
+    freq = 1.0 / np.arange(1, len(words) + 1)
     return words, freq / freq.sum()
 
 
@@ -76,8 +86,7 @@ def make_corpus(work: Path, n_files: int, cache: str) -> list[Path]:
     """`n_files` .jsonl files of ~10 M tokens each (reused when present; file i is seeded by i)."""
     corpus = work / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    words, probs = _vocabulary(rng)
+    words, probs = _vocabulary()
     sample = "".join(_documents(np.random.default_rng(12345), words, probs, 200_000))
     tokens_per_word = len(_tokenizer(cache)(sample, add_special_tokens=False)["input_ids"]) / 200_000
     words_per_file = int(TOKENS_PER_FILE / tokens_per_word)
@@ -110,7 +119,9 @@ def child_prepare(args: argparse.Namespace) -> None:
     prepare_corpus(args.files, tokenizer, args.out, num_proc=args.num_proc, progress=False)
     seconds = time.perf_counter() - t0
     index = read_index(args.out)
-    print(json.dumps({"seconds": seconds, "tokens": index["tokens"], "documents": index["documents"],
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "load_1min": os.getloadavg()[0], "tokens": index["tokens"], "documents": index["documents"],
                       "rss_start_kb": rss_start,
                       "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "workers_peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -119,7 +130,6 @@ def child_prepare(args: argparse.Namespace) -> None:
 def child_read(args: argparse.Namespace) -> None:
     import torch  # noqa: PLC0415
 
-    sys.path.insert(0, str(ROOT))
     from harness.data import batch_indices  # noqa: PLC0415
     from harness.shards import PackedBlocks, TokenShards  # noqa: PLC0415
 
@@ -185,20 +195,20 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if not args.keep:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
-    print("\n| tokens | num_proc | text | prepare | tokens/s | prepare peak RSS (workers) | reader peak RSS "
-          "(after imports) | ms/batch (16x128) | batch_indices first / next |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| tokens | num_proc | text | prepare wall (CPU) | tokens/s | load | prepare peak RSS (workers) | "
+          "reader peak RSS (after imports) | ms/batch (16x128) | batch_indices first / next |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         workers = f" ({r['workers_peak_kb'] / 1024:.0f} MiB)" if r["num_proc"] > 1 else ""
-        print(f"| {r['tokens'] / 1e6:.1f} M | {r['num_proc']} | {r['text_MB']:.0f} MB | {r['seconds']:.1f} s | "
-              f"{r['tokens'] / r['seconds'] / 1e6:.2f} M | {r['peak_kb'] / 1024:.0f} MiB{workers} | "
+        print(f"| {r['tokens'] / 1e6:.1f} M | {r['num_proc']} | {r['text_MB']:.0f} MB | {r['seconds']:.1f} s "
+              f"({r['cpu_seconds']:.0f} s) | {r['tokens'] / r['seconds'] / 1e6:.2f} M | {r['load_1min']:.1f} | "
+              f"{r['peak_kb'] / 1024:.0f} MiB{workers} | "
               f"{r['read_peak_kb'] / 1024:.0f} MiB ({r['read_rss_imports_kb'] / 1024:.0f} MiB) | "
               f"{r['read_batch_ms']:.2f} | {r['read_indices_first_ms']:.0f} ms / {r['read_indices_ms']:.3f} ms |")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("_prepare", "_read"):
-        sys.path.insert(0, str(ROOT))
         child = argparse.ArgumentParser()
         child.add_argument("mode")
         child.add_argument("files", nargs="*")
@@ -206,7 +216,7 @@ if __name__ == "__main__":
         child.add_argument("--dir")
         child.add_argument("--num-proc", type=int, default=1)
         child.add_argument("--tokenizer-cache", default="~/.cache/weightgeom")
-        parsed = child.parse_args()
+        parsed = child.parse_intermixed_args()
         child_prepare(parsed) if parsed.mode == "_prepare" else child_read(parsed)
     else:
         main()

@@ -239,6 +239,33 @@ def test_blocks_are_slices_of_the_stream_across_shards(tokenizer, corpus, tmp_pa
     assert torch.equal(shuffled[0:5], expected[order[:5]]) and torch.equal(shuffled[torch.tensor([2])], expected[order[[2]]])
 
 
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssFile from /proc (Linux)")
+def test_random_block_reads_do_not_keep_the_file_resident(tmp_path):
+    """200 random batches over a 64 MB shard: the pages read are dropped from the mapping again, so
+    file-backed RSS does not grow towards the file's size (it does without the release)."""
+    n_tokens = 32 * 2**20
+    np.random.default_rng(0).integers(0, 4096, n_tokens, dtype=np.uint16).tofile(tmp_path / "train-00000.bin")
+    index = {"format": shards.FORMAT, "format_version": shards.FORMAT_VERSION, "dtype": "uint16",
+             "tokenizer": {"vocab_size": 4096, "eos_token_id": 1, "vocab_sha256": "x"}, "tokens": n_tokens,
+             "splits": {"train": {"tokens": n_tokens, "documents": 1,
+                                  "shards": [{"file": "train-00000.bin", "tokens": n_tokens}]},
+                        "eval": {"tokens": 0, "documents": 0, "shards": []}}}
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    blocks = PackedBlocks(TokenShards(tmp_path, "train"), 128)
+    before = _rss_file_kb()
+    for step in range(200):
+        blocks[batch_indices(len(blocks), 16, step, seed=0)]
+    blocks[0:1000]  # a contiguous read, as evaluate() does
+    assert _rss_file_kb() - before < 8 * 1024
+
+
 def test_batch_indices_at_1_5m_blocks_match_a_fresh_permutation():
     n = 1_500_000
     from harness.data import _epoch_permutation, _epoch_seed  # noqa: PLC0415
