@@ -134,7 +134,11 @@ def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
     sa = load_file(str(tmp_path / "one" / "instruments" / "step_0000010.safetensors"))
     sb = load_file(str(tmp_path / "two" / "instruments" / "step_0000010.safetensors"))
     assert int(sb["cov_in/L0/attn_in/count"]) == int(sa["cov_in/L0/attn_in/count"])
-    torch.testing.assert_close(sb["cov_in/L1/mlp_in/sum_outer"], sa["cov_in/L1/mlp_in/sum_outer"], rtol=1e-4, atol=1e-4)
+    # Float32 sums over 2560 tokens in another order: an entry that cancels to ~1 inside a matrix whose
+    # entries reach ~4e3 carries absolute noise of a few 1e-4, so the absolute tolerance scales with the matrix.
+    scale = float(sa["cov_in/L1/mlp_in/sum_outer"].abs().max())
+    torch.testing.assert_close(sb["cov_in/L1/mlp_in/sum_outer"], sa["cov_in/L1/mlp_in/sum_outer"], rtol=1e-4,
+                               atol=max(1e-4, 1e-6 * scale))
 
 
 def test_instruments_disabled_trains_without_measuring(tmp_path, cache_dir):

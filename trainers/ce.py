@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from core.config import RunConfig
-from core.data import batch_indices, build_corpus
+from core.data import batch_indices
 from core.models import build_model, match_special_tokens
+from core.shards import load_corpus
 from core.tokenizer import tokenizer_from_config
 from trainers.session import RunResult, TrainingSession
 
@@ -68,13 +69,18 @@ class LossWindow:
         return out
 
 
+def corpus_cache(cfg: RunConfig) -> Path:
+    """Where prepared token shards of ``data.source`` are cached: beside the tokenizer's cache."""
+    return Path(cfg.tokenizer.cache_dir).expanduser() / "corpora"
+
+
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | None = None,
              progress: bool = True, overwrite: bool = False) -> RunResult:
     """Pretrain ``cfg.model`` on ``cfg.data``; ``resume`` is a checkpoint directory of this run."""
     t = cfg.train
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer_from_config(cfg.tokenizer)
-    train_blocks, eval_blocks = build_corpus(cfg.data, tokenizer, cfg.seed)
+    train_blocks, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress)
     model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from)
     if not (resume or cfg.init_from) and cfg.model.source == "tiny":
         match_special_tokens(model, tokenizer)
