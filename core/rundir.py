@@ -16,6 +16,7 @@ import torch
 
 from core.checkpoint import checkpoint_dir, save_checkpoint, save_tensors
 from core.config import RunConfig, save_config
+from core.processes import on_main, process_state
 from core.sinks import MultiSink, build_sinks, truncate_after
 
 SNAPSHOT_DIR = "instruments"
@@ -43,20 +44,22 @@ class RunDirectory:
     """The files of one run. ``resume_step``: the step a resumed run continues after (its metric rows
     beyond that step are dropped, since the resumed run writes them again).
 
-    ``accelerator``: the run's ``Accelerator`` when it has one (accelerate trackers in
-    ``tracking.report_to`` log through it); ``is_main``: whether this process writes.
+    Under several processes only the main one creates and writes the directory; if creating it fails
+    there, every process raises the error. ``accelerator``: the run's ``Accelerator`` when it has one
+    (accelerate trackers in ``tracking.report_to`` log through it).
     """
 
     def __init__(self, path: Path, cfg: RunConfig, *, resume_step: int | None = None, overwrite: bool = False,
-                 is_main: bool = True, accelerator=None) -> None:
-        self.path, self.is_main = Path(path), is_main
-        if is_main:
-            prepare_run_dir(self.path, cfg, resuming=resume_step is not None, overwrite=overwrite)
-            if resume_step is not None:
-                truncate_after(self.path / "metrics.jsonl", resume_step)
-            self.sinks = build_sinks(self.path, cfg.tracking.report_to, accelerator)
-        else:
-            self.sinks = MultiSink([])
+                 accelerator=None) -> None:
+        self.path = Path(path)
+        self.is_main = process_state().is_main_process
+        on_main(self._create, cfg, resume_step, overwrite)
+        self.sinks = build_sinks(self.path, cfg.tracking.report_to, accelerator) if self.is_main else MultiSink([])
+
+    def _create(self, cfg: RunConfig, resume_step: int | None, overwrite: bool) -> None:
+        prepare_run_dir(self.path, cfg, resuming=resume_step is not None, overwrite=overwrite)
+        if resume_step is not None:
+            truncate_after(self.path / "metrics.jsonl", resume_step)
 
     def log(self, row: dict, step: int) -> None:
         self.sinks.log(row, step)

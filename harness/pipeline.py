@@ -20,6 +20,7 @@ import yaml
 from core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
 from core.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
 from core.data import build_embedded_preferences, load_preference_pairs, load_texts
+from core.processes import main_print, on_main
 from core.rundir import prepare_run_dir
 from core.tokenizer import load_tokenizer, tokenizer_from_config
 from harness.asymmetry import write_asymmetry_report
@@ -40,7 +41,7 @@ def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = F
             raise ConfigError("stages must include 'pretrain' or 'align' (a report alone: `harness report RUN_DIR`)")
         pretrain(cfg, cfg.run_dir, resume=_resume_path(cfg.run_dir, resume), overwrite=overwrite, progress=progress)
         if "report" in cfg.stages:
-            write_report(cfg.run_dir)
+            on_main(write_report, cfg.run_dir)
         return cfg.run_dir
     return run_pipeline(cfg, cfg.run_dir, resume=resume, overwrite=overwrite, progress=progress)
 
@@ -59,13 +60,13 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
         raise ConfigError("a pipeline resumes with --resume latest: finished stages are kept, unfinished ones "
                           "continue from their newest checkpoint")
     resume_path = latest_checkpoint(pretrain_dir) if resume and "pretrain" in cfg.stages else None
-    prepare_run_dir(run_dir, cfg, overwrite=overwrite, resuming=bool(resume))
+    on_main(prepare_run_dir, run_dir, cfg, overwrite=overwrite, resuming=bool(resume))
 
     final_pretrain = checkpoint_dir(pretrain_dir, cfg.train.steps)
     if "pretrain" not in cfg.stages:
         init_dir = Path(cfg.init_from)
     elif resume and is_complete(final_pretrain):
-        print(f"[resume] pretraining already finished: {final_pretrain}")
+        main_print(f"[resume] pretraining already finished: {final_pretrain}")
         init_dir = final_pretrain
     else:
         init_dir = pretrain(cfg, pretrain_dir, resume=resume_path, progress=progress, overwrite=True).checkpoint
@@ -76,15 +77,15 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
         obj_resume = None
         if resume:
             if is_complete(checkpoint_dir(obj_dir, cfg.align.train.steps)):
-                print(f"[resume] objective {objective.name} already finished")
+                main_print(f"[resume] objective {objective.name} already finished")
                 continue
             obj_resume = latest_checkpoint(obj_dir) if objective.loss != "trl" else None
             if obj_resume is not None:
-                print(f"[resume] objective {objective.name} from {obj_resume}")
+                main_print(f"[resume] objective {objective.name} from {obj_resume}")
         run_objective(cfg, objective, init_dir, obj_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
                       progress=progress, overwrite=obj_resume is None, resume=obj_resume)
     if "report" in cfg.stages:
-        write_report(run_dir)
+        on_main(write_report, run_dir)
     return Path(run_dir)
 
 
@@ -112,7 +113,7 @@ def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
         texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
         return build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
     pairs, stats = load_preference_pairs(cfg.align.data)
-    print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used "
+    main_print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used "
           f"({'conversational' if stats.conversational else 'plain'})")
     return pairs
 
@@ -164,12 +165,12 @@ def _yaml_scalar(value) -> str:
 
 def run_sweep(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
     runs = sweep_configs(cfg)  # validates every entry before anything runs
-    prepare_run_dir(cfg.run_dir, cfg, overwrite=overwrite)
+    on_main(prepare_run_dir, cfg.run_dir, cfg, overwrite=overwrite)
     for label, sub in runs:
-        print(f"[sweep] run {label}: {cfg.sweep[int(label)]}")
+        main_print(f"[sweep] run {label}: {cfg.sweep[int(label)]}")
         run_pipeline(sub, sub.run_dir, overwrite=True, progress=progress)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    write_report(cfg.run_dir)
+    on_main(save_config, cfg, cfg.run_dir / "config.yaml")
+    on_main(write_report, cfg.run_dir)
     return cfg.run_dir
 
 

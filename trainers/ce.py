@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from core.config import RunConfig
 from core.data import batch_indices
 from core.models import build_model, match_special_tokens
+from core.processes import on_main
 from core.shards import load_corpus
 from core.tokenizer import tokenizer_from_config
 from trainers.session import RunResult, TrainingSession
@@ -80,7 +81,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
     t = cfg.train
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer_from_config(cfg.tokenizer)
-    train_blocks, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress)
+    on_main(load_corpus, cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress)  # prepare once
+    train_blocks, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=False)
     model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from)
     if not (resume or cfg.init_from) and cfg.model.source == "tiny":
         match_special_tokens(model, tokenizer)

@@ -76,9 +76,7 @@ class TrainingSession:
         self.start_step = self._resume(Path(resume)) if resume is not None else 0
         # One process owns the directory (under torchrun the others would race it).
         self.files = RunDirectory(run_dir, cfg, resume_step=self.start_step if resume is not None else None,
-                                  overwrite=overwrite, is_main=self.accelerator.is_main_process,
-                                  accelerator=self.accelerator)
-        self.accelerator.wait_for_everyone()
+                                  overwrite=overwrite, accelerator=self.accelerator)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device

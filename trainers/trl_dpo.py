@@ -39,6 +39,7 @@ from transformers import PrinterCallback, TrainerCallback
 from core.config import RunConfig
 from core.data import prompt_budget, tokenize_pairs
 from core.models import apply_lora, build_model
+from core.processes import process_state
 from core.rundir import RunDirectory
 from hooks.suite import build_suite
 from trainers.losses import DPOLoss, check_beta
@@ -302,7 +303,8 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
     """
     t, a = cfg.align.train, cfg.align
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processes = process_state()
+    device = processes.device  # this process's GPU under a launcher, else the CPU
     model = build_model(cfg.model, len(tokenizer), cfg.seed, init_from=str(init_dir))
     ref_model = None
     if a.lora is not None:
@@ -313,13 +315,17 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
     eval_data = tokenize_pairs(eval_pairs, tokenizer, a.max_len) if eval_pairs else None
     eval_ref = reference_logps(model.to(device), eval_data, t.batch_size, device) if eval_data else None
     suite = build_suite(model, cfg.instruments, cfg.seed)
+    if t.batch_size % processes.num_processes:
+        raise ValueError(f"align.train.batch_size={t.batch_size} is the global batch; it must be divisible by the "
+                         f"{processes.num_processes} processes (TRL takes a per-process batch)")
     files = RunDirectory(run_dir, cfg, overwrite=overwrite)
     phase = f"align/{objective.name}"
     callback = InstrumentCallback(suite, files, phase=phase)
     try:
         trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl",
                               ref_model=ref_model, steps=t.steps, lr=t.lr, beta=a.beta, loss_type=objective.loss_type,
-                              batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=a.max_len, seed=cfg.seed,
+                              batch_size=t.batch_size // processes.num_processes, grad_accum=t.grad_accum,
+                              max_length=a.max_len, seed=cfg.seed,
                               callbacks=[callback], extra_args=trainer_settings(t, progress))
         model = trainer.model
         final: dict[str, float] = {}

@@ -1,0 +1,49 @@
+"""Which process this is under ``torchrun`` / ``accelerate launch``, and steps that only the main
+process may take (creating a run directory, writing a report).
+
+The trainers' ``Accelerator`` sets the process group up; a pipeline needs it earlier, to create its
+run directory once, so it asks for accelerate's ``PartialState`` here (the state every
+``Accelerator`` of the run then shares). Without a launcher everything is one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+
+T = TypeVar("T")
+
+
+def process_state() -> PartialState:
+    """The run's process state (created on first use; on the CPU when no GPU is present, so that
+    ``torchrun`` processes train together over gloo)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def on_main(fn: Callable[..., T], *args, **kwargs) -> T | None:
+    """``fn(*args, **kwargs)`` on the main process only; the others wait for it. If it raises, every
+    process raises the same error (instead of the others waiting at a barrier until a timeout)."""
+    state = process_state()
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
+            error = err
+    if state.num_processes > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def main_print(*args, **kwargs) -> None:
+    """``print`` on the main process only (N processes would print every line N times)."""
+    if process_state().is_main_process:
+        print(*args, **kwargs)
