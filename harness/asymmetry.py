@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from harness.plots import plot_phase_trajectories, plot_rsf_over_steps
+from harness.rank1_report import rank1_section
 from harness.report import final_geometry, markdown_table
 from harness.sinks import read_metrics
 from hooks.roles import ROLES, WRITE_ROLES
@@ -233,6 +234,7 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                                        title=f"{prefix} over steps: {p.name}")
             lines.append(f"![{prefix} {p.name}]({Path(path).name})")
     lines.append("")
+    lines += rank1_section(run_dir)  # present once `harness rank1 RUN` has written RUN/rank1/rank1.json
     (out_dir / "report.md").write_text("\n".join(lines))
     (out_dir / "verdicts.json").write_text(json.dumps([v.__dict__ for v in found], indent=2))
     return out_dir / "report.md"

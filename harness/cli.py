@@ -5,6 +5,7 @@
     harness run recipes/ce_tiny.yaml --resume latest    # continue from the newest checkpoint
     harness report runs/asymmetry                       # Markdown + PNG report from saved files
     harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
+    harness rank1 runs/asymmetry                        # causal test: rank-1 edits vs matched controls
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    from harness.rank1_cli import add_rank1_parser  # noqa: PLC0415 (argparse only; the work imports lazily)
+
+    add_rank1_parser(sub)
     return parser
 
 
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_report(Path(args.run_dir)))
             return 0
+        if args.command == "rank1":
+            from harness.rank1_cli import rank1_command  # noqa: PLC0415
+
+            return rank1_command(args)
         cfg = load_config(resolve_recipe(args.recipe), args.overrides)
         if args.command == "validate":
             import yaml  # noqa: PLC0415
