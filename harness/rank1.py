@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -116,9 +116,9 @@ class Direction:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> dict:
-        out = asdict(self)
-        out.pop("vector")
-        return out
+        """A JSON-ready dict of every field but the vector."""
+        return {f.name: dict(getattr(self, f.name)) if isinstance(getattr(self, f.name), dict) else getattr(self, f.name)
+                for f in fields(self) if f.name != "vector"}
 
 
 @dataclass
@@ -145,7 +145,8 @@ class Rank1Result:
         return [d for d in self.directions if d["family"] == "tested"]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, allow_nan=False, default=_json_default)
+        """JSON text; a non-finite number (a diverged measurement) is written as null."""
+        return json.dumps(_finite(asdict(self)), indent=1, allow_nan=False, default=_json_default)
 
     @classmethod
     def from_json(cls, text: str) -> Rank1Result:
@@ -154,6 +155,16 @@ class Rank1Result:
             raise ValueError(f"rank-1 result version {data.get('version')!r}, this harness reads {RESULT_VERSION}; "
                              "re-run `harness rank1` to regenerate it")
         return cls(**data)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value):

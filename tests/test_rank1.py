@@ -416,3 +416,70 @@ def test_report_files_and_section(tiny_result, tmp_path):
     lines = rank1_section(tmp_path)
     assert lines[0].startswith("## Causal test") and "![rank-1 edits](../rank1/rank1.png)" in lines
     assert rank1_section(tmp_path / "nothing_here") == []
+
+
+# ----- end to end: a tiny pipeline run, then `harness rank1` -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The asymmetry_smoke pipeline with one DPO-like objective (pretrain 30 steps, align 6 steps)."""
+    from harness.cli import main
+
+    root = tmp_path_factory.mktemp("rank1_smoke")
+    assert main(["run", "asymmetry_smoke", f"output_dir={root}", "name=run", f"tokenizer.cache_dir={root / 'tok'}",
+                 "align.objectives=[{name: g1.00, loss: graded, grade: 1.0}]", "--no-progress"]) == 0
+    return root / "run"
+
+
+SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3", "--n-lower", "2",
+         "--text-blocks", "4", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_rank1_command_on_a_pipeline_run_writes_json_table_plot_and_report_section(smoke_run):
+    from harness.cli import main
+
+    weights = smoke_run / "pretrain" / "checkpoints" / "step_0000030" / "model.safetensors"
+    saved = weights.read_bytes()
+    assert main(["rank1", str(smoke_run), *SMALL]) == 0
+    out = smoke_run / "rank1"
+    result = Rank1Result.from_json((out / "rank1.json").read_text())
+    assert result.config["base_dir"].endswith("pretrain/checkpoints/step_0000030")
+    assert result.config["n_train_pairs"] + result.config["n_eval_pairs"] == 48
+    assert result.config["text_blocks"] == [4, 32]
+    assert sorted((d["role"], d["source"]) for d in result.tested()) == [("o", "C_delta"), ("o", "pred"), ("q", "C_a")]
+    table = (out / "rank1.md").read_text()
+    assert "| 1 | q | C_a#1 |" in table and "## Variance matching" in table
+    assert (out / "rank1.png").read_bytes()[:4] == b"\x89PNG"
+    report = (smoke_run / "report" / "report.md").read_text()
+    assert "## Causal test: closed-form rank-1 interventions" in report and "| 1 | o | pred#1 |" in report
+
+    # the same seed reproduces every number; the checkpoint on disk is untouched
+    assert main(["rank1", str(smoke_run), *SMALL, "--out", str(smoke_run / "again")]) == 0
+    again = Rank1Result.from_json((smoke_run / "again" / "rank1.json").read_text())
+    assert again.directions == result.directions and again.zscores == result.zscores
+    assert weights.read_bytes() == saved
+
+
+@pytest.mark.slow
+def test_rank1_command_on_a_checkpoint_needs_pairs_and_out(smoke_run, tmp_path, capsys):
+    from harness.cli import main
+
+    ckpt = smoke_run / "pretrain" / "checkpoints" / "step_0000030"
+    assert main(["rank1", str(ckpt), *SMALL]) == 2
+    assert "--pairs FILE" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": "def f(x):\n", "chosen": f"    return x + {i}\n",
+                                           "rejected": f"    x + {i} return\n"}) for i in range(12)))
+    text = tmp_path / "text.txt"
+    text.write_text("import os\n\ndef main():\n    return os.getcwd()\n" * 40)
+    assert main(["rank1", str(ckpt), *SMALL]) == 2
+    assert main(["rank1", str(ckpt), "--pairs", str(pairs), "--text", str(text), "--seq-len", "16",
+                 "--out", str(tmp_path / "out"), *SMALL]) == 0
+    result = Rank1Result.from_json((tmp_path / "out" / "rank1.json").read_text())
+    assert (result.config["n_train_pairs"], result.config["n_eval_pairs"]) == (10, 2)  # --eval-fraction 0.2
+    assert result.config["text_blocks"] == [4, 16] and "held out only if" in result.config["text_source"]
+    capsys.readouterr()
+    assert main(["rank1", str(ckpt), "--pairs", str(pairs), "--out", str(tmp_path / "o2"), "--layers", "5",
+                 "--text", str(text), "--seq-len", "16", "--no-progress"]) == 2
+    assert "layers [5] do not exist: the model has layers 0..1" in capsys.readouterr().err
