@@ -58,8 +58,8 @@ class Rank1Config:
     ``eps``: Frobenius norm of every edit (absolute; compare with the ``weight_norm`` the result
     reports per matrix). ``eps_small``: the norm at which per-unit-norm changes ``(m(eps_small) - m0)
     / eps_small`` are measured (default ``eps / 10``). ``n_top``: tested directions per source.
-    ``n_random``: Haar controls per (layer, role) and variance-matched controls per tested direction.
-    ``n_lower``: lower principal directions per source. ``tol``: relative band of the matching.
+    ``n_random``: Haar controls per (layer, role); ``n_matched``: variance-matched controls per
+    tested direction. ``n_lower``: lower principal directions per source. ``tol``: relative band of the matching.
     ``layers``: layers to edit (None: all); statistics are always taken in every layer (the
     ``layer`` family needs them).
     """
@@ -68,9 +68,10 @@ class Rank1Config:
     layers: tuple[int, ...] | None = None
     eps: float = 0.5
     eps_small: float | None = None
-    n_top: int = 2
+    n_top: int = 1
     n_random: int = 20
-    n_lower: int = 8
+    n_matched: int = 10
+    n_lower: int = 4
     tol: float = 0.1
     seed: int = 0
     beta: float = 0.1
@@ -84,9 +85,9 @@ class Rank1Config:
             raise ValueError(f"eps (the edit's Frobenius norm) must be a finite number > 0, got {self.eps}")
         if self.eps_small is not None and not (math.isfinite(self.eps_small) and 0 < self.eps_small):
             raise ValueError(f"eps_small must be a finite number > 0 (or None for eps / 10), got {self.eps_small}")
-        if self.n_top < 1 or self.n_random < 2 or self.n_lower < 0:
-            raise ValueError(f"need n_top >= 1, n_random >= 2 (a z-score needs a spread), n_lower >= 0; got "
-                             f"{self.n_top}, {self.n_random}, {self.n_lower}")
+        if self.n_top < 1 or self.n_random < 2 or self.n_matched < 2 or self.n_lower < 0:
+            raise ValueError(f"need n_top >= 1, n_random >= 2 and n_matched >= 2 (a z-score needs a spread), "
+                             f"n_lower >= 0; got {self.n_top}, {self.n_random}, {self.n_matched}, {self.n_lower}")
         if not 0 <= self.tol < 1:
             raise ValueError(f"tol (relative matching band) must be in [0, 1), got {self.tol}")
         if not self.beta > 0 or self.batch_size < 1:
@@ -175,7 +176,8 @@ def _json_default(value):
 
 def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict], text_blocks: Tensor,
               layers: Sequence[int] | None = None, roles: Sequence[str] = DEFAULT_ROLES, eps: float = 0.5,
-              eps_small: float | None = None, n_random: int = 20, n_top: int = 2, n_lower: int = 8,
+              eps_small: float | None = None, n_random: int = 20, n_matched: int = 10, n_top: int = 1,
+              n_lower: int = 4,
               tol: float = 0.1, seed: int = 0, beta: float = 0.1, max_len: int = 128, batch_size: int = 32,
               tokenizer=None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
               progress: bool = False) -> Rank1Result:
@@ -192,7 +194,7 @@ def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict]
     from harness.tokenizer import load_tokenizer  # noqa: PLC0415
 
     cfg = Rank1Config(roles=tuple(roles), layers=None if layers is None else tuple(layers), eps=eps,
-                      eps_small=eps_small, n_top=n_top, n_random=n_random, n_lower=n_lower, tol=tol, seed=seed,
+                      eps_small=eps_small, n_top=n_top, n_random=n_random, n_matched=n_matched, n_lower=n_lower, tol=tol, seed=seed,
                       beta=beta, batch_size=batch_size)
     if not pairs or not eval_pairs:
         raise ValueError(f"need training pairs (for G) and held-out eval_pairs (to measure on); got {len(pairs)} "
@@ -343,8 +345,8 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int,
             tid = f"{prefix}/{source}#{j + 1}"
             t = evecs[:, j]
             add(tid, "tested", source, j, t)
-            match = variance_matched(Q, t, cfg.n_random, cfg.tol, family_generator(cfg.seed, "matched", tid))
-            for i in range(cfg.n_random):
+            match = variance_matched(Q, t, cfg.n_matched, cfg.tol, family_generator(cfg.seed, "matched", tid))
+            for i in range(cfg.n_matched):
                 add(f"{tid}/matched#{i}", "matched", source, None, match.directions[:, i], tid,
                     overlap=float(match.overlaps[i]))
             matching.append({"tested": tid, "form": source, "target": match.target, "lo": match.lo, "hi": match.hi,
@@ -373,20 +375,20 @@ def make_edit(G: Tensor, side: str, vector: Tensor) -> Rank1Edit:
 
 def measure_direction(model: nn.Module, tm: TrackedMatrix, d: Direction, stats: Statistics, held: HeldOut,
                       base: dict[str, float], cfg: Rank1Config) -> dict[str, float]:
-    """Edit along ``d`` at ``eps_small``, ``eps`` and ``-eps`` (restored after each), measure held-out
-    metrics; predictions from the statistics. Keys: see the table in :mod:`harness.rank1_report`."""
+    """Edit along ``d`` at ``eps_small`` and ``eps`` (a tested direction also at ``-eps``, for the
+    measured second-order term), restoring the weights after each; measure held-out metrics; add the
+    predictions from the statistics. Keys: see :mod:`harness.rank1_report`."""
     edit = make_edit(stats.G[tm.key], d.side, d.vector)
     measured = {}
-    for e in (cfg.small, cfg.eps, -cfg.eps):
+    for e in (cfg.small, cfg.eps, -cfg.eps) if d.family == "tested" else (cfg.small, cfg.eps):
         with edited_weight(tm, edit.dense(e)):
             measured[e] = evaluate(model, held)
-    small, at, neg = measured[cfg.small], measured[cfg.eps], measured[-cfg.eps]
+    small, at = measured[cfg.small], measured[cfg.eps]
     unit = edit.dense(1.0)
     dW = edit.dense(cfg.eps)
     out = {f"{k}_unit": (small[k] - base[k]) / cfg.small for k in ("dpo_loss", "margin", "ce")}
     out.update({k: at[k] - base[k] for k in ("dpo_loss", "margin", "ce", "reward_chosen", "reward_rejected")})
     out.update(accuracy=at["accuracy"], accuracy_small=small["accuracy"], kl=at["kl"], kl_unit=at["kl"] / cfg.eps ** 2,
-               dpo_loss_curv=(at["dpo_loss"] + neg["dpo_loss"] - 2 * base["dpo_loss"]) / 2,
                pred1_unit=first_order(stats.G[tm.key], unit),
                pred1_heldout_unit=first_order(stats.G_heldout[tm.key], unit),
                pred1_ce_unit=first_order(stats.G_ce[tm.key], unit),
@@ -394,6 +396,8 @@ def measure_direction(model: nn.Module, tm: TrackedMatrix, d: Direction, stats: 
                pred1_heldout=first_order(stats.G_heldout[tm.key], dW),
                pred2_kfac=kfac_second_order(dW, stats.C_a[tm.group_key], stats.C_delta[tm.key],
                                             stats.tokens_per_pair(tm.key)))
+    if -cfg.eps in measured:
+        out["dpo_loss_curv"] = (at["dpo_loss"] + measured[-cfg.eps]["dpo_loss"] - 2 * base["dpo_loss"]) / 2
     return out
 
 

@@ -36,10 +36,11 @@ def add_rank1_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, default=0.5, help="Frobenius norm of each edit (default 0.5)")
     p.add_argument("--eps-small", type=float, help="norm for the per-unit-norm changes (default eps / 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the control directions (default 0)")
-    p.add_argument("--n-top", type=int, default=2, help="tested directions per source (default 2)")
-    p.add_argument("--n-random", type=int, default=20,
-                   help="Haar controls per matrix and matched controls per tested direction (default 20)")
-    p.add_argument("--n-lower", type=int, default=8, help="lower principal directions per source (default 8)")
+    p.add_argument("--n-top", type=int, default=1, help="tested directions per source (default 1)")
+    p.add_argument("--n-random", type=int, default=20, help="Haar-random controls per matrix (default 20)")
+    p.add_argument("--n-matched", type=int, default=10,
+                   help="variance-matched controls per tested direction (default 10)")
+    p.add_argument("--n-lower", type=int, default=4, help="lower principal directions per source (default 4)")
     p.add_argument("--tol", type=float, default=0.1, help="relative band of the variance matching (default 0.1)")
     p.add_argument("--beta", type=float, help="DPO beta (default: the recipe's align.beta, else 0.1)")
     p.add_argument("--pairs", help="preference file (.jsonl/.json/.parquet with prompt/chosen/rejected); "
@@ -83,7 +84,7 @@ def rank1_command(args: argparse.Namespace) -> int:
           f"{inputs['text_blocks'].shape[0]} text blocks of {inputs['text_blocks'].shape[1]} tokens")
     result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=inputs["text_blocks"],
                        layers=args.layers, roles=args.roles, eps=args.eps, eps_small=args.eps_small,
-                       n_random=args.n_random, n_top=args.n_top, n_lower=args.n_lower, tol=args.tol, seed=args.seed,
+                       n_random=args.n_random, n_matched=args.n_matched, n_top=args.n_top, n_lower=args.n_lower, tol=args.tol, seed=args.seed,
                        beta=inputs["beta"], max_len=inputs["max_len"], batch_size=args.batch_size,
                        tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
     result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=args.eval_fraction)

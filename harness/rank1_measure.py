@@ -116,7 +116,7 @@ def measure_statistics(model: nn.Module, tracked: list[TrackedMatrix], *, train_
     C_delta of each role's output, G of each). Uses the instruments' own hooks, so padding is
     excluded and fused roles get their rows."""
     roles = tuple(sorted({tm.role for tm in tracked}))
-    cov = CovarianceInstrument(tracked, input_roles=roles, output_roles=roles, dtype=torch.float64)
+    cov = CovarianceInstrument(tracked, input_roles=roles, output_roles=roles)  # fp32 sums, as in training
     with instrumented(model, cov):
         G = dpo_gradient(model, train_data, tracked, beta, batch_size, device, cov)
     state = cov.state_dict()

@@ -116,7 +116,7 @@ def _explanation(result) -> list[str]:
         f"Directions: `C_a#j` = j-th eigenvector of the role's input covariance; `pred#j` = j-th right singular "
         f"vector of `W_U diag(g)` (the prediction subspace); `C_delta#j` = j-th eigenvector of the role's "
         f"output-gradient covariance. Controls: `haar` ({c['n_random']} Haar-random directions), `matched` "
-        f"({c['n_random']} directions with `w^T Q w` within {fmt(100 * c['tol'])}% of the tested one's, Q = the form "
+        f"({c['n_matched']} directions with `w^T Q w` within {fmt(100 * c['tol'])}% of the tested one's, Q = the form "
         f"that picked it: C_a, C_delta, or `M^T M` (squared prediction singular value); built on the great circle "
         f"from the tested direction towards a random orthogonal one, so they overlap it: see the overlap columns), "
         f"`lower` (up to {c['n_lower']} lower principal directions of the same form), `layer` (the same direction "

@@ -351,7 +351,7 @@ def tiny_result():
     model = make_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tok = tiny_tokenizer()
-    cfg = Rank1Config(roles=("q", "o"), n_top=1, n_random=4, n_lower=2, eps=0.5, seed=3)
+    cfg = Rank1Config(roles=("q", "o"), n_top=1, n_random=4, n_matched=3, n_lower=2, eps=0.5, seed=3)
     result = rank1_experiment(model, train_data=tokenize_pairs(random_pairs(12), tok, 16),
                               eval_data=tokenize_pairs(random_pairs(6, seed=1), tok, 16), text_blocks=text_blocks(),
                               config=cfg)
@@ -368,9 +368,10 @@ def test_experiment_restores_the_model_and_records_every_family(tiny_result):
     for t in tested:
         fams = {z["family"]: z for z in result.zscores if z["tested"] == t["id"]}
         assert set(fams) == set(FAMILIES)
-        assert fams["haar"]["n"] == 4 and fams["matched"]["n"] == 4 and fams["lower"]["n"] == 2
+        assert fams["haar"]["n"] == 4 and fams["matched"]["n"] == 3 and fams["lower"]["n"] == 2
         assert fams["layer"]["n"] == (0 if t["source"] == "pred" else 1)
         m = t["metrics"]
+        assert "dpo_loss_curv" in m
         assert m["pred1_unit"] < 0 and m["pred1"] == pytest.approx(0.5 * m["pred1_unit"], rel=1e-9)
         assert m["pred2_kfac"] > 0 and m["kl"] >= 0
         band = next(x for x in result.matching if x["tested"] == t["id"])
@@ -391,11 +392,11 @@ def test_control_directions_are_reproducible_from_the_seed():
     from harness.rank1 import _prediction_form
 
     forms = Forms(stats, _prediction_form(model))
-    cfg = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_lower=3, seed=11)
+    cfg = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3, seed=11)
     for tm in (t for t in tracked if t.layer == 1):
         first, _ = build_directions(tm, forms, 2, cfg)
         again, _ = build_directions(tm, Forms(stats, _prediction_form(model)), 2, cfg)
-        other, _ = build_directions(tm, forms, 2, Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_lower=3,
+        other, _ = build_directions(tm, forms, 2, Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3,
                                                               seed=12))
         assert [d.id for d in first] == [d.id for d in again]
         assert all(torch.equal(a.vector, b.vector) for a, b in zip(first, again))
@@ -432,7 +433,7 @@ def smoke_run(tmp_path_factory):
     return root / "run"
 
 
-SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3", "--n-lower", "2",
+SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3", "--n-matched", "2", "--n-lower", "2",
          "--text-blocks", "4", "--no-progress"]
 
 
