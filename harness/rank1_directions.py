@@ -9,12 +9,13 @@ reference tensor's device afterwards.
 Control families (what a tested direction ``t`` is compared with):
 
 * ``haar``: Haar-random unit directions (columns of Haar-random orthonormal frames).
-* ``matched``: directions whose quadratic form ``w^T Q w`` lies within a relative tolerance of
-  ``t^T Q t`` (``Q = C_a`` on the input side; on the output side ``Q = C_delta``, or
+* ``matched``: random directions whose quadratic form ``w^T Q w`` lies within a relative tolerance
+  of ``t^T Q t`` (``Q = C_a`` on the input side; on the output side ``Q = C_delta``, or
   ``Q = M^T M`` with ``M = W_U diag(g)`` for prediction-subspace directions, whose value for a
-  singular vector is its squared singular value). See :func:`variance_matched`: in a spiked
-  spectrum only directions that overlap the top eigenvector can reach its value, so these controls
-  overlap ``t``; their overlaps are returned and reported.
+  singular vector is its squared singular value), orthogonal to ``t`` where the spectrum allows.
+  See :func:`variance_matched`: in a spiked spectrum only directions that overlap the top
+  eigenvector can reach its value, so those controls overlap ``t``; their overlaps and the least
+  possible overlap are returned and reported.
 * ``lower``: lower principal directions of the same ``Q`` (ranks spread from just below the tested
   ones to the bottom of the spectrum).
 * ``layer``: the same direction (same source, same rank) measured in another layer.
@@ -89,18 +90,27 @@ class Matched:
 
 
 def variance_matched(Q: Tensor, t: Tensor, count: int, tol: float, generator: torch.Generator) -> Matched:
-    """``count`` unit directions ``w`` with ``w^T Q w`` within ``[(1 - tol) q, (1 + tol) q]``,
-    ``q = t^T Q t``, each as far from ``t`` as the band allows.
+    """``count`` random unit directions ``w`` with ``w^T Q w`` in ``[(1 - tol) q, (1 + tol) q]``,
+    ``q = t^T Q t``, overlapping ``t`` as little as the spectrum allows.
 
-    Construction: draw ``r`` Haar-random on the unit sphere of ``t``'s orthogonal complement and walk
-    the great circle ``w(theta) = cos(theta) t + sin(theta) r`` from ``t`` (theta = 0, inside the band)
-    towards ``r`` (theta = pi/2, overlap 0). On that circle
-    ``w^T Q w = A + R cos(2 theta - phi)`` (a sinusoid), so the band's edges are solved in closed form
-    and the feasible ``theta`` with the largest ``|sin theta|`` (the smallest overlap ``|cos theta|``)
-    is taken. ``r`` is the random part; the overlap is the price of matching. For ``t`` the top
-    eigenvector of a spiked ``Q`` (``l1 >> l2``) every matched direction has
-    ``cos^2 >= ((1 - tol) l1 - l2) / (l1 - l2)``: such controls are close to ``t`` by necessity, and
-    ``min_overlap`` / ``overlaps`` say how close.
+    Construction, per control: ``e`` is the extreme eigenvector of ``Q`` restricted to ``t``'s
+    orthogonal complement (the top one when ``q`` is at least the complement's mean variance, else
+    the bottom one), with value ``mu``; ``r`` is Haar-random on the unit sphere orthogonal to both.
+
+    1. If the band is reachable orthogonally to ``t`` (``mu`` on the band's side): ``w`` is the point
+       of the great circle from ``e`` towards ``r`` that lies in the band and is closest to ``r``.
+       Overlap with ``t``: 0. When only directions near ``e`` reach the band (a spiked spectrum),
+       the controls are near ``e`` (the random part is what the band leaves).
+    2. Otherwise (``t`` is, or is close to, the top eigenvector of a spiked ``Q``: nothing orthogonal
+       to it has enough variance), ``s`` is the point of the circle from ``e`` towards ``r`` closest
+       to ``r`` with value within ``tol`` of ``mu``, and ``w`` is the point of the circle from ``t``
+       towards ``s`` that lies in the band and is farthest from ``t``. For ``t`` the top eigenvector
+       with ``l1 >> l2`` every direction in the band has ``cos^2 >= ((1 - tol) l1 - l2) / (l1 - l2)``
+       with ``t`` (``min_overlap``); these controls come within the ``tol`` slack of that bound.
+
+    On each circle the quadratic form is a sinusoid in the angle, so the band's edges are solved in
+    closed form (:func:`widest_angle_in_band`). ``overlaps`` and ``min_overlap`` say how close to ``t``
+    the controls had to be.
     """
     if not 0 <= tol < 1:
         raise ValueError(f"tolerance must be in [0, 1) (relative to t^T Q t), got {tol}")
@@ -111,17 +121,32 @@ def variance_matched(Q: Tensor, t: Tensor, count: int, tol: float, generator: to
     t = t.detach().double().cpu()
     t = t / torch.linalg.vector_norm(t)
     d = t.shape[0]
-    if tuple(Q.shape) != (d, d) or d < 2:
-        raise ValueError(f"Q must be ({d}, {d}) to match t, with d >= 2; got {tuple(Q.shape)}")
+    if tuple(Q.shape) != (d, d) or d < 3:
+        raise ValueError(f"Q must be ({d}, {d}) to match t, with d >= 3; got {tuple(Q.shape)}")
     q_t = float(t @ Q @ t)
     lo, hi = q_t * (1 - tol), q_t * (1 + tol)
+    P = torch.eye(d, dtype=torch.float64) - torch.outer(t, t)
+    evals, evecs = torch.linalg.eigh(P @ Q @ P)
+    own = int(torch.argmax((evecs.T @ t).abs()))  # the eigenpair (0, t) of P Q P
+    keep = [i for i in range(d) if i != own]
+    evals, evecs = evals[keep], evecs[:, keep]
+    upward = q_t >= float(evals.mean())
+    e = evecs[:, -1] if upward else evecs[:, 0]
+    mu = float(e @ Q @ e)
     cols, values, overlaps = [], [], []
     for _ in range(count):
         g = torch.randn(d, generator=generator, dtype=torch.float64)
-        r = g - (t @ g) * t
+        r = g - (t @ g) * t - (e @ g) * e
         r = r / torch.linalg.vector_norm(r)
-        theta = _widest_matched_angle(q_t, float(r @ Q @ r), float(t @ Q @ r), lo, hi)
-        w = math.cos(theta) * t + math.sin(theta) * r
+        phi = widest_angle_in_band(mu, float(r @ Q @ r), float(e @ Q @ r), lo, hi)
+        if phi is not None:  # 1: orthogonal to t
+            w = math.cos(phi) * e + math.sin(phi) * r
+        else:  # 2: near mu orthogonally, then towards t until the band
+            near = (mu * (1 - tol), mu) if upward else (mu, mu * (1 + tol))
+            phi = widest_angle_in_band(mu, float(r @ Q @ r), float(e @ Q @ r), *near)
+            s_ = math.cos(phi) * e + math.sin(phi) * r
+            theta = widest_angle_in_band(q_t, float(s_ @ Q @ s_), float(t @ Q @ s_), lo, hi)
+            w = math.cos(theta) * t + math.sin(theta) * s_
         w = w / torch.linalg.vector_norm(w)
         cols.append(w)
         values.append(float(w @ Q @ w))
@@ -130,11 +155,16 @@ def variance_matched(Q: Tensor, t: Tensor, count: int, tol: float, generator: to
                    torch.tensor(overlaps, dtype=torch.float64), q_t, lo, hi, _min_overlap(Q, t, lo, hi))
 
 
-def _widest_matched_angle(q_t: float, q_r: float, c: float, lo: float, hi: float) -> float:
-    """The angle in [0, pi) with ``f(theta) = cos^2 q_t + sin^2 q_r + 2 sin cos c`` in [lo, hi] and the
-    largest ``|sin theta|``. Feasible angles form arcs whose ends solve ``f = lo`` or ``f = hi``;
-    ``|sin|`` on an arc peaks at pi/2 or at an end, so those are the only candidates."""
-    A, B = (q_t + q_r) / 2, (q_t - q_r) / 2
+def widest_angle_in_band(q_a: float, q_b: float, c: float, lo: float, hi: float) -> float | None:
+    """On the great circle ``w(theta) = cos(theta) a + sin(theta) b`` (orthonormal a, b), with
+    ``f(theta) = w^T Q w = cos^2 q_a + sin^2 q_b + 2 sin cos c`` (``q_a = a^T Q a``, ``q_b = b^T Q b``,
+    ``c = a^T Q b``): the angle in [0, pi) with ``f`` in [lo, hi] and the largest ``|sin theta|``
+    (closest to ``b``, farthest from ``a``); None when no point of the circle is in the band.
+
+    ``f = A + R cos(2 theta - phi)``; the feasible angles form arcs whose ends solve ``f = lo`` or
+    ``f = hi``, and ``|sin|`` on an arc peaks at pi/2 or at an end, so those are the candidates.
+    """
+    A, B = (q_a + q_b) / 2, (q_a - q_b) / 2
     R, phi = math.hypot(B, c), math.atan2(c, B)
     candidates = [0.0, math.pi / 2]
     for level in (lo, hi):
@@ -147,7 +177,7 @@ def _widest_matched_angle(q_t: float, q_r: float, c: float, lo: float, hi: float
         return A + B * math.cos(2 * theta) + c * math.sin(2 * theta)
 
     feasible = [th for th in candidates if lo - slack <= f(th) <= hi + slack]
-    return max(feasible, key=lambda th: abs(math.sin(th)))
+    return max(feasible, key=lambda th: abs(math.sin(th))) if feasible else None
 
 
 def _min_overlap(Q: Tensor, t: Tensor, lo: float, hi: float) -> float | None:

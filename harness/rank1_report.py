@@ -87,9 +87,14 @@ def family_table(result) -> str:
 
 
 def matching_table(result) -> str:
-    header = ["tested", "matched on", "target", "band", "least possible overlap", "overlap mean", "overlap max"]
+    """Per tested direction: the matching band, the least overlap the band forces, the matched controls'
+    overlaps ``|<w, t>|``, and the other-layer controls' overlaps (the same direction in another layer
+    can be nearly the tested one: the residual stream's leading directions persist across layers)."""
+    layer_overlap = {z["tested"]: z["overlap_mean"] for z in result.zscores if z["family"] == "layer"}
+    header = ["tested", "matched on", "target", "band", "least possible overlap", "matched overlap mean",
+              "matched overlap max", "other-layer overlap mean"]
     rows = [[m["tested"], m["form"], m["target"], f"[{fmt(m['lo'])}, {fmt(m['hi'])}]", m["min_overlap"],
-             m["overlap_mean"], m["overlap_max"]] for m in result.matching]
+             m["overlap_mean"], m["overlap_max"], layer_overlap.get(m["tested"])] for m in result.matching]
     return markdown_table(header, rows)
 
 
@@ -145,7 +150,7 @@ def write_rank1_report(result, out_dir: str | Path) -> Path:
         f"![rank-1 edits]({PNG_NAME})", "",
         f"## Tested directions at eps = {fmt(result.config['eps'])}", "", at_eps_table(result), "",
         "## Control families", "", family_table(result), "",
-        "## Variance matching", "",
+        "## Matching and overlaps", "",
         "`least possible overlap`: the smallest |<w, t>| any unit direction in the band can have (t is an "
         "eigenvector of the form: a spiked top eigenvalue forces matched directions towards t).", "",
         matching_table(result), "",

@@ -18,7 +18,8 @@ from harness import geometry as geo
 from harness.data import tokenize_pairs
 from harness.rank1 import (FAMILIES, Forms, Rank1Config, Rank1Result, build_directions, rank1_experiment,
                            rank1_section, write_rank1_report, zscore)
-from harness.rank1_directions import family_generator, haar_directions, lower_ranks, variance_matched
+from harness.rank1_directions import (family_generator, haar_directions, lower_ranks, variance_matched,
+                                      widest_angle_in_band)
 from harness.rank1_edits import (edited_weight, first_order, input_side_edit, kfac_second_order, output_side_edit,
                                  role_shape)
 from harness.rank1_measure import evaluate, measure_statistics, prepare_heldout
@@ -142,11 +143,11 @@ def test_lower_ranks_spread_from_below_the_tested_ones_to_the_bottom():
     assert lower_ranks(1, 8, 0) == []
 
 
-def test_variance_matched_controls_lie_in_the_band_as_far_from_t_as_it_allows():
+def test_variance_matched_controls_lie_in_the_band_with_the_least_overlap_the_spectrum_allows():
     Q = rand_psd(12, 4, spike=20.0)  # one spiked direction
     evals, evecs = geo.sym_eigh(Q)
     tol = 0.1
-    mixed = evecs[:, 0] + 0.5 * evecs[:, 1] + 0.3 * evecs[:, 5]  # no eigenvector: an asymmetric sinusoid
+    mixed = evecs[:, 0] + 0.5 * evecs[:, 1] + 0.3 * evecs[:, 5]  # no eigenvector
     for rank, t in ((0, evecs[:, 0]), (3, evecs[:, 3]), (None, mixed / mixed.norm())):
         match = variance_matched(Q, t, 25, tol, family_generator(0, "matched", rank))
         W = match.directions
@@ -156,11 +157,11 @@ def test_variance_matched_controls_lie_in_the_band_as_far_from_t_as_it_allows():
         assert float(values.min()) >= q * (1 - tol) * (1 - 1e-10) and float(values.max()) <= q * (1 + tol) * (1 + 1e-10)
         assert torch.allclose(values, match.values)
         assert torch.allclose((W.T @ t).abs(), match.overlaps)
-        again = variance_matched(Q, t, 25, tol, family_generator(0, "matched", rank))
-        assert torch.equal(W, again.directions)
+        assert torch.equal(W, variance_matched(Q, t, 25, tol, family_generator(0, "matched", rank)).directions)
+        assert float((W.T @ W - torch.eye(25, dtype=torch.float64)).abs().max()) < 1 - 1e-6  # distinct controls
         assert (match.min_overlap is None) == (rank is None)
         assert rank is None or float(match.overlaps.min()) >= match.min_overlap - 1e-9
-        # the widest angle: on each control's great circle no feasible point is farther from t
+        # no point of the great circle from t through a control is in the band and farther from t
         for c in range(25):
             w = W[:, c]
             r = w - w.dot(t) * t
@@ -170,16 +171,35 @@ def test_variance_matched_controls_lie_in_the_band_as_far_from_t_as_it_allows():
             f = torch.einsum("ti,ij,tj->t", circle, Q, circle)
             feasible = (f >= q * (1 - tol)) & (f <= q * (1 + tol))
             assert float(torch.sin(thetas[feasible]).abs().max()) <= math.sqrt(1 - float(match.overlaps[c]) ** 2) + 1e-4
-    # the spiked top eigenvector: every vector in the band must overlap it; the bound is the spectrum's
-    lo, mu = evals[0] * (1 - tol), evals[1]
-    top = variance_matched(Q, evecs[:, 0], 5, tol, family_generator(1))
-    assert top.min_overlap == pytest.approx(math.sqrt((lo - mu) / (evals[0] - mu)), rel=1e-9)
-    assert top.min_overlap > 0.8
-    # a lower eigenvector's band is reachable orthogonally to it
-    assert variance_matched(Q, evecs[:, 3], 5, tol, family_generator(1)).min_overlap == 0.0
-    # an isotropic form: any direction matches, so the controls are orthogonal to t
-    iso = variance_matched(torch.eye(12, dtype=torch.float64), evecs[:, 0], 5, tol, family_generator(2))
-    assert float(iso.overlaps.max()) < 1e-12
+    # the spiked top eigenvector: every vector in the band must overlap it (the spectrum's bound); the
+    # controls come within the tol slack of the bound: they mix t with a direction of >= (1 - tol) l2
+    l1, l2 = float(evals[0]), float(evals[1])
+    top = variance_matched(Q, evecs[:, 0], 25, tol, family_generator(1))
+    assert top.min_overlap == pytest.approx(math.sqrt(((1 - tol) * l1 - l2) / (l1 - l2)), rel=1e-9)
+    worst = math.sqrt(((1 - tol) * l1 - (1 - tol) * l2) / (l1 - (1 - tol) * l2))
+    assert top.min_overlap > 0.8 and float(top.overlaps.max()) <= worst + 1e-9
+    # a lower eigenvector's band, and a top one without a dominant spike, are reachable orthogonally
+    assert variance_matched(Q, evecs[:, 3], 5, tol, family_generator(1)).overlaps.max() < 1e-9
+    flat = torch.diag(torch.tensor([10.0, 9.5, 9.2, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64))
+    near = variance_matched(flat, torch.eye(8, dtype=torch.float64)[:, 0], 10, tol, family_generator(2))
+    assert near.min_overlap == 0.0 and float(near.overlaps.max()) < 1e-9
+
+
+def test_widest_angle_in_band_matches_a_brute_force_search_on_the_circle():
+    thetas = torch.linspace(0, math.pi, 200001, dtype=torch.float64)[:-1]
+    for q_a, q_b, c, lo, hi in ((5.0, 1.0, 1.5, 4.0, 4.6), (5.0, 1.0, -1.5, 4.0, 4.6), (2.0, 2.5, 0.7, 1.9, 2.1),
+                                (3.0, 1.0, 0.0, 2.5, 3.5), (1.0, 6.0, 2.0, 6.5, 9.0)):
+        f = q_a * torch.cos(thetas) ** 2 + q_b * torch.sin(thetas) ** 2 + 2 * c * torch.sin(thetas) * torch.cos(thetas)
+        feasible = (f >= lo) & (f <= hi)
+        angle = widest_angle_in_band(q_a, q_b, c, lo, hi)
+        if not bool(feasible.any()):
+            assert angle is None
+            continue
+        best = float(torch.sin(thetas[feasible]).abs().max())
+        assert abs(math.sin(angle)) == pytest.approx(best, abs=1e-4)
+        value = q_a * math.cos(angle) ** 2 + q_b * math.sin(angle) ** 2 + 2 * c * math.sin(angle) * math.cos(angle)
+        assert lo - 1e-9 <= value <= hi + 1e-9
+    assert widest_angle_in_band(1.0, 2.0, 0.0, 5.0, 6.0) is None
 
 
 def test_zscore_uses_the_sample_std_and_refuses_to_divide_by_no_spread():
@@ -451,7 +471,7 @@ def test_rank1_command_on_a_pipeline_run_writes_json_table_plot_and_report_secti
     assert result.config["text_blocks"] == [4, 32]
     assert sorted((d["role"], d["source"]) for d in result.tested()) == [("o", "C_delta"), ("o", "pred"), ("q", "C_a")]
     table = (out / "rank1.md").read_text()
-    assert "| 1 | q | C_a#1 |" in table and "## Variance matching" in table
+    assert "| 1 | q | C_a#1 |" in table and "## Matching and overlaps" in table
     assert (out / "rank1.png").read_bytes()[:4] == b"\x89PNG"
     report = (smoke_run / "report" / "report.md").read_text()
     assert "## Causal test: closed-form rank-1 interventions" in report and "| 1 | o | pred#1 |" in report
