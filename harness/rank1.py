@@ -118,8 +118,12 @@ class Direction:
 
     def record(self) -> dict:
         """A JSON-ready dict of every field but the vector."""
-        return {f.name: dict(getattr(self, f.name)) if isinstance(getattr(self, f.name), dict) else getattr(self, f.name)
-                for f in fields(self) if f.name != "vector"}
+        out = {}
+        for f in fields(self):
+            if f.name != "vector":
+                value = getattr(self, f.name)
+                out[f.name] = dict(value) if isinstance(value, dict) else value
+        return out
 
 
 @dataclass
@@ -177,8 +181,8 @@ def _json_default(value):
 def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict], text_blocks: Tensor,
               layers: Sequence[int] | None = None, roles: Sequence[str] = DEFAULT_ROLES, eps: float = 0.5,
               eps_small: float | None = None, n_random: int = 20, n_matched: int = 10, n_top: int = 1,
-              n_lower: int = 4,
-              tol: float = 0.1, seed: int = 0, beta: float = 0.1, max_len: int = 128, batch_size: int = 32,
+              n_lower: int = 4, tol: float = 0.1, seed: int = 0, beta: float = 0.1, max_len: int = 128,
+              batch_size: int = 32,
               tokenizer=None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
               progress: bool = False) -> Rank1Result:
     """Rank-1 interventions on the model saved in ``base_dir`` (a local HF directory).
@@ -194,12 +198,14 @@ def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict]
     from harness.tokenizer import load_tokenizer  # noqa: PLC0415
 
     cfg = Rank1Config(roles=tuple(roles), layers=None if layers is None else tuple(layers), eps=eps,
-                      eps_small=eps_small, n_top=n_top, n_random=n_random, n_matched=n_matched, n_lower=n_lower, tol=tol, seed=seed,
-                      beta=beta, batch_size=batch_size)
+                      eps_small=eps_small, n_top=n_top, n_random=n_random, n_matched=n_matched, n_lower=n_lower,
+                      tol=tol, seed=seed, beta=beta, batch_size=batch_size)
     if not pairs or not eval_pairs:
         raise ValueError(f"need training pairs (for G) and held-out eval_pairs (to measure on); got {len(pairs)} "
                          f"and {len(eval_pairs)}")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     model = load_local_model(base_dir, dtype=dtype).to(device)
     if tokenizer is None:
         tokenizer = load_tokenizer(str(base_dir), 0, Path("."))  # a local directory: vocab/cache unused
@@ -227,8 +233,9 @@ def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, tex
     n_layers = 1 + max(tm.layer for tm in tracked) if tracked else 0
     missing = sorted(set(cfg.roles) - {tm.role for tm in tracked})
     if missing:
+        present = sorted({tm.role for tm in tracked})
         raise ValueError(f"roles {missing} do not exist in this architecture "
-                         f"({getattr(model.config, 'model_type', '?')}); its roles: {sorted({tm.role for tm in tracked})}")
+                         f"({getattr(model.config, 'model_type', '?')}); of the requested ones it has: {present}")
     layers = tuple(range(n_layers)) if cfg.layers is None else tuple(cfg.layers)
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
@@ -327,7 +334,8 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int,
     dim = n if side == "in" else m
     device = forms.stats.G[tm.key].device
     if forms.pred is not None and "pred" in sources and forms.pred[0].shape[0] != dim:
-        raise ValueError(f"{tm.key}: output dim {dim} differs from the unembedding's model dim {forms.pred[0].shape[0]}")
+        raise ValueError(f"{tm.key}: output dim {dim} differs from the unembedding's model dim "
+                         f"{forms.pred[0].shape[0]}")
     if cfg.n_top >= dim:
         raise ValueError(f"n_top={cfg.n_top} must be below the {side}put dim {dim} of {tm.key}")
     prefix = f"{tm.key}/{side}"
@@ -407,7 +415,8 @@ def _statistics_entry(tm: TrackedMatrix, forms: Forms) -> dict:
     ev_d = forms.form("C_delta", tm.layer, tm.role)[1]
     entry = {"key": tm.key, "layer": tm.layer, "role": tm.role, "shape": list(stats.G[tm.key].shape),
              "weight_norm": float(tm.weight().norm()), "grad_norm": float(stats.G[tm.key].norm()),
-             "grad_heldout_norm": float(stats.G_heldout[tm.key].norm()), "grad_ce_norm": float(stats.G_ce[tm.key].norm()),
+             "grad_heldout_norm": float(stats.G_heldout[tm.key].norm()),
+             "grad_ce_norm": float(stats.G_ce[tm.key].norm()),
              "tokens": stats.tokens[tm.key], "tokens_per_pair": stats.tokens_per_pair(tm.key),
              "C_a_top": [float(x) for x in ev_a[:5]], "C_a_trace": float(ev_a.sum()),
              "C_delta_top": [float(x) for x in ev_d[:5]], "C_delta_trace": float(ev_d.sum())}

@@ -48,7 +48,8 @@ def add_rank1_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=0.2,
                    help="share of the pairs held out for measuring (the rest give G; default 0.2)")
     p.add_argument("--max-pairs", type=int, help="use at most this many training pairs for G")
-    p.add_argument("--max-len", type=int, help="tokens per pair sequence (default: the recipe's align.max_len, else 128)")
+    p.add_argument("--max-len", type=int,
+                   help="tokens per pair sequence (default: the recipe's align.max_len, else 128)")
     p.add_argument("--text", nargs="+", help="text for CE/KL with a checkpoint directory: 'stdlib' or local "
                                              "files/directories (default stdlib)")
     p.add_argument("--text-blocks", type=int, default=16, help="held-out text blocks for CE and KL (default 16)")
@@ -84,7 +85,8 @@ def rank1_command(args: argparse.Namespace) -> int:
           f"{inputs['text_blocks'].shape[0]} text blocks of {inputs['text_blocks'].shape[1]} tokens")
     result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=inputs["text_blocks"],
                        layers=args.layers, roles=args.roles, eps=args.eps, eps_small=args.eps_small,
-                       n_random=args.n_random, n_matched=args.n_matched, n_top=args.n_top, n_lower=args.n_lower, tol=args.tol, seed=args.seed,
+                       n_random=args.n_random, n_matched=args.n_matched, n_top=args.n_top, n_lower=args.n_lower,
+                       tol=args.tol, seed=args.seed,
                        beta=inputs["beta"], max_len=inputs["max_len"], batch_size=args.batch_size,
                        tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
     result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=args.eval_fraction)
@@ -101,7 +103,7 @@ def _run_inputs(run_dir: Path, args) -> dict:
     from harness.build import build_corpus  # noqa: PLC0415
     from harness.checkpoint import checkpoint_dir, is_complete, latest_checkpoint  # noqa: PLC0415
     from harness.config import load_config  # noqa: PLC0415
-    from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs  # noqa: PLC0415
+    from harness.pipeline import alignment_tokenizer, load_pairs  # noqa: PLC0415
 
     cfg = load_config(run_dir / "config.yaml")
     if "pretrain" in cfg.stages:

@@ -101,7 +101,7 @@ def first_order(G: Tensor, dW: Tensor) -> float:
 
 
 def kfac_second_order(dW: Tensor, C_a: Tensor, C_delta: Tensor, tokens_per_unit: float) -> float:
-    """``1/2 * tokens_per_unit * vec(dW)^T (C_a kron C_delta) vec(dW) = 1/2 * tokens_per_unit * tr(dW^T C_delta dW C_a)``.
+    """``1/2 t vec(dW)^T (C_a kron C_delta) vec(dW) = 1/2 t tr(dW^T C_delta dW C_a)``, ``t = tokens_per_unit``.
 
     ``dW`` (m, n), ``C_a`` (n, n), ``C_delta`` (m, m); see the module docstring for
     ``tokens_per_unit`` (N/P for per-pair-scaled ``C_delta``). Computed without the (mn x mn)

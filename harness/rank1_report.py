@@ -79,7 +79,7 @@ def family_table(result) -> str:
             groups[(d["layer"], d["role"], d["family"], source)].append(d["metrics"])
     header = ["layer", "role", "family", "source", "n", "dL/eps mean", "dL/eps std", "dCE/eps mean", "dCE/eps std"]
     rows = []
-    for (layer, role, family, source), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+    for (layer, role, family, source), ms in sorted(groups.items()):
         dl = [m["dpo_loss_unit"] for m in ms]
         dce = [m["ce_unit"] for m in ms]
         rows.append([layer, role, family, source, len(ms), _mean(dl), _std(dl), _mean(dce), _std(dce)])
@@ -114,7 +114,8 @@ def _explanation(result) -> list[str]:
     return [
         f"Edits of Frobenius norm eps = {fmt(c['eps'])} (per-unit-norm columns at eps_small = {fmt(c['eps_small'])}), "
         f"each the steepest-descent rank-1 edit given its direction (input side `-eps (Gv/|Gv|) v^T` for read roles, "
-        f"output side `-eps u (u^T G)/|u^T G|` for write roles), G = mean sigmoid-DPO gradient (beta = {fmt(c['beta'])}) "
+        f"output side `-eps u (u^T G)/|u^T G|` for write roles), G = mean sigmoid-DPO gradient "
+        f"(beta = {fmt(c['beta'])}) "
         f"over {c['n_train_pairs']} training pairs at the base weights. Measured on {c['n_eval_pairs']} held-out pairs "
         f"(reference = base) and {c['text_blocks'][0]} held-out text blocks of {c['text_blocks'][1]} tokens.",
         "",

@@ -416,8 +416,8 @@ def test_control_directions_are_reproducible_from_the_seed():
     for tm in (t for t in tracked if t.layer == 1):
         first, _ = build_directions(tm, forms, 2, cfg)
         again, _ = build_directions(tm, Forms(stats, _prediction_form(model)), 2, cfg)
-        other, _ = build_directions(tm, forms, 2, Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3,
-                                                              seed=12))
+        reseeded = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3, seed=12)
+        other, _ = build_directions(tm, forms, 2, reseeded)
         assert [d.id for d in first] == [d.id for d in again]
         assert all(torch.equal(a.vector, b.vector) for a, b in zip(first, again))
         random_ids = [i for i, d in enumerate(first) if d.family in ("haar", "matched")]
