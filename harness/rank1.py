@@ -359,7 +359,7 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int,
                     overlap=float(match.overlaps[i]))
             matching.append({"tested": tid, "form": source, "target": match.target, "lo": match.lo, "hi": match.hi,
                              "min_overlap": match.min_overlap, "overlap_mean": float(match.overlaps.mean()),
-                             "overlap_max": float(match.overlaps.max()),
+                             "overlap_max": float(match.overlaps.max()), "pairwise_overlap": match.pairwise_overlap,
                              "values_min": float(match.values.min()), "values_max": float(match.values.max())})
             if source != "pred":  # the prediction subspace is model-level: the same in every layer
                 for other in range(n_layers):

@@ -88,6 +88,16 @@ class Matched:
     hi: float
     min_overlap: float | None
 
+    @property
+    def pairwise_overlap(self) -> float:
+        """Mean ``|<w_i, w_j>|`` over pairs of controls: near 1 when the band leaves little room, so that
+        the controls are nearly one direction (their spread, and so a z-score's denominator, is small)."""
+        k = self.directions.shape[1]
+        if k < 2:
+            return float("nan")
+        gram = (self.directions.T @ self.directions).abs()
+        return float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1)))
+
 
 def variance_matched(Q: Tensor, t: Tensor, count: int, tol: float, generator: torch.Generator) -> Matched:
     """``count`` random unit directions ``w`` with ``w^T Q w`` in ``[(1 - tol) q, (1 + tol) q]``,

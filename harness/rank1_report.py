@@ -92,9 +92,10 @@ def matching_table(result) -> str:
     can be nearly the tested one: the residual stream's leading directions persist across layers)."""
     layer_overlap = {z["tested"]: z["overlap_mean"] for z in result.zscores if z["family"] == "layer"}
     header = ["tested", "matched on", "target", "band", "least possible overlap", "matched overlap mean",
-              "matched overlap max", "other-layer overlap mean"]
+              "matched overlap max", "matched pairwise overlap", "other-layer overlap mean"]
     rows = [[m["tested"], m["form"], m["target"], f"[{fmt(m['lo'])}, {fmt(m['hi'])}]", m["min_overlap"],
-             m["overlap_mean"], m["overlap_max"], layer_overlap.get(m["tested"])] for m in result.matching]
+             m["overlap_mean"], m["overlap_max"], m.get("pairwise_overlap"), layer_overlap.get(m["tested"])]
+            for m in result.matching]
     return markdown_table(header, rows)
 
 
@@ -153,7 +154,10 @@ def write_rank1_report(result, out_dir: str | Path) -> Path:
         "## Control families", "", family_table(result), "",
         "## Matching and overlaps", "",
         "`least possible overlap`: the smallest |<w, t>| any unit direction in the band can have (t is an "
-        "eigenvector of the form: a spiked top eigenvalue forces matched directions towards t).", "",
+        "eigenvector of the form: a spiked top eigenvalue forces matched directions towards t). `matched pairwise "
+        "overlap`: mean |<w_i, w_j>| among the matched controls; near 1, the band admits little more than one "
+        "direction (e.g. the second eigenvector when it has nearly the tested variance), the family's spread is "
+        "small and its z-scores are large by construction.", "",
         matching_table(result), "",
         "## Matrices", "", statistics_table(result), ""]
     path = out_dir / MD_NAME

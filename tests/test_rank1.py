@@ -183,6 +183,11 @@ def test_variance_matched_controls_lie_in_the_band_with_the_least_overlap_the_sp
     flat = torch.diag(torch.tensor([10.0, 9.5, 9.2, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64))
     near = variance_matched(flat, torch.eye(8, dtype=torch.float64)[:, 0], 10, tol, family_generator(2))
     assert near.min_overlap == 0.0 and float(near.overlaps.max()) < 1e-9
+    gram = (near.directions.T @ near.directions).abs()
+    assert near.pairwise_overlap == pytest.approx(float((gram.sum() - 10) / 90), rel=1e-9)
+    assert near.pairwise_overlap > 0.5  # the band [9, 11] holds little besides e_2 = 9.5 and e_3 = 9.2
+    assert variance_matched(torch.eye(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64)[:, 0], 10, tol,
+                            family_generator(3)).pairwise_overlap < 0.5  # isotropic: spread-out controls
 
 
 def test_widest_angle_in_band_matches_a_brute_force_search_on_the_circle():
