@@ -61,7 +61,8 @@ class Rank1Config:
     ``n_random``: Haar controls per (layer, role); ``n_matched``: variance-matched controls per
     tested direction. ``n_lower``: lower principal directions per source. ``tol``: relative band of the matching.
     ``layers``: layers to edit (None: all); statistics are always taken in every layer (the
-    ``layer`` family needs them).
+    ``layer`` family needs them). ``pred_centered``: prediction subspace of the vocab-centred
+    unembedding (see :func:`prediction_form`).
     """
 
     roles: tuple[str, ...] = DEFAULT_ROLES
@@ -73,6 +74,7 @@ class Rank1Config:
     n_matched: int = 10
     n_lower: int = 4
     tol: float = 0.1
+    pred_centered: bool = False
     seed: int = 0
     beta: float = 0.1
     batch_size: int = 32
@@ -181,8 +183,8 @@ def _json_default(value):
 def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict], text_blocks: Tensor,
               layers: Sequence[int] | None = None, roles: Sequence[str] = DEFAULT_ROLES, eps: float = 0.5,
               eps_small: float | None = None, n_random: int = 20, n_matched: int = 10, n_top: int = 1,
-              n_lower: int = 4, tol: float = 0.1, seed: int = 0, beta: float = 0.1, max_len: int = 128,
-              batch_size: int = 32,
+              n_lower: int = 4, tol: float = 0.1, pred_centered: bool = False, seed: int = 0, beta: float = 0.1,
+              max_len: int = 128, batch_size: int = 32,
               tokenizer=None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
               progress: bool = False) -> Rank1Result:
     """Rank-1 interventions on the model saved in ``base_dir`` (a local HF directory).
@@ -199,7 +201,7 @@ def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict]
 
     cfg = Rank1Config(roles=tuple(roles), layers=None if layers is None else tuple(layers), eps=eps,
                       eps_small=eps_small, n_top=n_top, n_random=n_random, n_matched=n_matched, n_lower=n_lower,
-                      tol=tol, seed=seed, beta=beta, batch_size=batch_size)
+                      tol=tol, pred_centered=pred_centered, seed=seed, beta=beta, batch_size=batch_size)
     if not pairs or not eval_pairs:
         raise ValueError(f"need training pairs (for G) and held-out eval_pairs (to measure on); got {len(pairs)} "
                          f"and {len(eval_pairs)}")
@@ -247,7 +249,8 @@ def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, tex
                                    text_blocks=text_blocks, beta=cfg.beta, batch_size=cfg.batch_size, device=device)
         held = prepare_heldout(model, eval_data, text_blocks, beta=cfg.beta, batch_size=cfg.batch_size, device=device)
         base = evaluate(model, held)
-        forms = Forms(stats, _prediction_form(model) if any(r in WRITE_ROLES for r in cfg.roles) else None)
+        writes = any(r in WRITE_ROLES for r in cfg.roles)
+        forms = Forms(stats, prediction_form(model, cfg.pred_centered) if writes else None)
         by_key = {tm.key: tm for tm in tracked}
         directions, matching, statistics = [], [], []
         for layer in layers:
@@ -278,11 +281,13 @@ def sources_of(role: str) -> tuple[str, tuple[str, ...]]:
     return ("out", ("pred", "C_delta")) if role in WRITE_ROLES else ("in", ("C_a",))
 
 
-def _prediction_form(model: nn.Module) -> tuple[Tensor, Tensor]:
+def prediction_form(model: nn.Module, centered: bool = False) -> tuple[Tensor, Tensor]:
     """``(V (d, d), s (d,))``: all right singular vectors / values of ``W_U diag(g)`` (LayerNorm: with
-    the all-ones direction projected out), the model's current unembedding."""
+    the all-ones direction projected out) of the model's current unembedding. ``centered``: subtract
+    the mean unembedding row first (softmax ignores a logit shift shared by all tokens, and an
+    uncentred top direction can be mostly that shift)."""
     W_U, gain, layernorm = unembedding(model)
-    V, s = geo.prediction_subspace(W_U, gain, k=W_U.shape[1], layernorm=layernorm)
+    V, s = geo.prediction_subspace(W_U, gain, k=W_U.shape[1], layernorm=layernorm, centered=centered)
     device = next(model.parameters()).device
     return V.to(device), s.to(device)
 

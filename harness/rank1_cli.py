@@ -42,6 +42,8 @@ def add_rank1_parser(subparsers) -> argparse.ArgumentParser:
                    help="variance-matched controls per tested direction (default 10)")
     p.add_argument("--n-lower", type=int, default=4, help="lower principal directions per source (default 4)")
     p.add_argument("--tol", type=float, default=0.1, help="relative band of the variance matching (default 0.1)")
+    p.add_argument("--pred-centered", action="store_true",
+                   help="prediction subspace of the vocab-centred unembedding (drops the shared logit shift)")
     p.add_argument("--beta", type=float, help="DPO beta (default: the recipe's align.beta, else 0.1)")
     p.add_argument("--pairs", help="preference file (.jsonl/.json/.parquet with prompt/chosen/rejected); "
                                    "required with a checkpoint directory")
@@ -86,7 +88,7 @@ def rank1_command(args: argparse.Namespace) -> int:
     result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=inputs["text_blocks"],
                        layers=args.layers, roles=args.roles, eps=args.eps, eps_small=args.eps_small,
                        n_random=args.n_random, n_matched=args.n_matched, n_top=args.n_top, n_lower=args.n_lower,
-                       tol=args.tol, seed=args.seed,
+                       tol=args.tol, pred_centered=args.pred_centered, seed=args.seed,
                        beta=inputs["beta"], max_len=inputs["max_len"], batch_size=args.batch_size,
                        tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
     result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=args.eval_fraction)

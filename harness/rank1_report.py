@@ -112,6 +112,7 @@ def _std(xs: list[float]) -> float:
 
 def _explanation(result) -> list[str]:
     c = result.config
+    centred = ", vocab-centred W_U" if c.get("pred_centered") else ""
     return [
         f"Edits of Frobenius norm eps = {fmt(c['eps'])} (per-unit-norm columns at eps_small = {fmt(c['eps_small'])}), "
         f"each the steepest-descent rank-1 edit given its direction (input side `-eps (Gv/|Gv|) v^T` for read roles, "
@@ -121,7 +122,8 @@ def _explanation(result) -> list[str]:
         f"(reference = base) and {c['text_blocks'][0]} held-out text blocks of {c['text_blocks'][1]} tokens.",
         "",
         f"Directions: `C_a#j` = j-th eigenvector of the role's input covariance; `pred#j` = j-th right singular "
-        f"vector of `W_U diag(g)` (the prediction subspace); `C_delta#j` = j-th eigenvector of the role's "
+        f"vector of `W_U diag(g)` (the prediction subspace{centred}); "
+        f"`C_delta#j` = j-th eigenvector of the role's "
         f"output-gradient covariance. Controls: `haar` ({c['n_random']} Haar-random directions), `matched` "
         f"({c['n_matched']} directions with `w^T Q w` within {fmt(100 * c['tol'])}% of the tested one's, Q = the form "
         f"that picked it: C_a, C_delta, or `M^T M` (squared prediction singular value); built on the great circle "

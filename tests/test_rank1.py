@@ -16,14 +16,15 @@ import torch
 
 from harness import geometry as geo
 from harness.data import tokenize_pairs
-from harness.rank1 import (FAMILIES, Forms, Rank1Config, Rank1Result, build_directions, rank1_experiment,
-                           rank1_section, write_rank1_report, zscore)
+from harness.rank1 import (FAMILIES, Forms, Rank1Config, Rank1Result, build_directions, prediction_form,
+                           rank1_experiment, rank1_section, write_rank1_report, zscore)
 from harness.rank1_directions import (family_generator, haar_directions, lower_ranks, variance_matched,
                                       widest_angle_in_band)
 from harness.rank1_edits import (edited_weight, first_order, input_side_edit, kfac_second_order, output_side_edit,
                                  role_shape)
 from harness.rank1_measure import evaluate, measure_statistics, prepare_heldout
 from hooks.roles import resolve_tracked
+from hooks.roles import unembedding as resolve_unembedding
 from tests.conftest import make_model
 from tests.test_trl_dpo import PROMPTS, tiny_tokenizer
 from trainers.losses import DPOLoss
@@ -414,13 +415,11 @@ def test_control_directions_are_reproducible_from_the_seed():
     tracked = resolve_tracked(model, ("k", "down"))
     stats = measure_statistics(model, tracked, train_data=data, heldout_data=data, text_blocks=text_blocks(),
                                beta=0.1, batch_size=8, device=CPU)
-    from harness.rank1 import _prediction_form
-
-    forms = Forms(stats, _prediction_form(model))
+    forms = Forms(stats, prediction_form(model))
     cfg = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3, seed=11)
     for tm in (t for t in tracked if t.layer == 1):
         first, _ = build_directions(tm, forms, 2, cfg)
-        again, _ = build_directions(tm, Forms(stats, _prediction_form(model)), 2, cfg)
+        again, _ = build_directions(tm, Forms(stats, prediction_form(model)), 2, cfg)
         reseeded = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3, seed=12)
         other, _ = build_directions(tm, forms, 2, reseeded)
         assert [d.id for d in first] == [d.id for d in again]
@@ -430,6 +429,23 @@ def test_control_directions_are_reproducible_from_the_seed():
         haar = torch.stack([d.vector for d in first if d.family == "haar"], 1)
         assert torch.allclose(haar.T @ haar, torch.eye(5, dtype=torch.float64), atol=1e-12)
         assert all(abs(float(d.vector.norm()) - 1) < 1e-12 for d in first)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("centered", [False, True])
+def test_prediction_directions_are_the_right_singular_vectors_of_the_unembedding(arch, centered):
+    """Dense SVD of W_U diag(g): vocab-centred on request; LayerNorm models (gpt2) without the ones direction."""
+    model = make_model(arch)
+    V, s = prediction_form(model, centered)
+    W_U, gain, layernorm = resolve_unembedding(model)
+    M = W_U.double() * gain.double()
+    if centered:
+        M = M - M.mean(0, keepdim=True)
+    if layernorm:
+        M = M - M.mean(1, keepdim=True)
+    _, s_dense, Vh = torch.linalg.svd(M, full_matrices=False)
+    assert torch.allclose(s[:4], s_dense[:4], rtol=1e-8)
+    assert torch.allclose((V[:, :4] * Vh[:4].T).sum(0).abs(), torch.ones(4, dtype=torch.float64), atol=1e-6)
 
 
 def test_report_files_and_section(tiny_result, tmp_path):
