@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hooks.base import instrumented
 from hooks.covariance import CovarianceInstrument
 from hooks.roles import TrackedMatrix
 from trainers.ce import lm_loss_sum
@@ -117,8 +116,11 @@ def measure_statistics(model: nn.Module, tracked: list[TrackedMatrix], *, train_
     excluded and fused roles get their rows."""
     roles = tuple(sorted({tm.role for tm in tracked}))
     cov = CovarianceInstrument(tracked, input_roles=roles, output_roles=roles)  # fp32 sums, as in training
-    with instrumented(model, cov):
+    cov.attach(model)
+    try:
         G = dpo_gradient(model, train_data, tracked, beta, batch_size, device, cov)
+    finally:
+        cov.detach()  # hooks removed also when the pass raises
     state = cov.state_dict()
     C_a = {key: cov.covariance_in(key, state=state).to(device) for key in cov.sums_in}
     C_delta = {key: cov.covariance_out(key, state=state).to(device) for key in cov.sums_out}
