@@ -526,3 +526,18 @@ def test_rank1_command_on_a_checkpoint_needs_pairs_and_out(smoke_run, tmp_path, 
     assert main(["rank1", str(ckpt), "--pairs", str(pairs), "--out", str(tmp_path / "o2"), "--layers", "5",
                  "--text", str(text), "--seq-len", "16", "--no-progress"]) == 2
     assert "layers [5] do not exist: the model has layers 0..1" in capsys.readouterr().err
+
+
+def test_statistics_pass_removes_its_hooks_also_when_it_raises():
+    model = make_model("llama").eval()
+    data = tokenize_pairs(random_pairs(4), tiny_tokenizer(), 16)
+    tracked = resolve_tracked(model, ("q", "o"))
+    measure_statistics(model, tracked, train_data=data, heldout_data=data, text_blocks=text_blocks(), beta=0.1,
+                       batch_size=4, device=CPU)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    broken = {**data, "chosen_input_ids": data["chosen_input_ids"] + 1000}  # ids past the vocabulary
+    with pytest.raises(IndexError):
+        measure_statistics(model, tracked, train_data=broken, heldout_data=data, text_blocks=text_blocks(),
+                           beta=0.1, batch_size=4, device=CPU)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
