@@ -20,6 +20,7 @@ from harness.claims import (CONCENTRATED, CONTROL_ROLES, GRADE_DROP, GRADE_RHO, 
 from harness.health import check_phase, health_block, health_json
 from harness.phases import PRETRAIN, Phase, load_phases, mean_over, read_config
 from harness.plots import plot_phase_trajectories, plot_rsf_over_steps, plot_training_curves
+from harness.rank1_report import rank1_section
 from harness.report import THRESHOLDS, markdown_table, metrics_doc_link, training_table
 from harness.run_summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
 from hooks import keys
@@ -193,6 +194,7 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                                        title=f"{prefix} over steps: {p.name}", thresholds=THRESHOLDS[prefix])
             lines.append(f"![{prefix} {p.name}]({Path(path).name})")
     lines.append("")
+    lines += rank1_section(run_dir)  # present once `harness rank1 RUN` has written RUN/rank1/rank1.json
     (out_dir / "report.md").write_text("\n".join(lines))
     (out_dir / "verdicts.json").write_text(json.dumps([asdict(v) for v in found], indent=2))
     (out_dir / "health.json").write_text(health_json(warnings, notes))

@@ -7,6 +7,7 @@
     harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
     harness compare BASE_DIR AFTER_DIR --out cmp/       # static geometry of the delta between two checkpoints
     harness prepare-data /data/corpus/ --out /data/tok  # pre-tokenize text into token shards
+    harness rank1 runs/asymmetry                        # causal test: rank-1 edits vs matched controls
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from harness.compare_cli import add_compare_parser, compare_command
 from harness.prepare_data_cli import add_prepare_data_parser, prepare_data_command
+from harness.rank1_cli import add_rank1_parser, rank1_command
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
     add_compare_parser(sub)
     add_prepare_data_parser(sub)
+    add_rank1_parser(sub)
     return parser
 
 
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "prepare-data":
             return prepare_data_command(args)
+        if args.command == "rank1":
+            return rank1_command(args)
         cfg = load_config(resolve_recipe(args.recipe), args.overrides)
         if args.command == "validate":
             validate_recipe(cfg)

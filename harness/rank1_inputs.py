@@ -1,0 +1,131 @@
+"""The inputs of ``harness rank1`` (a pipeline run's recipe, or a checkpoint with a preference file)
+and the run itself; the command-line parser is in harness/rank1_cli.py."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
+from core.config import load_config
+from core.data import load_preference_pairs, load_texts
+from core.shards import load_corpus
+from core.tokenizer import load_tokenizer
+from harness.asymmetry import write_asymmetry_report
+from harness.pipeline import alignment_tokenizer, load_pairs
+from harness.rank1 import run_rank1
+from harness.rank1_report import write_rank1_report
+from trainers.ce import corpus_cache
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``harness rank1``: gather the inputs (a run directory or a checkpoint), run, write the report."""
+    path = Path(args.path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory: pass a run directory (with config.yaml) or a "
+                                "checkpoint directory (with config.json)")
+    if not 0 < args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
+    if args.text_blocks < 1:
+        raise ValueError(f"--text-blocks must be >= 1, got {args.text_blocks}")
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")
+    inputs = _run_inputs(path, args) if (path / "config.yaml").is_file() else _checkpoint_inputs(path, args)
+    train, held = inputs["pairs"], inputs["eval_pairs"]
+    if args.max_pairs is not None:
+        train = train[: args.max_pairs]
+    print(f"[rank1] base {inputs['base']}: {len(train)} pairs for G, {len(held)} held-out pairs, "
+          f"{inputs['text_blocks'].shape[0]} text blocks of {inputs['text_blocks'].shape[1]} tokens")
+    result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=inputs["text_blocks"],
+                       layers=args.layers, roles=args.roles, eps=args.eps, eps_small=args.eps_small,
+                       n_random=args.n_random, n_matched=args.n_matched, n_top=args.n_top, n_lower=args.n_lower,
+                       tol=args.tol, pred_centered=args.pred_centered, seed=args.seed,
+                       beta=inputs["beta"], max_len=inputs["max_len"], batch_size=args.batch_size,
+                       tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+    result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=args.eval_fraction)
+    report = write_rank1_report(result, inputs["out"])
+    print(f"[rank1] {report}")
+    if inputs["out"] == path / "rank1" and (path / "align").is_dir():
+        print(f"[rank1] asymmetry report with the rank-1 section: {write_asymmetry_report(path)}")
+    return 0
+
+
+def _run_inputs(run_dir: Path, args) -> dict:
+    cfg = load_config(run_dir / "config.yaml")
+    if "pretrain" in cfg.stages:
+        stage_dir = run_dir / "pretrain" if (run_dir / "pretrain").is_dir() else run_dir
+        final = checkpoint_dir(stage_dir, cfg.train.steps)
+        base = final if is_complete(final) else latest_checkpoint(stage_dir)
+        if base is None:
+            raise FileNotFoundError(f"{stage_dir}/checkpoints holds no complete pretraining checkpoint; finish the run "
+                                    f"first (`harness run {run_dir / 'config.yaml'} --resume latest`)")
+    elif cfg.init_from:
+        base = Path(cfg.init_from)
+    else:
+        raise ValueError(f"{run_dir}/config.yaml has no pretraining stage and no init_from: no base model to edit")
+    tokenizer = alignment_tokenizer(cfg, base)
+    if args.pairs:
+        pairs = _pairs_file(args.pairs)
+    else:
+        pairs = load_pairs(cfg)
+    train, held = _split(pairs, args.eval_fraction, cfg.seed)
+    if args.seq_len is not None:
+        cfg.data.seq_len = args.seq_len
+    _, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg))
+    if len(eval_blocks) == 0:
+        raise ValueError(f"the recipe's pretraining corpus has no eval split (data.eval_fraction = "
+                         f"{cfg.data.eval_fraction}); there is no held-out text to measure CE and KL on")
+    return {"base": base, "pairs": train, "eval_pairs": held, "text_blocks": eval_blocks[: args.text_blocks],
+            "tokenizer": tokenizer, "beta": args.beta or cfg.align.beta, "max_len": args.max_len or cfg.align.max_len,
+            "out": Path(args.out) if args.out else run_dir / "rank1",
+            "text_source": f"held-out split of the recipe's corpus ({cfg.data.source})"}
+
+
+def _checkpoint_inputs(ckpt: Path, args) -> dict:
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} holds neither config.yaml (a run directory) nor config.json (a model "
+                                "checkpoint directory)")
+    if not args.pairs:
+        raise ValueError("with a checkpoint directory, pass the preference pairs: --pairs FILE")
+    if not args.out:
+        raise ValueError("with a checkpoint directory, pass an output directory: --out DIR (nothing is written "
+                         "into the checkpoint)")
+    tokenizer = load_tokenizer(str(ckpt), 0, Path("."))
+    train, held = _split(_pairs_file(args.pairs), args.eval_fraction, args.seed)
+    seq_len = args.seq_len or 128
+    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks)
+    return {"base": ckpt, "pairs": train, "eval_pairs": held, "text_blocks": blocks,
+            "tokenizer": tokenizer, "beta": args.beta or 0.1, "max_len": args.max_len or 128, "out": Path(args.out),
+            "text_source": f"{args.text or 'stdlib'} (held out only if the checkpoint never trained on it)"}
+
+
+def _pairs_file(path: str) -> list[dict]:
+    pairs, stats = load_preference_pairs(path)
+    print(f"[rank1] {path}: {stats.n_valid} of {stats.n_rows} rows used")
+    return pairs
+
+
+def _split(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split into pairs for G and held-out pairs (at least one of each)."""
+    if len(pairs) < 2:
+        raise ValueError(f"need at least 2 preference pairs (one for G, one held out), got {len(pairs)}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * eval_fraction)))
+    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+
+
+def text_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:
+    """The first ``n_blocks`` blocks (n_blocks, seq_len) of the token stream ``doc eos doc eos ...``."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the checkpoint's tokenizer has no eos token; documents are joined with eos")
+    need, stream = n_blocks * seq_len, []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= need:
+            return torch.tensor(stream[:need], dtype=torch.long).view(n_blocks, seq_len)
+    raise ValueError(f"the text holds {len(stream)} tokens, fewer than --text-blocks x seq_len = {need}; "
+                     "pass more text (--text) or fewer/shorter blocks")
