@@ -106,6 +106,12 @@ def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Pr
     for a directory without config.json or without weights (model*.safetensors, pytorch_model*.bin,
     or a sharded index), listing what the directory holds.
     """
+    path = check_local_model_dir(path)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+
+
+def check_local_model_dir(path: str | Path) -> Path:
+    """The checks :func:`load_local_model` makes before loading (cheap: no weights are read)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -120,7 +126,7 @@ def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Pr
             f"model dir without weights: {str(path)!r} has config.json but no model*.safetensors, "
             f"pytorch_model*.bin or sharded index; found: {', '.join(found)}."
         )
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return path
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -85,7 +85,7 @@ def test_load_texts_errors(tmp_path):
     with pytest.raises(ValueError, match="row 0: expected a string"):
         load_texts(str(tmp_path / "n.jsonl"))
     (tmp_path / "broken.jsonl").write_text('{"text": "a"\n')
-    with pytest.raises(ValueError, match="broken.jsonl: could not read"):
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
         load_texts(str(tmp_path / "broken.jsonl"))
 
 
