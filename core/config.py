@@ -82,6 +82,8 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size")
+        _require(self.source != "stdlib-bpe" or self.vocab_size >= 258, "vocab_size",
+                 f"must be >= 258 for the embedded byte-level tokenizer (256 bytes + pad + eos), got {self.vocab_size}")
 
 
 @dataclass
@@ -272,8 +274,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     from_dict(RunConfig, raw, source)  # the recipe alone: its own errors name the file
     for item in overrides:
         apply_override(raw, item)
-    # the recipe was valid, so an error now comes from the overrides: name the command line
-    return from_dict(RunConfig, raw, f"command line ({' '.join(overrides)}) on top of {source}")
+    # the recipe was valid, so an error now comes from the overrides: name the command line, and
+    # the overrides whose key the message mentions
+    try:
+        return from_dict(RunConfig, raw, "command line")
+    except ConfigError as err:
+        message = str(err)
+        culprits = [o for o in overrides if o.partition("=")[0].strip() in message] or list(overrides)
+        raise ConfigError(message.replace("command line", f"command line ({' '.join(culprits)})", 1)) from None
 
 
 def apply_override(raw: dict, item: str) -> None:

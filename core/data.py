@@ -108,6 +108,13 @@ def _read_table(path: Path) -> Dataset:
         raise ValueError(f"{path}: unknown extension {path.suffix!r}; supported: {', '.join(TABLE_FORMATS)}.")
     if path.suffix == ".jsonl":
         check_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415 (a dependency of datasets)
+
+        try:
+            pq.read_schema(path)
+        except Exception as err:  # pyarrow's own error types
+            raise ValueError(f"{path}: could not read as parquet ({err})") from None
     try:
         return load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parse errors in generic build errors

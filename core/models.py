@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -107,7 +108,10 @@ def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Pr
     or a sharded index), listing what the directory holds.
     """
     path = check_local_model_dir(path)
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except Exception as err:  # a damaged file surfaces as whatever the reading library raises
+        raise ValueError(f"model dir {str(path)!r} could not be loaded ({type(err).__name__}: {err})") from err
 
 
 def check_local_model_dir(path: str | Path) -> Path:
@@ -126,6 +130,13 @@ def check_local_model_dir(path: str | Path) -> Path:
             f"model dir without weights: {str(path)!r} has config.json but no model*.safetensors, "
             f"pytorch_model*.bin or sharded index; found: {', '.join(found)}."
         )
+    for weights in sorted(path.glob("*.safetensors")):
+        try:  # reads the header only: an empty or truncated file fails here, not mid-run
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise ValueError(f"model dir {str(path)!r}: {weights.name} is not a readable safetensors file "
+                             f"({err}); copy the weights again") from None
     return path
 
 

@@ -11,11 +11,12 @@ path) and returns warnings: settings that run, but not as the recipe reads.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core.config import ConfigError, RunConfig
 from core.data import TABLE_FORMATS, TEXT_EXTENSIONS
@@ -47,10 +48,39 @@ def preflight(cfg: RunConfig) -> list[str]:
     if problems:
         raise ConfigError(f"tracking.report_to: {'; '.join(problems)}")
     warnings: list[str] = []
+    if "align" in stages and cfg.align.train.on_nonfinite == "skip" and any(o.loss == "trl" for o in cfg.align.objectives):
+        warnings.append("align.train.on_nonfinite=skip applies to our own loops; TRL objectives (loss: trl) stop at "
+                        "a non-finite step")
+    skeleton = skeleton_model(cfg, model_dir, key)
+    if model_dir is not None:
+        check_vocabulary(cfg, skeleton, model_dir, key)
     if cfg.instruments.enabled:
-        skeleton = skeleton_model(cfg, model_dir, key)
         warnings += check_instruments(skeleton, cfg.instruments)
     return warnings
+
+
+def tokenizer_size(cfg: RunConfig, model_dir: str | None) -> int:
+    """Tokens of the tokenizer the run will use: the one saved with an alignment-only run's model,
+    else ``tokenizer.source`` (a local directory, loaded; the embedded one has ``vocab_size``)."""
+    source = cfg.tokenizer.source
+    if "pretrain" not in cfg.stages and model_dir is not None and any(
+            (Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        source = model_dir
+    if source == "stdlib-bpe":
+        return cfg.tokenizer.vocab_size
+    try:
+        return len(AutoTokenizer.from_pretrained(source, local_files_only=True))
+    except Exception as err:  # whatever the tokenizer files' reader raises
+        raise ConfigError(f"the tokenizer in {source} cannot be loaded: {err}") from None
+
+
+def check_vocabulary(cfg: RunConfig, model: nn.Module, model_dir: str, key: str) -> None:
+    """A local model's embedding must cover every token id of the run's tokenizer."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    needed = tokenizer_size(cfg, model_dir)
+    if rows < needed:
+        raise ConfigError(f"{key}: the model in {model_dir} has a vocabulary of {rows} tokens, smaller than the "
+                          f"tokenizer's {needed}: save the model's tokenizer beside it, or set tokenizer.source to it")
 
 
 def _named(key: str, check, value):
@@ -99,15 +129,18 @@ def skeleton_model(cfg: RunConfig, model_dir: str | None = None, key: str = "ini
                              tie_word_embeddings=m.tie_word_embeddings)
     else:
         try:
-            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-        except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"{key}: {model_dir}/config.json cannot be read by transformers: {err}") from err
-        model_type = getattr(config, "model_type", None)
+            model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError) as err:
+            raise ConfigError(f"{key}: {model_dir}/config.json is not a JSON object ({err})") from None
         if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"{key}: {model_dir} holds a {model_type!r} model, which has no role table; supported: "
                 f"{sorted(ARCHITECTURES)}. Add an ArchSpec row to hooks.roles.ARCHITECTURES (block list, final "
                 "norm, unembedding, each role's module path), or run with instruments.enabled=false")
+        try:
+            config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{key}: {model_dir}/config.json cannot be read by transformers: {err}") from err
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
@@ -136,7 +169,8 @@ def measured_dims(model: nn.Module, cfg: SuiteConfig) -> dict[str, int]:
 def check_instruments(model: nn.Module, cfg: SuiteConfig) -> list[str]:
     """The instruments fit this model: roles and layers exist, and ``instruments.k`` is below every
     measured dimension (at ``k >= dim`` a relative RSF is 1 by construction: the subspace is the whole
-    space). Returns warnings for ``k_curve`` values that reach a dimension (they are capped there)."""
+    space). ``k_curve`` points that do not fit a matrix are left out of the reports' curves (visible
+    there), so they need no error. Returns warnings (none at present)."""
     try:
         dims = measured_dims(model, cfg)
     except ValueError as err:
@@ -149,8 +183,4 @@ def check_instruments(model: nn.Module, cfg: SuiteConfig) -> list[str]:
         raise ConfigError(f"instruments.k={cfg.k} is not below the smallest measured dimension of this model "
                           f"({smallest}, {where}): a top-k subspace of a {smallest}-dimensional space is the whole "
                           f"space, so every relative RSF would read 1. Use instruments.k <= {smallest - 1}.")
-    capped = sorted(k for k in cfg.k_curve if k >= smallest)
-    if capped:
-        return [f"instruments.k_curve values {capped} are not below the smallest measured dimension ({smallest}, "
-                f"{where}); the reports leave those points out of the RSF-vs-k curves"]
     return []

@@ -27,7 +27,6 @@ import contextlib
 import copy
 import dataclasses
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -374,9 +373,6 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
     suite = build_suite(model, cfg.instruments, cfg.seed)
     files = RunDirectory(run_dir, cfg, overwrite=overwrite)
     phase = f"align/{objective.name}"
-    if t.on_nonfinite == "skip":
-        print(f"[guard] {phase}: TRL objectives stop at a non-finite step; align.train.on_nonfinite=skip applies "
-              "to our own loops only", file=sys.stderr)
     guard = DivergenceGuard("stop", t.stall_patience, phase=phase)
     callback = InstrumentCallback(suite, files, phase=phase)
     try:
