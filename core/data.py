@@ -365,6 +365,10 @@ def build_embedded_preferences(
         # merges "\n" with the next line's indentation, so a prompt ending in "\n" would not end on
         # a token boundary (TRL then moves that token into the completion and warns).
         split -= 1
+        if doc[split - 1].isspace():
+            # A prompt ending in whitespace (a blank line, trailing spaces) merges with the completion's
+            # leading newline into one pre-token: the prompt would not end on a token boundary.
+            continue
         window = doc[split : split + 1 + completion_chars]
         chosen = window[: window.rfind("\n") + 1]  # a newline, then whole lines only
         rejected = _shuffle_words(chosen, gen)
