@@ -68,7 +68,7 @@ class AccelerateTrackerSink:
 
         cls = LOGGER_TYPE_TO_CLASS[name]
         self.tracker = cls(project, str(logging_dir)) if cls.requires_logging_directory else cls(project)
-        self.tracker.start()
+        getattr(self.tracker, "start", lambda: None)()  # accelerate >= 1.2 starts trackers lazily
         if config:
             self.tracker.store_init_configuration(config)
 

@@ -120,6 +120,8 @@ def test_sigkill_during_a_checkpoint_save_resumes_to_the_same_run(tmp_path, toke
     resumed = run(None, [*args, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "removed step_0000008.tmp" in resumed.stderr
+    # --no-progress: no bars from transformers either (it loads the checkpoint and writes new ones)
+    assert "Loading weights" not in resumed.stderr and "Writing model shards" not in resumed.stderr
     assert not half.exists() and is_complete(ckpts / "step_0000008")
     assert_same_run(reference, tmp_path / "killed")
 

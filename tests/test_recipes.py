@@ -87,6 +87,8 @@ def test_local_model_recipe_runs_on_a_checkpoint_and_a_preference_file(tmp_path)
     assert sorted(p.name for p in (run / "align").iterdir()) == ["dpo", "g0.00", "g0.50"]
     assert "## Verdicts" in (run / "report" / "report.md").read_text()
     assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == str(ckpt)
+    stats = json.loads((run / "data.json").read_text())["preferences"]  # the dropped pair is counted on disk
+    assert (stats["rows"], stats["used"], stats["identical_dropped"]) == (41, 40, 1)
 
 
 @pytest.mark.slow
