@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
+import threading
 from pathlib import Path
 
 from harness.compare_cli import add_compare_parser, compare_command
@@ -130,6 +132,21 @@ def _set_threads(explicit: int | None) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
+def _stop_on_sigterm(interrupted: type):
+    """Outside a training phase (loading, tokenizing, reports) SIGTERM ends the run with a message
+    and exit code 143 instead of silently; inside one, the phase's handler saves a checkpoint first.
+    Returns the previous handler (main() puts it back)."""
+    import signal  # noqa: PLC0415
+
+    def stop(signum, frame):
+        raise interrupted(signum, None, None, "run",
+                          note=" outside a training phase (nothing new to save; finished checkpoints are kept)")
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, stop)
+    return None
+
+
 def _quiet_libraries() -> None:
     """--no-progress: no loading / writing / map bars from transformers, datasets or the hub."""
     import datasets  # noqa: PLC0415
@@ -169,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainers.guard import DivergenceError  # noqa: PLC0415
     from trainers.interrupt import Interrupted  # noqa: PLC0415
 
+    previous_handler = None
     try:
         if args.command == "keys":
             from harness.config_keys import format_keys  # noqa: PLC0415
@@ -187,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.no_progress:
             _quiet_libraries()
+        previous_handler = _stop_on_sigterm(Interrupted)
         out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(f"done: {out}")
         return 0
@@ -198,14 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except Interrupted as err:
         print(f"harness: {err}", file=sys.stderr)
-        if args.command == "run":
-            print(f"harness: continue with: harness run {args.recipe} {' '.join(args.overrides)} --resume latest"
-                  .replace("  ", " "), file=sys.stderr)
+        command = shlex.join(["harness", "run", args.recipe, *args.overrides, "--resume", "latest"])
+        print(f"harness: continue with: {command}" if err.checkpoint is not None else
+              f"harness: run the command again; with --resume latest, finished stages and checkpoints are kept "
+              f"({command})", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("harness: interrupted (no checkpoint was written at this point)", file=sys.stderr)
         return 130
     finally:
+        if previous_handler is not None:
+            import signal  # noqa: PLC0415
+
+            signal.signal(signal.SIGTERM, previous_handler)
         _close_process_group()
 
 

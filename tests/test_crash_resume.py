@@ -146,3 +146,24 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, tokenizer_cach
     again = run(None, [*args, "--resume", "latest"])
     assert again.returncode == 0 and "already finished" in again.stderr
     assert sorted((p.as_posix(), p.stat().st_mtime_ns) for p in (tmp_path / "termed").rglob("*")) == before
+
+
+# SIGTERM while the corpus is read, before any training phase has started.
+TERM_WHILE_LOADING = """
+import os, signal, sys
+import trainers.ce
+real_load = trainers.ce.load_texts
+def load(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_load(*args, **kwargs)
+trainers.ce.load_texts = load
+from harness.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_outside_a_training_phase_exits_with_a_message(tmp_path, tokenizer_cache):
+    done = run(TERM_WHILE_LOADING, cli_args(tmp_path, tokenizer_cache, "early"))
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "stopped by SIGTERM outside a training phase" in done.stderr and "Traceback" not in done.stderr
+    assert "run the command again" in done.stderr
