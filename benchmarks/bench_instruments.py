@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; llama, {LAYERS} layers, {HEADS} heads, "
           f"vocab {VOCAB}, batch {BATCH} x seq {SEQ}, fp32, AdamW; {args.warmup} warmup + {args.steps} timed steps")
     print(f"instruments (SuiteConfig defaults, statistics every step): roles={cfg.roles} input_roles={cfg.input_roles} "
-          f"output_roles={cfg.output_roles} k={cfg.k} n_random={cfg.n_random} max_tokens={cfg.max_tokens} "
+          f"output_roles={cfg.output_roles} k={cfg.k} zscores={cfg.zscores} max_tokens={cfg.max_tokens} "
           f"dtype={cfg.dtype}; C_a per input group, C_delta per output role, update instrument on the optimizer")
     rows = [bench_size(int(h), cfg, args.steps, args.warmup, args.computes) for h in args.sizes.split(",")]
     print(f"\n{'hidden':>6} {'params':>7} {'tracked':>16} {'plain ms':>9} {'instr ms':>9} {'ratio':>6} "

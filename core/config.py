@@ -253,6 +253,13 @@ class RunConfig:
         return Path(self.output_dir) / self.name
 
 
+# Keys of earlier versions, and what replaced them (an error that says what to write instead).
+RENAMED = {
+    "instruments.n_random": "key 'instruments.n_random' is gone: z-scores are now exact (closed form, no sampling); "
+                            "write instruments.zscores: true (the default) or false",
+}
+
+
 # ----- loading --------------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or the defaults when ``path`` is None), apply overrides, validate."""
@@ -311,6 +318,9 @@ def from_dict(cls: type, data: Any, source: str, prefix: str = "", what: str = "
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
+    renamed = [RENAMED[f"{prefix}{k}"] for k in unknown if f"{prefix}{k}" in RENAMED]
+    if renamed:
+        raise ConfigError(f"{source}: {renamed[0]}")
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

@@ -1,4 +1,4 @@
-"""Data: text corpora -> packed LM blocks, resumable batch order, and preference pairs.
+"""Data: text corpora, resumable batch order, and preference pairs (LM blocks: `harness.shards`).
 
 Everything reads local files or the embedded stdlib corpus; nothing is downloaded. Every random
 choice uses its own seeded `torch.Generator`, never the global RNG, so data order does not depend
@@ -7,9 +7,9 @@ on (or disturb) model initialisation and resuming at step k reproduces the same 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
 import re
 import warnings
 from bisect import bisect_right
@@ -19,16 +19,13 @@ from typing import Any
 
 import torch
 from datasets import Dataset, load_dataset
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from core.config import DataConfig
 from core.tokenizer import stdlib_text_files
 
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_EXTENSIONS = (".txt", *TABLE_FORMATS)
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-_ENCODE_BATCH = 256  # documents per tokenizer call: large enough for the Rust batch path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +67,9 @@ def _texts_from(item: str, text_field: str) -> list[str]:
             f"text source {item!r} does not exist; use 'stdlib', a local file or a directory."
         )
     if path.is_dir():
+        if (path / "index.json").is_file():
+            raise ValueError(f"{item!r} is a prepared token corpus (it has index.json), not text: its documents "
+                             "cannot be read back as text here; pass the text it was prepared from.")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_EXTENSIONS)
         if not files:
             raise ValueError(f"directory {item!r} holds no {'/'.join(TEXT_EXTENSIONS)} files.")
@@ -143,68 +143,7 @@ def check_jsonl(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# LM blocks and batch order
-
-
-def build_lm_blocks(
-    texts: list[str],
-    tokenizer: PreTrainedTokenizerBase,
-    seq_len: int,
-    eval_fraction: float = 0.05,
-    seed: int = 0,
-    max_tokens: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack documents into fixed blocks and split them: returns (train (N, seq_len), eval (M, seq_len)).
-
-    Documents are tokenized without special tokens and joined as `doc1 <eos> doc2 <eos> ...`; the
-    stream (cut to `max_tokens` if given) is split into consecutive blocks and the trailing partial
-    block dropped. Block order is shuffled by a generator seeded with `seed`; the first
-    `M = ceil(eval_fraction * blocks)` (at least 1 when eval_fraction > 0, at most blocks - 1) are
-    the eval set. Caveat: blocks split a document, so neighbouring train and eval blocks can share
-    a document; fine for loss curves, not a held-out-document measure.
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}.")
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has no eos token; documents are joined with eos. Set tokenizer.eos_token.")
-    stream = _token_stream(texts, tokenizer, tokenizer.eos_token_id, max_tokens)
-    n_blocks = stream.numel() // seq_len
-    if n_blocks < 2:
-        raise ValueError(
-            f"corpus is too small for seq_len={seq_len}: {stream.numel()} tokens make {n_blocks} block(s), "
-            f"need at least 2 (>= {2 * seq_len} tokens). Add text, raise max_tokens or lower seq_len."
-        )
-    blocks = stream[: n_blocks * seq_len].view(n_blocks, seq_len)
-    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed))
-    n_eval = min(math.ceil(eval_fraction * n_blocks), n_blocks - 1)
-    blocks = blocks[order]
-    return blocks[n_eval:].contiguous(), blocks[:n_eval].contiguous()
-
-
-def build_corpus(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The recipe's pretraining corpus as packed (train, eval) blocks (see :func:`build_lm_blocks`)."""
-    texts = load_texts(cfg.source, text_field=cfg.text_field)
-    return build_lm_blocks(texts, tokenizer, seq_len=cfg.seq_len, eval_fraction=cfg.eval_fraction, seed=seed,
-                           max_tokens=cfg.max_tokens)
-
-
-def _token_stream(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, eos_id: int, max_tokens: int | None
-) -> torch.Tensor:
-    """1-D LongTensor `doc1 eos doc2 eos ...`, stopping once `max_tokens` are collected."""
-    chunks, total = [], 0
-    starts = range(0, len(texts), _ENCODE_BATCH)
-    for start in tqdm(starts, desc="tokenizing", unit="batch", disable=len(starts) < 8, leave=False):
-        # verbose=False: documents longer than model_max_length are expected here (they get packed).
-        encoded = tokenizer(texts[start : start + _ENCODE_BATCH], add_special_tokens=False, verbose=False)
-        flat = [tok for ids in encoded["input_ids"] for tok in (*ids, eos_id)]
-        chunks.append(torch.tensor(flat, dtype=torch.long))
-        total += len(flat)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    return torch.cat(chunks)[:max_tokens] if chunks else torch.zeros(0, dtype=torch.long)
+# Batch order
 
 
 def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
@@ -219,11 +158,19 @@ def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> torch.
     first, last = step * batch_size, (step + 1) * batch_size  # stream positions [first, last)
     parts = []
     for epoch in range(first // n_items, (last - 1) // n_items + 1):
-        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
+        perm = _epoch_permutation(n_items, seed, epoch)
         lo = max(first - epoch * n_items, 0)
         hi = min(last - epoch * n_items, n_items)
-        parts.append(perm[lo:hi])
+        parts.append(perm[lo:hi].long())
     return torch.cat(parts)
+
+
+@functools.lru_cache(maxsize=2)  # a step needs at most two epochs; the cache holds 4 bytes per item each
+def _epoch_permutation(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """Epoch `epoch`'s permutation of range(n_items), computed once: drawing it costs ~50 ms at 1.5 M
+    items, which every step would otherwise pay. Stored as int32 where it fits; callers copy slices."""
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))
+    return perm.to(torch.int32) if n_items < 2**31 else perm
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

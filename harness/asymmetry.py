@@ -2,137 +2,28 @@
 
 Reads ``RUN/pretrain/metrics.jsonl`` and ``RUN/align/{objective}/metrics.jsonl`` (the last
 geometry row of each run is the final cumulative delta of that phase) and writes
-``RUN/report/report.md`` with PNG plots. Every verdict is computed from the numbers with the
-thresholds below, which the report prints; nothing assumes the paper is right.
+``RUN/report/report.md`` with PNG plots, ``verdicts.json`` (one entry per claim of
+harness/claims.py) and ``health.json`` (harness/health.py). Every verdict is computed from the
+numbers with the rules in harness/claims.py, which the report prints next to it; nothing assumes
+the paper is right.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
-from core.config import saved_objective
-from core.sinks import read_metrics
-from harness.plots import plot_phase_trajectories, plot_rsf_over_steps
-from harness.report import final_geometry, markdown_table
+from harness.claims import (CONCENTRATED, CONTROL_ROLES, GRADE_DROP, GRADE_RHO, NEAR_ISOTROPIC, READ_ROLES,
+                            SPECIFIC_EXCESS, SPECIFIC_SPREAD, Z_MIN, specificity, verdicts)
+from harness.health import check_phase, health_block, health_json
+from harness.phases import PRETRAIN, Phase, load_phases, mean_over, read_config
+from harness.plots import plot_phase_trajectories, plot_rsf_over_steps, plot_training_curves
+from harness.report import THRESHOLDS, markdown_table, metrics_doc_link, training_table
+from harness.run_summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
 from hooks import keys
 from hooks.roles import ROLES, WRITE_ROLES
-
-READ_ROLES = ("q", "k")  # the paper's read pathway (v, gate, up are comparisons)
-# Thresholds (relative RSF: 1.0 = isotropic). Stated in the report next to every verdict.
-CONCENTRATED = 2.0  # relative RSF above this, with z above Z_MIN, counts as concentrated
-NEAR_ISOTROPIC = 2.0  # relative RSF below this counts as near-isotropic
-Z_MIN = 3.0
-GRADE_RHO = -0.5  # Spearman correlation of write-side RSF with the grade, at most this
-GRADE_DROP = 0.25  # and the g=0 value above the g=1 value by at least this (relative RSF units)
-
-
-@dataclass
-class Phase:
-    name: str  # "pretrain (CE)" or an objective name
-    kind: str  # "ce", or the objective's loss: "trl", "graded", "mixture", "dpo", "likelihood"
-    grade: float | None  # where the objective sits on the graded axis (1 = DPO); None: not on it
-    rows: list[dict]
-
-    @property
-    def final(self) -> dict:
-        """Last row holding geometry (the forced compute at the phase's last step)."""
-        return final_geometry(self.rows)
-
-
-def load_phases(run_dir: Path) -> list[Phase]:
-    run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    objectives = {o["name"]: saved_objective(o) for o in (cfg.get("align", {}) or {}).get("objectives", [])}
-    phases = []
-    if (run_dir / "pretrain" / "metrics.jsonl").is_file():
-        phases.append(Phase("pretrain (CE)", "ce", None, read_metrics(run_dir / "pretrain" / "metrics.jsonl")))
-    for path in sorted((run_dir / "align").glob("*/metrics.jsonl")):
-        name = path.parent.name
-        obj = objectives.get(name) or saved_objective({"name": name})
-        phases.append(Phase(name, obj.loss, obj.contrast_grade(), read_metrics(path)))
-    if not phases:
-        raise FileNotFoundError(f"{run_dir} has no pretrain/metrics.jsonl or align/*/metrics.jsonl; "
-                                "run an asymmetry recipe first: `harness run recipes/asymmetry.yaml`")
-    return phases
-
-
-def mean_over(row: dict, prefix: str, roles: tuple[str, ...]) -> float:
-    vals = [row[keys.layer_mean(prefix, r)] for r in roles if row.get(keys.layer_mean(prefix, r)) is not None]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = float(rank)
-        return r
-
-    if len(x) < 3:
-        return math.nan
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    return cov / (sx * sy) if sx and sy else math.nan
-
-
-@dataclass
-class Verdict:
-    claim: str
-    held: bool | None  # None: not measurable on this run
-    evidence: str
-
-
-def verdicts(phases: list[Phase]) -> list[Verdict]:
-    ce = next((p for p in phases if p.kind == "ce"), None)
-    dpo = [p for p in phases if p.grade == 1.0 and p.kind in ("trl", "dpo", "graded")]
-    out = []
-
-    def fmt(v):
-        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-
-    if dpo:
-        vals = [(p.name, mean_over(p.final, "rsf_in", READ_ROLES), mean_over(p.final, "z_in", READ_ROLES)) for p in dpo]
-        held = all(v > CONCENTRATED and z > Z_MIN for _, v, z in vals)
-        out.append(Verdict("Read pathway (W_Q, W_K) concentrates along the top C_a directions under alignment",
-                           held, "; ".join(f"{n}: relative RSF_in {fmt(v)} (z {fmt(z)})" for n, v, z in vals)
-                           + f"; held if > {CONCENTRATED} with z > {Z_MIN}"))
-        vals = [(p.name, mean_over(p.final, "rsf_out_pred", WRITE_ROLES)) for p in dpo]
-        ce_val = mean_over(ce.final, "rsf_out_pred", WRITE_ROLES) if ce else math.nan
-        held = all(v < NEAR_ISOTROPIC and (math.isnan(ce_val) or v < ce_val) for _, v in vals)
-        out.append(Verdict("Write pathway (W_O, W_down) stays near-isotropic w.r.t. the prediction subspace under "
-                           "alignment", held, "; ".join(f"{n}: relative RSF_out(pred) {fmt(v)}" for n, v in vals)
-                           + f" (CE: {fmt(ce_val)}); held if < {NEAR_ISOTROPIC} and below CE's"))
-    else:
-        out.append(Verdict("Read/write asymmetry under alignment", None, "no DPO-like objective (grade 1) in this run"))
-    if ce:
-        v = mean_over(ce.final, "rsf_out_pred", WRITE_ROLES)
-        z = mean_over(ce.final, "z_out_pred", WRITE_ROLES)
-        out.append(Verdict("CE pretraining writes prediction geometry: W_O / W_down deltas concentrate in the "
-                           "unembedding's top subspace", v > CONCENTRATED and z > Z_MIN,
-                           f"CE relative RSF_out(pred) {fmt(v)} (z {fmt(z)}); held if > {CONCENTRATED} with z > {Z_MIN}"))
-    graded = sorted((p for p in phases if p.grade is not None and p.kind in ("graded", "dpo", "likelihood")),
-                    key=lambda p: p.grade)
-    if len(graded) >= 3:
-        xs = [p.grade for p in graded]
-        ys = [mean_over(p.final, "rsf_out_pred", WRITE_ROLES) for p in graded]
-        rho, drop = spearman(xs, ys), ys[0] - ys[-1]
-        out.append(Verdict("Grade dependence: the more contrastive the objective, the less write-side prediction "
-                           "geometry", rho <= GRADE_RHO and drop >= GRADE_DROP,
-                           ", ".join(f"g={x:g}: {fmt(y)}" for x, y in zip(xs, ys))
-                           + f"; Spearman rho {fmt(rho)}, g0 - g1 = {fmt(drop)}; held if rho <= {GRADE_RHO} "
-                             f"and drop >= {GRADE_DROP}"))
-    else:
-        out.append(Verdict("Grade dependence", None, "fewer than 3 graded objectives in this run"))
-    return out
 
 
 def asymmetry_table(phases: list[Phase]) -> str:
@@ -153,6 +44,21 @@ def asymmetry_table(phases: list[Phase]) -> str:
     return markdown_table(header, rows)
 
 
+def specificity_table(phases: list[Phase]) -> str:
+    """Per objective: relative RSF_in of the read pathway and of its controls, and the specificity rule."""
+    header = ["objective", *READ_ROLES, *CONTROL_ROLES, "read mean", "controls mean", "controls sd", "excess",
+              "specific"]
+    rows = []
+    for p in phases:
+        s = specificity(p)
+        if not (s.read or s.controls):
+            continue
+        rows.append([p.name, *(s.read.get(r) for r in READ_ROLES), *(s.controls.get(r) for r in CONTROL_ROLES),
+                     s.read_mean, s.control_mean, s.control_sd, s.excess,
+                     {True: "yes", False: "no", None: "not measured"}[s.specific]])
+    return markdown_table(header, rows)
+
+
 def per_layer_table(phases: list[Phase], prefix: str) -> str:
     layers = sorted({found[0] for p in phases for k in p.final if (found := keys.layer_of(k, prefix))})
     header = ["objective", "role"] + [f"L{i}" for i in layers]
@@ -165,8 +71,10 @@ def per_layer_table(phases: list[Phase], prefix: str) -> str:
     return markdown_table(header, rows)
 
 
-def spikiness_table(phases: list[Phase]) -> str:
-    header = ["objective", "covariance", "top-1 share", "top-8 share", "participation ratio", "effective rank"]
+def spikiness_table(phases: list[Phase], k: int | None) -> str:
+    """Spikiness of every covariance, mean over layers; the top-k column is named with the run's k."""
+    header = ["objective", "covariance", "top-1 share", f"top-{k if k else 'k'} share", "participation ratio",
+              "effective rank"]
     rows = []
     for p in phases:
         f = p.final
@@ -192,52 +100,101 @@ def _layer_mean(row: dict, prefix: str, name: str, stat: str | None = None) -> f
     return sum(vals) / len(vals) if vals else None
 
 
+def _trajectory(phase: Phase, prefix: str, roles: tuple[str, ...]) -> list[tuple[int, float]]:
+    return [(r["step"], m) for r in phase.rows if not math.isnan(m := mean_over(r, prefix, roles))]
+
+
+def phase_health(run_dir: Path, cfg: dict, phases: list[Phase]):
+    warnings, notes = [], []
+    for p in phases:
+        alignment = p.kind != "ce"
+        w, n = check_phase(p.rows, p.name, alignment=alignment,
+                           pairs_per_step=pairs_per_step(cfg) if alignment else None,
+                           n_eval_pairs=n_eval_pairs(run_dir, p.path) if alignment and p.path else None,
+                           grade=p.grade)
+        warnings += w
+        notes += n
+    return warnings, notes
+
+
 def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = read_config(run_dir)
     phases = load_phases(run_dir)
     found = verdicts(phases)
+    warnings, notes = phase_health(run_dir, cfg, phases)
+    k = (cfg.get("instruments") or {}).get("k")
     lines = [f"# Where pretraining writes and alignment reads: {run_dir.name}", "",
              "Relative RSF = RSF / (k / dim); 1.0 is isotropic. Input side against the top-k eigenvectors of the "
              "objective's own `C_a`; output side against the prediction subspace (top-k right singular vectors "
-             "of `W_U diag(g)`) and against the top-k of the objective's own `C_delta`. Values are the cumulative "
-             "weight delta of each phase at its last step, averaged over layers; z-scores against seeded "
-             "Haar-random k-subspaces; `gap` is the eigengap (l_k - l_{k+1}) / l_k of the subspace used.", "",
-             "## Verdicts", ""]
+             "of `W_U diag(g)`, with `W_U` and `g` taken at each phase's last step) and against the top-k of the "
+             "objective's own `C_delta`. Values are the cumulative weight delta of each phase at its last step, "
+             "averaged over layers; exact z-scores against Haar-random k-subspaces; `gap` is the eigengap "
+             f"(l_k - l_{{k+1}}) / l_k of the subspace used; k = {k if k else 'not recorded'}. Definitions: "
+             f"{metrics_doc_link(out_dir)}.", ""]
+    lines += summary_section(run_dir, cfg, [PhaseFiles(p.name, p.path or run_dir, p.rows, p.kind != "ce")
+                                            for p in phases])
+    lines += health_block(warnings, notes)
+    lines += ["## Verdicts", ""]
+    if warnings:
+        lines += [f"Read these with the health warning{'s' if len(warnings) > 1 else ''} above (phases: "
+                  f"{', '.join(dict.fromkeys(w.phase for w in warnings))}).", ""]
     for v in found:
-        status = {True: "HELD", False: "DID NOT HOLD", None: "NOT MEASURED"}[v.held]
-        lines += [f"- **{status}**: {v.claim}. {v.evidence}."]
+        lines += [f"- **{v.status}**: {v.claim}. {v.evidence}. Rule: {v.rule}."]
     lines += ["", f"Thresholds: concentrated = relative RSF > {CONCENTRATED} and z > {Z_MIN}; near-isotropic = "
-              f"relative RSF < {NEAR_ISOTROPIC}; grade dependence = Spearman rho <= {GRADE_RHO} and a drop >= "
-              f"{GRADE_DROP} from g=0 to g=1.", "",
+              f"relative RSF < {NEAR_ISOTROPIC}; specific = read-pathway mean above the controls' mean by more than "
+              f"{SPECIFIC_EXCESS} and by more than {SPECIFIC_SPREAD:g} x the controls' sd; grade dependence = "
+              f"Spearman rho <= {GRADE_RHO} and a drop >= {GRADE_DROP} from g=0 to g=1. A claim whose numbers or "
+              "comparison are missing or non-finite is NOT MEASURED.", "",
               "## The asymmetry table (mean over layers)", "", asymmetry_table(phases), "",
+              "## Read pathway against its controls (relative RSF_in, mean over layers)", "",
+              "The controls read the same input as q and k (v) or the MLP's input (gate, up). The read-side "
+              "concentration is specific to the read pathway only if q and k stand above them.", "",
+              specificity_table(phases), "",
               "## Per layer: relative RSF_in", "", per_layer_table(phases, "rsf_in"), "",
               "## Per layer: relative RSF_out against the prediction subspace", "",
               per_layer_table(phases, "rsf_out_pred"), "",
-              "## Spikiness of the covariances (mean over layers)", "", spikiness_table(phases), "",
-              "## Trajectories (cumulative delta vs step)", "",
-              "The within-checkpoint trajectory: pretraining (black) and every alignment run from its final "
-              "checkpoint, each measured against its own phase-start weights.", ""]
-    for prefix, roles, label in (("rsf_in", READ_ROLES, "read pathway (q, k): relative RSF_in vs C_a"),
-                                 ("rsf_out_pred", WRITE_ROLES,
-                                  "write pathway (o, down): relative RSF_out vs prediction subspace")):
-        series = [(p.name, [(r["step"], mean_over(r, prefix, roles)) for r in p.rows
-                            if not math.isnan(mean_over(r, prefix, roles))]) for p in phases]
-        if any(points for _, points in series):
+              "## Spikiness of the covariances (mean over layers)", "", spikiness_table(phases, k), ""]
+
+    pretrain = PRETRAIN if any(p.name == PRETRAIN for p in phases) else None
+    curves = plot_training_curves([(p.name, p.rows) for p in phases], out_dir / "training.png",
+                                  "loss and preference accuracy of every phase", pretrain=pretrain)
+    if curves:
+        lines += ["## Training curves", "", "![training curves](training.png)", ""]
+        for p in phases:
+            table = training_table(p.rows, throughput=False)  # the same files give the same report
+            if table:
+                lines += [f"### {p.name}", "", table, ""]
+
+    lines += ["## Trajectories (cumulative delta vs step)", "",
+              "The within-checkpoint trajectory: pretraining (black, left panel) and every alignment run from its "
+              "final checkpoint (right panel, its own steps), each measured against its own phase-start weights. "
+              "Dashed gray: isotropic (1.0); dotted red: the verdicts' threshold.", ""]
+    for prefix, lines_of, label in (
+            ("rsf_in", {"q, k (read)": READ_ROLES, "v, gate, up (controls)": CONTROL_ROLES},
+             "read pathway (solid) and controls (dashed): relative RSF_in vs C_a"),
+            ("rsf_out_pred", {"o, down (write)": WRITE_ROLES},
+             "write pathway (o, down): relative RSF_out vs prediction subspace")):
+        series = [(p.name, {name: _trajectory(p, prefix, roles) for name, roles in lines_of.items()}) for p in phases]
+        if any(points for _, by_line in series for points in by_line.values()):
             name = f"trajectory_{prefix}.png"
             plot_phase_trajectories(series, out_dir / name, label, "relative RSF (mean over roles, layers)",
-                                    offset_after="pretrain (CE)")
+                                    pretrain=pretrain, thresholds=THRESHOLDS[prefix])
             lines += [f"![trajectory {prefix}]({name})", ""]
     for prefix in ("rsf_in", "rsf_out_pred"):
         for p in phases:
-            if not any(keys.layer_of(k, prefix) for r in p.rows for k in r):
+            if not any(keys.layer_of(k, prefix) and isinstance(v, float) and math.isfinite(v)
+                       for r in p.rows for k, v in r.items()):
                 continue
             safe = p.name.split(" ")[0].replace("/", "_")
             path = plot_rsf_over_steps(p.rows, prefix=prefix, out_path=out_dir / f"{prefix}_{safe}.png",
-                                       title=f"{prefix} over steps: {p.name}")
+                                       title=f"{prefix} over steps: {p.name}", thresholds=THRESHOLDS[prefix])
             lines.append(f"![{prefix} {p.name}]({Path(path).name})")
     lines.append("")
     (out_dir / "report.md").write_text("\n".join(lines))
-    (out_dir / "verdicts.json").write_text(json.dumps([v.__dict__ for v in found], indent=2))
+    (out_dir / "verdicts.json").write_text(json.dumps([asdict(v) for v in found], indent=2))
+    (out_dir / "health.json").write_text(health_json(warnings, notes))
     return out_dir / "report.md"
+

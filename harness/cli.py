@@ -6,6 +6,7 @@
     harness report runs/asymmetry                       # Markdown + PNG report from saved files
     harness validate recipes/asymmetry.yaml             # print the resolved config, run nothing
     harness compare BASE_DIR AFTER_DIR --out cmp/       # static geometry of the delta between two checkpoints
+    harness prepare-data /data/corpus/ --out /data/tok  # pre-tokenize text into token shards
     harness recipes                                     # the bundled recipes, one line each
     harness keys [train.]                               # every recipe key: type, default, meaning
 
@@ -24,7 +25,7 @@ import threading
 from pathlib import Path
 
 from harness.compare_cli import add_compare_parser, compare_command
-
+from harness.prepare_data_cli import add_prepare_data_parser, prepare_data_command
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="list every recipe key with its type, default and meaning")
     keys.add_argument("filter", nargs="?", help="only keys containing this text, e.g. train.")
     add_compare_parser(sub)
+    add_prepare_data_parser(sub)
     return parser
 
 
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(write_report(Path(args.run_dir)))
             return 0
+        if args.command == "prepare-data":
+            return prepare_data_command(args)
         cfg = load_config(resolve_recipe(args.recipe), args.overrides)
         if args.command == "validate":
             validate_recipe(cfg)

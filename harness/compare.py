@@ -10,7 +10,7 @@ split, GPT-2's Conv1D transposed) of two checkpoints of one architecture, ``dW =
 * output side (write roles o, down): relative ``RSF_out(dW; V_k)`` with ``V_k`` the prediction
   subspace of the unembedding (top-k right singular vectors of ``W_U diag(g)``, all-ones
   direction projected out for LayerNorm models), from AFTER's ``W_U`` by default (``unembed``);
-* z-scores against seeded Haar-random k-subspaces, eigengaps, and the relative RSF for every k of
+* exact z-scores against Haar-random k-subspaces (closed form, as the live metrics), eigengaps, and the relative RSF for every k of
   ``k_curve``.
 
 The numbers are the live metrics' (``hooks.suite.InstrumentSuite.compute``): the same geometry
@@ -40,7 +40,7 @@ from core.tokenizer import load_tokenizer
 
 from hooks import geometry as geo
 from hooks import keys
-from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE, DEFAULT_N_RANDOM,
+from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE, 
                                      DEFAULT_N_TOKENS, DEFAULT_SEQ_LEN, UNEMBED_CHOICES)
 from harness.compare_report import write_compare_report
 from harness.input_covariance import (InputCovariances, measure_input_covariances, read_snapshot,
@@ -94,7 +94,7 @@ class CompareResult:
     k: int
     k_curve: tuple[int, ...]
     unembed: str  # whose W_U the prediction subspace came from: "after" or "base"
-    n_random: int
+    zscores: bool
     seed: int
     matrices: list[MatrixResult]
     c_a_source: str | None = None  # None when nothing was measured (no delta)
@@ -162,24 +162,16 @@ class CompareResult:
         return data
 
 
-def random_subspace_z(dW: Tensor, rsf_value: float, k: int, side: str, n_random: int, seed: int) -> float | None:
-    """z-score of a (non-relative) RSF against ``n_random`` seeded Haar-random k-subspaces.
-
-    The one place compare calls the live metrics' baseline (``geometry.zscore_vs_random`` with the
-    suite's ``n_samples`` / ``seed`` meaning), so that replacing it by the closed form is a
-    one-line change. None when ``n_random`` is 0 (disabled, as in the suite).
-    """
-    if n_random == 0:
-        return None
-    # zscore_vs_random draws its random bases on the CPU and projects dW there: hand it a CPU copy,
-    # so a CUDA dW does not meet CPU bases.
-    return geo.zscore_vs_random(dW.detach().cpu(), rsf_value, k, side, n_samples=n_random, seed=seed)
+def zscore(dW: Tensor, rsf_value: float, k: int, side: str, enabled: bool) -> float | None:
+    """Exact z-score of a (non-relative) RSF against Haar-random k-subspaces, as the live metrics
+    compute it (``geometry.rsf_zscore``); None when z-scores are off."""
+    return geo.rsf_zscore(dW, rsf_value, k, side) if enabled else None
 
 
 def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib", text_field: str = "text",
             k: int = DEFAULT_K, k_curve: tuple[int, ...] | list[int] = DEFAULT_K_CURVE, unembed: str = "after",
             c_a: str | Path | None = None, c_a_model: str = "base", n_tokens: int = DEFAULT_N_TOKENS,
-            seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE, n_random: int = DEFAULT_N_RANDOM,
+            seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE, zscores: bool = True,
             seed: int = 0, tokenizer: str | Path | None = None,
             device: str | torch.device | None = None, out_dir: str | Path | None = None) -> CompareResult:
     """Static read/write analysis of ``dW = W_after - W_base`` for two local HF checkpoints.
@@ -200,7 +192,7 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
             activations the delta was written against, before the delta changed them).
         n_tokens, seq_len, batch_size, seed: the token sample (non-padding tokens, chunk length
             capped at the model's positions, forward batch, sampling seed).
-        n_random: Haar-random subspaces per z-score (0 disables; the suite's default is 20).
+        zscores: exact z-scores of each RSF against random k-subspaces (closed form, as the live metrics).
         tokenizer: tokenizer directory (default: the one saved in ``base_dir``).
         device: where models and geometry run (default CUDA when available, else CPU).
         out_dir: when given, report.md, compare.json, PNGs (and the measured ``c_a.safetensors``).
@@ -208,7 +200,7 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
     Raises ValueError / FileNotFoundError naming the path, matrix, flag or snapshot key at fault.
     """
     k_curve = tuple(int(v) for v in k_curve)
-    _check_options(k, k_curve, unembed, c_a_model, n_random, n_tokens, seq_len, batch_size)
+    _check_options(k, k_curve, unembed, c_a_model, n_tokens, seq_len, batch_size)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if c_a is None and text != "stdlib" and not Path(text).exists():  # fail before loading two models
         raise FileNotFoundError(f"--text {text!r} does not exist; use 'stdlib', a local file or a directory")
@@ -218,7 +210,7 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
     tracked_base = resolve_tracked(base)  # an architecture without a role table fails here
     tracked_after = resolve_tracked(after)
     deltas, matrices = _deltas(tracked_base, tracked_after)
-    result = CompareResult(str(base_dir), str(after_dir), model_type, k, k_curve, unembed, n_random, seed, matrices)
+    result = CompareResult(str(base_dir), str(after_dir), model_type, k, k_curve, unembed, zscores, seed, matrices)
     if result.no_delta:
         result.notes.append("BASE and AFTER have identical weights in every tracked matrix: there is no delta, "
                             "so no RSF, z-score or curve is reported.")
@@ -238,7 +230,7 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
 
 # ----- loading and consistency checks --------------------------------------------------------------
 
-def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: str, n_random: int,
+def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: str,
                    n_tokens: int, seq_len: int, batch_size: int) -> None:
     for flag, value in (("--n-tokens", n_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
         if value < 1:
@@ -251,8 +243,6 @@ def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: st
         raise ValueError(f"--unembed must be one of {UNEMBED_CHOICES}, got {unembed!r}")
     if c_a_model not in C_A_MODELS:
         raise ValueError(f"--c-a-model must be one of {C_A_MODELS}, got {c_a_model!r}")
-    if n_random == 1 or n_random < 0:
-        raise ValueError(f"--n-random must be 0 (no z-scores) or >= 2, got {n_random}")
 
 
 def _load(label: str, path: str | Path, device: torch.device) -> nn.Module:
@@ -385,7 +375,7 @@ def _input_side(result: CompareResult, deltas: dict[str, Tensor], tracked: list[
         k = min(result.k, n - 1)
         value = geo.rsf_in(dW, evecs[:, :k])
         m.rsf_in, m.k_in = geo.relative_rsf(value, k, n), k
-        m.z_in = random_subspace_z(dW, value, k, "in", result.n_random, result.seed)
+        m.z_in = zscore(dW, value, k, "in", result.zscores)
         m.gap_in = geo.eigengap(evals, k)
         if _curve_ks(result.k_curve, n):
             m.curve_in = geo.rsf_curve(dW, evecs, _curve_ks(result.k_curve, n), side="in")
@@ -415,7 +405,7 @@ def _output_side(result: CompareResult, deltas: dict[str, Tensor], base: nn.Modu
         dW = deltas[m.key]
         value = geo.rsf_out(dW, V[:, :k])
         m.rsf_out_pred, m.k_out = geo.relative_rsf(value, k, d), k
-        m.z_out_pred = random_subspace_z(dW, value, k, "out", result.n_random, result.seed)
+        m.z_out_pred = zscore(dW, value, k, "out", result.zscores)
         m.rsf_out_pred_alt = geo.relative_rsf(geo.rsf_out(dW, V_alt[:, :k]), k, d)
         if _curve_ks(result.k_curve, d):
             m.curve_out = geo.rsf_curve(dW, V, _curve_ks(result.k_curve, d), side="out")

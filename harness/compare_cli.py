@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE, DEFAULT_N_RANDOM,
+from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE,
                                      DEFAULT_N_TOKENS, DEFAULT_SEQ_LEN, UNEMBED_CHOICES)
 
 DEFAULT_OUT = "compare"
@@ -51,9 +51,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"tokens per sequence, capped at the model's positions (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=f"sequences per forward (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--n-random", type=int, default=DEFAULT_N_RANDOM,
-                   help=f"random subspaces per z-score (0 disables; default {DEFAULT_N_RANDOM})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the token sample and the random subspaces")
+    p.add_argument("--no-zscores", action="store_true", help="skip the z-scores against random subspaces")
+    p.add_argument("--seed", type=int, default=0, help="seed of the token sample")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved in BASE)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
@@ -68,7 +67,7 @@ def compare_command(args: argparse.Namespace) -> int:
     result = compare(args.base, args.after, text=args.text, text_field=args.text_field, k=args.k,
                      k_curve=args.k_curve, unembed=args.unembed, c_a=args.c_a, c_a_model=args.c_a_model,
                      n_tokens=args.n_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                     n_random=args.n_random, seed=args.seed, tokenizer=args.tokenizer, device=args.device,
+                     zscores=not args.no_zscores, seed=args.seed, tokenizer=args.tokenizer, device=args.device,
                      out_dir=args.out)
     if result.no_delta:
         print(f"no delta: {result.notes[0]}")

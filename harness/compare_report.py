@@ -93,8 +93,8 @@ def write_compare_report(result: CompareResult, out_dir: str | Path) -> Path:
         lines += ["**No delta.** " + result.notes[0], ""]
         (out_dir / "report.md").write_text("\n".join(lines))
         return out_dir / "report.md"
-    z_note = (f"z-scores against {result.n_random} seeded Haar-random k-subspaces (seed {result.seed})"
-              if result.n_random else "z-scores disabled (n_random = 0)")
+    z_note = ("exact z-scores against Haar-random k-subspaces (closed form)" if result.zscores
+              else "z-scores off (--no-zscores)")
     lines += ["## Settings", "",
               f"- Input side: top-{result.k} eigenvectors of C_a (uncentered) per input group; C_a from "
               f"{result.c_a_source}." + (f" Saved as `{Path(result.c_a_file).name}` (reuse with `--c-a`)."

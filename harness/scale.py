@@ -1,7 +1,7 @@
 """The scale report: each claim's figures across a sweep of sizes and pretraining lengths.
 
 Reads every ``RUN/{i:02d}/`` pipeline of a sweep (its config.yaml and metrics files), recomputes the
-asymmetry verdicts per run (harness/asymmetry.py), and writes one table and one plot: at what size
+asymmetry verdicts per run (harness/claims.py), and writes one table and one plot: at what size
 does each claim start to hold?
 """
 
@@ -9,21 +9,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import yaml  # noqa: E402
-
-from harness.asymmetry import READ_ROLES, load_phases, mean_over, verdicts  # noqa: E402
-from harness.report import markdown_table  # noqa: E402
-from hooks.roles import WRITE_ROLES  # noqa: E402
+from harness.claims import CONCENTRATED, READ_ROLES, verdicts
+from harness.phases import load_phases, mean_over, read_config
+from harness.plots import ISOTROPIC, plot_scale
+from harness.report import markdown_table
+from hooks.roles import WRITE_ROLES
 
 
 def sweep_rows(run_dir: Path) -> list[dict]:
     rows = []
     for sub in sorted(p for p in Path(run_dir).iterdir() if p.is_dir() and (p / "align").is_dir()):
-        cfg = yaml.safe_load((sub / "config.yaml").read_text())
+        cfg = read_config(sub)
         phases = load_phases(sub)
         ce = next((p for p in phases if p.kind == "ce"), None)
         dpo = next((p for p in phases if p.grade == 1.0), None)
@@ -51,24 +47,16 @@ def write_scale_report(run_dir: Path) -> Path:
               "align RSF_in q/k", "align RSF_out(pred) o/down"] + [f"claim {i + 1}" for i in range(len(claims))]
     table = [[r["run"], r["hidden"], r["layers"], r["heads"], r["vocab"], r["pretrain_steps"], r["ce_write_pred"],
               r["align_read_in"], r["align_write_pred"]]
-             + [{True: "held", False: "no", None: "n/a"}[v.held] for v in r["verdicts"]] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = [r["hidden"] * r["layers"] for r in rows]
-    for key, label in (("ce_write_pred", "CE: write side vs prediction subspace"),
-                       ("align_read_in", "alignment: read side vs C_a"),
-                       ("align_write_pred", "alignment: write side vs prediction subspace")):
-        ax.plot(x, [r[key] for r in rows], marker="o", label=label)
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="isotropic")
-    ax.set_xscale("log")
-    ax.set_xlabel("hidden size x layers")
-    ax.set_ylabel("relative RSF (mean over roles, layers)")
-    ax.set_title("Each claim's figure across the sweep")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "scale.png", dpi=120)
-    plt.close(fig)
+             + [v.status for v in r["verdicts"]] for r in rows]
+    plot_scale([r["hidden"] * r["layers"] for r in rows],
+               {label: [r[key] for r in rows] for key, label in (
+                   ("ce_write_pred", "CE: write side vs prediction subspace"),
+                   ("align_read_in", "alignment: read side vs C_a"),
+                   ("align_write_pred", "alignment: write side vs prediction subspace"))},
+               out_dir / "scale.png",
+               thresholds=(ISOTROPIC, (CONCENTRATED, f"verdict threshold ({CONCENTRATED:g})")))
     lines = [f"# Scale sweep: {run_dir.name}", "", "Claims:", ""]
-    lines += [f"{i + 1}. {c}" for i, c in enumerate(claims)]
+    lines += [f"{i + 1}. {c} ({v.rule})" for i, (c, v) in enumerate(zip(claims, rows[0]["verdicts"]))]
     lines += ["", markdown_table(header, table), "", "![scale](scale.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
     return out_dir / "report.md"

@@ -5,8 +5,10 @@ Definitions: docs/metrics.md. Conventions:
 - A weight (or delta, update, gradient) is ``(m, n)`` = out x in, as PyTorch stores ``nn.Linear``.
 - Bases are column-orthonormal: ``U`` is ``(n, k)`` on the input side, ``V`` is ``(m, k)`` on the
   output side.
-- Everything is computed in float64 (fp32 eigendecompositions of spiked covariances lose the
-  small eigenvalues that spikiness and eigengaps depend on).
+- The scalar functions (``rsf_in``, ``spikiness``, ...) return Python floats and compute in float64;
+  they are the reference, and what reports use. Each wraps a batched kernel (``*_batched``: a
+  leading batch dimension, tensors in, tensors out, on the inputs' device, in the inputs' dtype), which
+  the live metrics use to measure every layer at once with a single host synchronisation.
 - Degenerate inputs give defined numbers, never NaN: a zero delta has RSF 0.0 (it writes nowhere),
   a zero spectrum has spikiness 0.0 in every entry, zero gradient sums have coherence 0.0.
 """
@@ -34,10 +36,19 @@ def sym_eigh(C: Tensor) -> tuple[Tensor, Tensor]:
     produces for a PSD matrix are clipped to 0.
     """
     _check_square(C, "C")
-    C = C.detach().double()
-    evals, evecs = torch.linalg.eigh((C + C.T) / 2)
-    order = torch.argsort(evals, descending=True)
-    return evals[order].clamp_min(0.0), evecs[:, order]
+    evals, evecs = sym_eigh_batched(C.detach().double()[None])
+    return evals[0], evecs[0]
+
+
+def sym_eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`sym_eigh` of a stack ``C`` (B, n, n) in ``C``'s dtype: ``(evals (B, n), evecs (B, n, n))``.
+
+    float32 is several times faster (and the only fast option on most GPUs) but resolves eigenvalues
+    only down to about 1e-7 of the largest: enough for the top-k subspaces and top-k shares, less
+    so for the tail that the effective rank sums over (benchmarks/README.md gives measured errors).
+    """
+    evals, evecs = torch.linalg.eigh((C + C.transpose(-1, -2)) / 2)
+    return evals.flip(-1).clamp_min(0.0), evecs.flip(-1)
 
 
 def top_eigvecs(C: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -85,8 +96,7 @@ def rsf_in(dW: Tensor, U: Tensor) -> float:
     """
     _check_matrix(dW, "dW")
     _check_basis(U, dW.shape[1], "U", "dW.shape[1] (the input dim n)")
-    dW = dW.detach().double()
-    return _ratio((dW @ U.detach().double()).square().sum(), dW.square().sum())
+    return rsf_batched(dW.detach().double()[None], U.detach().double()[None], "in").item()
 
 
 def rsf_out(dW: Tensor, V: Tensor) -> float:
@@ -97,8 +107,14 @@ def rsf_out(dW: Tensor, V: Tensor) -> float:
     """
     _check_matrix(dW, "dW")
     _check_basis(V, dW.shape[0], "V", "dW.shape[0] (the output dim m)")
-    dW = dW.detach().double()
-    return _ratio((V.detach().double().T @ dW).square().sum(), dW.square().sum())
+    return rsf_batched(dW.detach().double()[None], V.detach().double()[None], "out").item()
+
+
+def rsf_batched(dW: Tensor, basis: Tensor, side: Side) -> Tensor:
+    """RSF (B,) of a stack of deltas ``dW`` (B, m, n) against bases (B, n, k) (side "in") or (B, m, k)
+    (side "out"), computed in ``dW``'s dtype; 0 where a delta is zero."""
+    projected = dW @ basis if side == "in" else basis.transpose(-1, -2) @ dW
+    return _safe_ratio(projected.square().sum((-2, -1)), dW.square().sum((-2, -1)))
 
 
 def relative_rsf(rsf: float, k: int, dim: int) -> float:
@@ -131,7 +147,7 @@ def rsf_curve(dW: Tensor, basis: Tensor, ks: list[int], side: Side = "in") -> di
     for k in ks:
         k_eff = min(int(k), B.shape[1])
         _check_k(k_eff, dim, "rsf_curve")
-        curve[k_eff] = relative_rsf(_ratio(cumulative[k_eff - 1], total), k_eff, dim)
+        curve[k_eff] = relative_rsf(_safe_ratio(cumulative[k_eff - 1], total).item(), k_eff, dim)
     return curve
 
 
@@ -144,10 +160,15 @@ def haar_subspace(dim: int, k: int, generator: torch.Generator) -> Tensor:
     without the sign fix Q's columns are not Haar-distributed (the span would still be).
     """
     _check_k(k, dim, "haar_subspace")
-    G = torch.randn(dim, k, generator=generator, dtype=torch.float64)
+    return haar_subspaces(1, dim, k, generator)[0]
+
+
+def haar_subspaces(count: int, dim: int, k: int, generator: torch.Generator) -> Tensor:
+    """``count`` Haar-random orthonormal bases (count, dim, k) float64 on the CPU, one batched QR."""
+    G = torch.randn(count, dim, k, generator=generator, dtype=torch.float64)
     Q, R = torch.linalg.qr(G)
-    signs = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(torch.float64)
-    return Q * signs
+    signs = torch.where(torch.diagonal(R, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(torch.float64)
+    return Q * signs[:, None, :]
 
 
 def random_subspace_rsf(dW: Tensor, k: int, side: Side, n_samples: int = 20, seed: int = 0) -> Tensor:
@@ -162,19 +183,20 @@ def random_subspace_rsf(dW: Tensor, k: int, side: Side, n_samples: int = 20, see
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     dim = dW.shape[1] if side == "in" else dW.shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    rsf = rsf_in if side == "in" else rsf_out
-    return torch.tensor([rsf(dW, haar_subspace(dim, k, generator)) for _ in range(n_samples)],
-                        dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)  # on the CPU; the bases then move to dW's device
+    _check_k(k, dim, "random_subspace_rsf")
+    bases = haar_subspaces(n_samples, dim, k, generator).to(dW.device)
+    dW = dW.detach().double()
+    return rsf_batched(dW.expand(n_samples, *dW.shape), bases, side).cpu()
 
 
 def zscore_vs_random(dW: Tensor, rsf_value: float, k: int, side: Side, n_samples: int = 20,
                      seed: int = 0) -> float:
     """``(rsf_value - mean) / std`` over ``random_subspace_rsf`` (sample std, n_samples >= 2).
 
-    Large positive: the delta prefers the measured subspace far beyond chance. When the random
-    RSFs have no spread (zero delta, or k == dim where every subspace is the whole space) there is
-    no evidence either way and the result is 0.0.
+    The sampled estimate of :func:`rsf_zscore` (kept as its check). When the random RSFs have no
+    spread (zero delta, or k == dim where every subspace is the whole space) there is no evidence
+    either way and the result is 0.0.
     """
     if n_samples < 2:
         raise ValueError(f"n_samples must be >= 2 to estimate a standard deviation, got {n_samples}")
@@ -184,6 +206,51 @@ def zscore_vs_random(dW: Tensor, rsf_value: float, k: int, side: Side, n_samples
     if std <= 1e-12:
         return 0.0
     return (float(rsf_value) - mean) / std
+
+
+def rsf_zscore(dW: Tensor, rsf_value: float, k: int, side: Side) -> float:
+    """Exact z-score of an RSF against Haar-random k-subspaces: ``(rsf - k/dim) / sd``.
+
+    Large positive: the delta prefers the measured subspace far beyond chance. See
+    :func:`rsf_null_moments` for the closed form; 0.0 when the null has no spread.
+    """
+    _check_matrix(dW, "dW")
+    _check_side(side)
+    dim = dW.shape[1] if side == "in" else dW.shape[0]
+    _check_k(k, dim, "rsf_zscore")
+    value = torch.tensor([float(rsf_value)], dtype=torch.float64, device=dW.device)
+    return rsf_zscore_batched(value, dW.detach().double()[None], k, side).item()
+
+
+def rsf_null_moments(dW: Tensor, k: int, side: Side) -> tuple[Tensor, Tensor]:
+    """Mean and variance (each (B,)) of the RSF of deltas ``dW`` (B, m, n) against a Haar-random
+    k-subspace of R^dim (dim = n for side "in", m for "out").
+
+    With ``A = dW^T dW / ‖dW‖_F²`` (side "in"; ``dW dW^T / ‖dW‖_F²`` for "out"), ``tr A = 1`` and the
+    RSF is ``tr(P A)`` for a random rank-k projector ``P``; its moments are
+    ``E = k / dim`` and ``Var = 2 k (dim - k) / ((dim - 1) dim (dim + 2)) * (tr(A²) - 1 / dim)``.
+    ``tr(A²) = ‖G‖_F² / ‖dW‖_F⁴`` is the same on both sides, with ``G`` the smaller Gram matrix of
+    ``dW`` (cost ``m n min(m, n)``). tests/test_geometry.py checks both moments against Haar samples.
+    """
+    B, m, n = dW.shape
+    dim = n if side == "in" else m
+    gram = dW @ dW.transpose(-1, -2) if m <= n else dW.transpose(-1, -2) @ dW
+    norm2 = dW.square().sum((-2, -1))
+    tr_a2 = _safe_ratio(gram.square().sum((-2, -1)), norm2.square())
+    mean = torch.full_like(norm2, k / dim)
+    if dim == 1:  # the only subspace is the whole line
+        return mean, torch.zeros_like(norm2)
+    scale = 2 * k * (dim - k) / ((dim - 1) * dim * (dim + 2))
+    return mean, scale * (tr_a2 - 1 / dim).clamp_min(0.0)
+
+
+def rsf_zscore_batched(rsf: Tensor, dW: Tensor, k: int, side: Side) -> Tensor:
+    """Exact z-scores (B,) of RSF values ``rsf`` (B,) of deltas ``dW`` (B, m, n); 0 where the null
+    distribution has no spread (a zero delta, or k == dim)."""
+    mean, var = rsf_null_moments(dW, k, side)
+    std = var.sqrt()
+    # RSF lives in [0, 1]; a spread at round-off level is "no spread", not a tiny denominator.
+    return torch.where(std > 1e-12, (rsf - mean) / std.clamp_min(1e-12), torch.zeros_like(std))
 
 
 # ----- spectra ------------------------------------------------------------------------------------
@@ -200,16 +267,22 @@ def spikiness(evals: Tensor, k: int) -> dict[str, float]:
     l = _spectrum(evals, "evals")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    total = l.sum()
-    if total <= 0:
-        return {"top1": 0.0, "topk": 0.0, "pr": 0.0, "erank": 0.0}
-    p = l / total
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {name: v.item() for name, v in spikiness_batched(l[None], k).items()}
+
+
+def spikiness_batched(evals: Tensor, k: int) -> dict[str, Tensor]:
+    """:func:`spikiness` of a stack of spectra ``evals`` (B, n), sorted descending and clipped at 0
+    (as :func:`sym_eigh_batched` returns them); each entry (B,)."""
+    total = evals.sum(-1)
+    p = evals / total.clamp_min(torch.finfo(evals.dtype).tiny)[:, None]
+    entropy = -torch.where(p > 0, p * p.clamp_min(torch.finfo(evals.dtype).tiny).log(), torch.zeros_like(p)).sum(-1)
+    measured = total > 0
+    zero = torch.zeros_like(total)
     return {
-        "top1": p[0].item(),
-        "topk": p[:k].sum().item(),
-        "pr": (total.square() / l.square().sum()).item(),
-        "erank": math.exp(entropy.item()),
+        "top1": torch.where(measured, p[:, 0], zero),
+        "topk": torch.where(measured, p[:, :k].sum(-1), zero),
+        "pr": torch.where(measured, _safe_ratio(total.square(), evals.square().sum(-1)), zero),
+        "erank": torch.where(measured, entropy.exp(), zero),
     }
 
 
@@ -223,11 +296,15 @@ def eigengap(evals_desc: Tensor, k: int) -> float:
     """
     l = _spectrum(evals_desc, "evals_desc")
     _check_k(k, l.shape[0], "evals_desc")
-    if k == l.shape[0]:
-        return 1.0
-    if l[k - 1] <= 0:
-        return 0.0
-    return ((l[k - 1] - l[k]) / l[k - 1]).item()
+    return eigengap_batched(l[None], k).item()
+
+
+def eigengap_batched(evals: Tensor, k: int) -> Tensor:
+    """:func:`eigengap` of a stack of descending spectra ``evals`` (B, n); (B,)."""
+    if k == evals.shape[-1]:
+        return torch.ones_like(evals[:, 0])
+    lk, lnext = evals[:, k - 1], evals[:, k]
+    return torch.where(lk > 0, (lk - lnext) / lk.clamp_min(torch.finfo(evals.dtype).tiny), torch.zeros_like(lk))
 
 
 # ----- coherence ----------------------------------------------------------------------------------
@@ -239,7 +316,7 @@ def coherence(sum_G: Tensor, sum_sq_norms: float | Tensor) -> float:
     denominator = float(sum_sq_norms)
     if denominator < 0:
         raise ValueError(f"sum_sq_norms is a sum of squared norms and must be >= 0, got {denominator}")
-    return _ratio(sum_G.detach().double().square().sum(), torch.tensor(denominator, dtype=torch.float64))
+    return _safe_ratio(sum_G.detach().double().square().sum(), torch.tensor(denominator, dtype=torch.float64)).item()
 
 
 # ----- prediction subspace ------------------------------------------------------------------------
@@ -278,11 +355,10 @@ def prediction_subspace(W_U: Tensor, gain: Tensor | None = None, k: int = 8, lay
 
 # ----- helpers ------------------------------------------------------------------------------------
 
-def _ratio(numerator: Tensor, denominator: Tensor) -> float:
-    """``numerator / denominator`` as a float, 0.0 when the denominator is 0 (nothing to split)."""
-    if denominator.item() == 0.0:
-        return 0.0
-    return (numerator / denominator).item()
+def _safe_ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` elementwise, 0 where the denominator is 0 (nothing to split)."""
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return torch.where(denominator == 0, torch.zeros_like(numerator), numerator / safe)
 
 
 def _spectrum(evals: Tensor, name: str) -> Tensor:

@@ -1,13 +1,16 @@
 """What the metric quantities read at one scheduled computation, computed once and shared.
 
 A :class:`Measurement` is built by the suite when its schedule fires. It holds the covariances summed
-over processes (one collective), their eigendecompositions (each computed once, whichever quantities
-read them), the weight views of every matrix that has been written to, the frozen subspaces and the
-prediction subspace. Quantities (``hooks/quantities``) are pure readers of it.
+over processes (one collective), their eigendecompositions (computed once, batched over layers of the
+same width, whichever quantities read them), the weight views of every matrix that has been written
+to, the frozen subspaces and the prediction subspace. Quantities (``hooks/quantities``) are pure
+readers of it and return :class:`Values`: tensors on the instruments' device, brought to the host
+once per computation (a GPU run synchronises once, not once per metric).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -19,6 +22,37 @@ from hooks import keys
 from hooks.covariance import CovarianceInstrument
 from hooks.roles import TrackedMatrix, unembedding
 from hooks.updates import UpdateInstrument
+
+
+class Values:
+    """Metric values collected as tensors (or floats) and synchronised with the host once."""
+
+    def __init__(self) -> None:
+        self._names: list[list[str]] = []
+        self._blocks: list[Tensor] = []
+        self._floats: dict[str, float] = {}
+
+    def add(self, names: list[str], values: Tensor) -> None:
+        """``values`` (len(names),): one metric per name, on any device."""
+        self._names.append(list(names))
+        self._blocks.append(values.reshape(-1))
+
+    def add_float(self, name: str, value: float) -> None:
+        self._floats[name] = float(value)
+
+    def extend(self, other: Values) -> None:
+        self._names += other._names
+        self._blocks += other._blocks
+        self._floats.update(other._floats)
+
+    def to_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self._blocks:
+            device = self._blocks[0].device
+            flat = torch.cat([b.to(device=device, dtype=torch.float64) for b in self._blocks]).tolist()
+            out.update(zip((n for names in self._names for n in names), flat, strict=True))
+        out.update(self._floats)
+        return out
 
 
 @dataclass
@@ -40,13 +74,14 @@ class Measurement:
     """Shared inputs of the quantities at ``step``.
 
     ``k``: the suite's subspace dimension (each quantity caps it at a matrix's dim - 1).
-    ``n_random``, ``seed``: random-subspace z-scores (0 samples disables them).
+    ``zscores``: whether the RSF families report z-scores. ``dtype``: the dtype of the metric math
+    (float64, or float32 where it is measured to be accurate enough: see SuiteConfig.metric_dtype).
     """
 
     step: int
     k: int
-    n_random: int
-    seed: int
+    zscores: bool
+    dtype: torch.dtype
     cov: CovarianceInstrument
     upd: UpdateInstrument
     tracked: list[TrackedMatrix]
@@ -62,29 +97,37 @@ class Measurement:
 
     @cached_property
     def eig_in(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{group key "L{i}/{g}": (evals desc, evecs)}`` of every measured ``C_a`` (float64)."""
-        return {key: geo.sym_eigh(self.cov.covariance_in(key, state=self.state)) for key in self.cov.sums_in}
+        """``{group key "L{i}/{g}": (evals desc, evecs)}`` of every measured ``C_a``."""
+        return self._eigh({key: self.cov.covariance_in(key, state=self.state) for key in self.cov.sums_in})
 
     @cached_property
     def eig_out(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{role key "L{i}/{r}": (evals desc, evecs)}`` of every measured ``C_delta`` (float64)."""
-        return {key: geo.sym_eigh(self.cov.covariance_out(key, state=self.state)) for key in self.cov.sums_out}
+        """``{role key "L{i}/{r}": (evals desc, evecs)}`` of every measured ``C_delta``."""
+        return self._eigh({key: self.cov.covariance_out(key, state=self.state) for key in self.cov.sums_out})
+
+    def _eigh(self, matrices: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        """One batched eigendecomposition per matrix width (all layers at once)."""
+        by_width: dict[int, list[str]] = defaultdict(list)
+        for key, C in matrices.items():
+            by_width[C.shape[0]].append(key)
+        out = {}
+        for names in by_width.values():
+            evals, evecs = geo.sym_eigh_batched(torch.stack([matrices[n].to(self.dtype) for n in names]))
+            out.update({n: (evals[i], evecs[i]) for i, n in enumerate(names)})
+        return {key: out[key] for key in matrices}
 
     @cached_property
     def written(self) -> list[Written]:
         """Tracked matrices with a nonzero cumulative delta: frozen ones (LoRA) and matrices with a zero
         learning rate so far have no direction, so no RSF is reported for them."""
-        out = []
-        for tm in self.tracked:
-            delta = self.upd.delta(tm)
-            if bool(delta.any()):
-                views = (delta, self.upd.update.get(tm.key), self.upd.grad.get(tm.key))
-                out.append(Written(tm, dict(zip(keys.VIEWS, views))))
-        return out
+        deltas = [self.upd.delta(tm) for tm in self.tracked]
+        nonzero = torch.stack([d.square().sum() > 0 for d in deltas]).tolist()  # one host sync
+        return [Written(tm, dict(zip(keys.VIEWS, (d, self.upd.update.get(tm.key), self.upd.grad.get(tm.key)))))
+                for tm, d, keep in zip(self.tracked, deltas, nonzero) if keep]
 
     def prediction(self, k: int) -> tuple[Tensor, Tensor]:
         """Top-k prediction subspace ``V`` (d, k) of the model's unembedding at this step, and all
-        singular values of ``W_U diag(g)``."""
+        singular values of ``W_U diag(g)`` (float64: computed once per measurement)."""
         if k not in self._prediction:
             W_U, gain, layernorm = unembedding(self.model, self.arch)
             self._prediction[k] = geo.prediction_subspace(W_U, gain, k=k, layernorm=layernorm)

@@ -29,7 +29,7 @@ from hooks import geometry as geo
 from hooks import keys
 from hooks.covariance import CovarianceInstrument
 from hooks.distributed import rank, world_size
-from hooks.measurement import Measurement
+from hooks.measurement import Measurement, Values
 from hooks.quantities import DEFAULT_QUANTITIES, Quantity
 from hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
 from hooks.schedule import Schedule
@@ -50,8 +50,11 @@ class SuiteConfig:
     costliest covariance); ``output_roles``: roles with ``C_delta`` (the write pathway).
     ``k``: subspace dimension of the streamed RSF (capped at each matrix's dim - 1); ``k_curve``: the
     k values of the reports' RSF-vs-k curves. ``every_n`` / ``log_spaced``: the metric schedule.
-    ``n_random``: Haar-random subspaces per z-score (0 disables them). ``max_tokens``: per-forward
-    token subsample for the covariances (None: every token, exact). ``dtype``: accumulation dtype.
+    ``zscores``: exact z-scores of each RSF against random k-subspaces (closed form, cheap).
+    ``max_tokens``: per-forward token subsample for the covariances (None: every token, exact).
+    ``dtype``: accumulation dtype. ``metric_dtype``: dtype of the metric computation; ``auto`` is
+    float64 on the CPU and float32 on a GPU, where float64 eigendecompositions are several times slower
+    (benchmarks/README.md lists the measured float32 error).
     """
 
     enabled: bool = True
@@ -63,9 +66,10 @@ class SuiteConfig:
     k_curve: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     every_n: int = 20
     log_spaced: bool = True
-    n_random: int = 20
+    zscores: bool = True
     max_tokens: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
+    metric_dtype: Literal["auto", "float32", "float64"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("roles", "input_roles", "output_roles"):
@@ -75,16 +79,14 @@ class SuiteConfig:
         for name in ("k", "every_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"instruments.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_random < 0:
-            raise ValueError(f"instruments.n_random must be >= 0 (0 disables z-scores), got {self.n_random}")
-        if self.n_random == 1:
-            raise ValueError("instruments.n_random must be 0 (no z-scores) or >= 2 (a standard deviation needs two samples)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"instruments.max_tokens must be >= 1 or null, got {self.max_tokens}")
         if any(k < 1 for k in self.k_curve):
             raise ValueError(f"instruments.k_curve values must be >= 1, got {self.k_curve}")
         if self.dtype not in DTYPES:
             raise ValueError(f"instruments.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.metric_dtype not in ("auto", *DTYPES):
+            raise ValueError(f"instruments.metric_dtype must be auto, float32 or float64, got {self.metric_dtype!r}")
 
 
 class InstrumentSuite:
@@ -108,7 +110,7 @@ class InstrumentSuite:
         self.config = dataclasses.replace(config or SuiteConfig(), **options)
         c = self.config
         self.model, self.arch, self.seed = model, arch, seed
-        self.k, self.n_random = c.k, c.n_random
+        self.k = c.k
         self.input_roles = tuple(c.input_roles)
         self.schedule = Schedule(every_n=c.every_n, log_spaced=c.log_spaced)
         self.quantities = tuple(quantities) if quantities is not None else DEFAULT_QUANTITIES
@@ -201,14 +203,21 @@ class InstrumentSuite:
 
     def compute(self, step: int) -> dict[str, float]:
         """Every quantity's metrics now (a collective under torch.distributed: call it on every rank)."""
-        m = Measurement(step=step, k=self.k, n_random=self.n_random, seed=self.seed, cov=self.cov, upd=self.upd,
-                        tracked=self.tracked, input_roles=self.input_roles, frozen=self.frozen, model=self.model,
-                        arch=self.arch)
-        out: dict[str, float] = {}
+        m = Measurement(step=step, k=self.k, zscores=self.config.zscores, dtype=self._metric_dtype(), cov=self.cov,
+                        upd=self.upd, tracked=self.tracked, input_roles=self.input_roles, frozen=self.frozen,
+                        model=self.model, arch=self.arch)
+        values = Values()
         for quantity in self.quantities:
-            out.update(quantity.compute(m))
+            values.extend(quantity.compute(m))
+        out = values.to_dict()  # the one host synchronisation of this computation
         out.update(keys.layer_means(out))
         return out
+
+    def _metric_dtype(self) -> torch.dtype:
+        if self.config.metric_dtype != "auto":
+            return DTYPES[self.config.metric_dtype]
+        on_gpu = next(self.model.parameters()).device.type != "cpu"
+        return torch.float32 if on_gpu else torch.float64
 
     # ----- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

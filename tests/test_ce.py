@@ -22,7 +22,7 @@ def tiny_cfg(tmp_path: Path, cache: Path, *extra: str):
         f"output_dir={tmp_path}", f"tokenizer.cache_dir={cache}", "tokenizer.vocab_size=512",
         "model.hidden_size=32", "data.seq_len=32", "data.max_tokens=40000", "train.steps=40",
         "train.batch_size=8", "train.log_every=5", "train.eval_every=20", "instruments.every_n=10",
-        "instruments.n_random=4", "instruments.log_spaced=false", *extra])
+        "instruments.log_spaced=false", *extra])
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +118,7 @@ def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     args = [f"output_dir={tmp_path}", f"tokenizer.cache_dir={cache_dir}", "stages=[pretrain]", "train.steps=10",
-            "train.log_every=5", "instruments.every_n=5", "instruments.n_random=0", "--no-progress"]
+            "train.log_every=5", "instruments.every_n=5", "instruments.zscores=false", "--no-progress"]
     single = subprocess.run([sys.executable, "-m", "harness.cli", "run", "asymmetry_smoke", "name=one", *args],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -134,7 +134,11 @@ def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
     sa = load_file(str(tmp_path / "one" / "instruments" / "step_0000010.safetensors"))
     sb = load_file(str(tmp_path / "two" / "instruments" / "step_0000010.safetensors"))
     assert int(sb["cov_in/L0/attn_in/count"]) == int(sa["cov_in/L0/attn_in/count"])
-    torch.testing.assert_close(sb["cov_in/L1/mlp_in/sum_outer"], sa["cov_in/L1/mlp_in/sum_outer"], rtol=1e-4, atol=1e-4)
+    # Float32 sums over 2560 tokens in another order: an entry that cancels to ~1 inside a matrix whose
+    # entries reach ~4e3 carries absolute noise of a few 1e-4, so the absolute tolerance scales with the matrix.
+    scale = float(sa["cov_in/L1/mlp_in/sum_outer"].abs().max())
+    torch.testing.assert_close(sb["cov_in/L1/mlp_in/sum_outer"], sa["cov_in/L1/mlp_in/sum_outer"], rtol=1e-4,
+                               atol=max(1e-4, 1e-6 * scale))
 
 
 def test_instruments_disabled_trains_without_measuring(tmp_path, cache_dir):

@@ -57,12 +57,14 @@ def test_resume_with_a_changed_recipe_is_refused(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_disk_keep_last_checkpoints_one_snapshot_copy_and_readable_files(tmp_path, tokenizer_cache):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text((Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text())
+    corpus = tmp_path / "corpus"  # two documents: the held-out split is by document
+    corpus.mkdir()
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "shlex.py"):
+        (corpus / f"{name}.txt").write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
     cfg = load_config(RECIPES_DIR / "ce_tiny.yaml", [
         f"output_dir={tmp_path}", f"tokenizer.cache_dir={tokenizer_cache}", "tokenizer.vocab_size=512",
         f"data.source={corpus}", "model.hidden_size=32", "data.seq_len=32", "train.batch_size=4", "train.steps=6",
-        "train.save_every=2", "train.keep_checkpoints=2", "train.eval_every=0", "instruments.n_random=0"])
+        "train.save_every=2", "train.keep_checkpoints=2", "train.eval_every=0", "instruments.zscores=false"])
     old = os.umask(0o022)
     try:
         result = pretrain(cfg, progress=False)

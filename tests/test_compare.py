@@ -158,7 +158,7 @@ def brute_prediction_basis(model, arch: str, k: int) -> torch.Tensor:
 def test_both_sides_match_brute_force(arch, tokenizer, text_file, tmp_path):
     base_dir, after_dir = tiny_pair(tmp_path, arch, tokenizer)
     k = 4
-    result = compare(base_dir, after_dir, text=str(text_file), k=k, k_curve=(1, 2, 8), n_random=0, device="cpu",
+    result = compare(base_dir, after_dir, text=str(text_file), k=k, k_curve=(1, 2, 8), zscores=False, device="cpu",
                      **SAMPLE)
     got = result.metrics()
 
@@ -196,7 +196,7 @@ def test_both_sides_match_brute_force(arch, tokenizer, text_file, tmp_path):
         else:
             assert f"rsf_out_pred/{key}" not in got  # only write roles have a prediction-side RSF
     # --unembed base swaps which W_U is the headline
-    swapped = compare(base_dir, after_dir, text=str(text_file), k=k, unembed="base", n_random=0, device="cpu", **SAMPLE)
+    swapped = compare(base_dir, after_dir, text=str(text_file), k=k, unembed="base", zscores=False, device="cpu", **SAMPLE)
     for m, s in zip(result.matrices, swapped.matrices):
         assert (s.rsf_out_pred, s.rsf_out_pred_alt) == (m.rsf_out_pred_alt, m.rsf_out_pred)
 
@@ -205,7 +205,7 @@ def test_both_sides_match_brute_force(arch, tokenizer, text_file, tmp_path):
 def test_fused_qkv_is_split_into_roles(arch, tokenizer, text_file, tmp_path):
     """Noise on the q part of the fused projection only: compare sees a delta in q and nowhere else."""
     base_dir, after_dir = tiny_pair(tmp_path, arch, tokenizer, perturb="q")
-    result = compare(base_dir, after_dir, text=str(text_file), k=4, n_random=4, device="cpu", **SAMPLE)
+    result = compare(base_dir, after_dir, text=str(text_file), k=4, device="cpu", **SAMPLE)
     for m in result.matrices:
         assert m.shape == ((D, D) if m.role in "qkvo" else (4 * D, D) if m.role == "up" else (D, 4 * D))
         if m.role == "q":
@@ -233,7 +233,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     base_dir, after_dir = tiny_pair(tmp_path, "llama", tokenizer)
     out = tmp_path / "report"
     args = ["--text", str(text_file), "--k", "4", "--n-tokens", "600", "--seq-len", "48", "--batch-size", "4",
-            "--n-random", "4", "--device", "cpu"]
+            "--device", "cpu"]
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "compare", str(base_dir), str(after_dir), *args,
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -244,12 +244,12 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Mean over layers" in report and "**AFTER**'s unembedding" in report and "| down |" in report
     saved = json.loads((out / "compare.json").read_text())
-    in_process = compare(base_dir, after_dir, text=str(text_file), k=4, n_random=4, device="cpu", **SAMPLE)
+    in_process = compare(base_dir, after_dir, text=str(text_file), k=4, device="cpu", **SAMPLE)
     assert saved["metrics"] == pytest.approx(in_process.metrics(), rel=1e-12)
 
     # the measured C_a, saved in snapshot format, passes back through --c-a with the same result
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "compare", str(base_dir), str(after_dir), "--k", "4",
-                           "--n-random", "4", "--device", "cpu", "--c-a", str(out / "c_a.safetensors"),
+                           "--device", "cpu", "--c-a", str(out / "c_a.safetensors"),
                            "--unembed", "base", "--out", str(tmp_path / "again")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -326,14 +326,14 @@ def test_error_snapshot_that_does_not_fit(tokenizer, tmp_path):
         compare(base_dir, after_dir, c_a=tmp_path / "missing.safetensors", device="cpu")
     # a fitting snapshot that measured only some groups: the others get no RSF_in, and a note says so
     save_file(good, str(tmp_path / "partial.safetensors"))
-    result = compare(base_dir, after_dir, c_a=tmp_path / "partial.safetensors", k=4, n_random=0, device="cpu")
+    result = compare(base_dir, after_dir, c_a=tmp_path / "partial.safetensors", k=4, zscores=False, device="cpu")
     measured = {m.key for m in result.matrices if m.rsf_in is not None}
     assert measured == {"L0/q", "L0/k", "L0/v"}
     assert any("No C_a for the input groups of" in note and "L1/q" in note for note in result.notes)
     assert not any("W0 differ" in note for note in result.notes)  # this snapshot holds no W0
     # a snapshot whose reference weights are not BASE's is used, and the report says so
     save_file({**good, "weights/L0/q/W0": torch.zeros(D, D)}, str(tmp_path / "other_w0.safetensors"))
-    result = compare(base_dir, after_dir, c_a=tmp_path / "other_w0.safetensors", k=4, n_random=0, device="cpu")
+    result = compare(base_dir, after_dir, c_a=tmp_path / "other_w0.safetensors", k=4, zscores=False, device="cpu")
     assert any("W0 differ from BASE" in note for note in result.notes)
 
 
@@ -342,10 +342,10 @@ def test_error_no_tokenizer_for_text_c_a_and_bad_options(tokenizer, tmp_path):
     bare = save_model(load_local_model(base_dir), None, tmp_path / "bare")
     with pytest.raises(ValueError, match=r"BASE: cannot load a tokenizer .* --tokenizer DIR.*--c-a SNAPSHOT"):
         compare(bare, after_dir, device="cpu")
-    result = compare(bare, after_dir, tokenizer=base_dir, k=4, n_random=0, device="cpu", **SAMPLE)
+    result = compare(bare, after_dir, tokenizer=base_dir, k=4, zscores=False, device="cpu", **SAMPLE)
     assert result.c_a_tokens["L0/attn_in"] == SAMPLE["n_tokens"]
     for kwargs, message in (({"unembed": "before"}, "--unembed must be one of"), ({"k": 0}, "--k must be >= 1"),
-                            ({"n_random": 1}, "--n-random must be 0"), ({"c_a_model": "x"}, "--c-a-model must be"),
+                            ({"c_a_model": "x"}, "--c-a-model must be"),
                             ({"k_curve": ()}, "--k-curve needs"), ({"n_tokens": 0}, "--n-tokens must be >= 1")):
         with pytest.raises(ValueError, match=message):
             compare(base_dir, after_dir, **kwargs)
@@ -357,7 +357,7 @@ def test_error_no_tokenizer_for_text_c_a_and_bad_options(tokenizer, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gives_the_cpu_numbers(tokenizer, text_file, tmp_path):
     base_dir, after_dir = tiny_pair(tmp_path, "llama", tokenizer)
-    runs = {device: compare(base_dir, after_dir, text=str(text_file), k=4, n_random=4, device=device, **SAMPLE).metrics()
+    runs = {device: compare(base_dir, after_dir, text=str(text_file), k=4, device=device, **SAMPLE).metrics()
             for device in ("cpu", "cuda")}
     assert runs["cuda"].keys() == runs["cpu"].keys()
     for key, value in runs["cpu"].items():
@@ -412,22 +412,22 @@ def test_reproduces_the_live_final_metrics_of_an_alignment_run(smoke_run, object
     assert torch.equal(state["pred/W_U"], after_model.lm_head.weight.detach())
 
     # output side, C_a measured on text: the prediction subspace does not depend on C_a
-    text = compare(base, after, k=4, n_random=8, seed=0, n_tokens=2048, seq_len=32, device="cpu").metrics()
+    text = compare(base, after, k=4, seed=0, n_tokens=2048, seq_len=32, device="cpu").metrics()
     assert _max_error(text, live, ("rsf_out_pred/", "z_out_pred/", "gap_pred")) <= 1e-6
     assert _max_error(text, earlier, ("rsf_out_pred/",)) > 1e-3
 
     # input side with the run's final snapshot: the live rsf_in, z_in and gap_in
-    snap = compare(base, after, k=4, n_random=8, seed=0, c_a=snapshot, device="cpu").metrics()
+    snap = compare(base, after, k=4, seed=0, c_a=snapshot, device="cpu").metrics()
     assert _max_error(snap, live, ("rsf_in/", "z_in/", "gap_in/")) <= 1e-6
     assert _max_error(snap, live, ("rsf_out_pred/", "z_out_pred/", "gap_pred")) <= 1e-6
     # a mid-run snapshot's C_a (step 3) is not what the final metric used
     mid = smoke_run / "align" / objective / "checkpoints" / "step_0000003" / "instruments.safetensors"
     if mid.is_file():  # our loop saves mid-run checkpoints; TRL objectives do not
-        mid_metrics = compare(base, after, k=4, n_random=0, c_a=mid, device="cpu").metrics()
+        mid_metrics = compare(base, after, k=4, zscores=False, c_a=mid, device="cpu").metrics()
         assert _max_error(mid_metrics, live, ("rsf_in/",)) > 1e-6
 
     # BASE's W_U (the other choice) does not reproduce the live number: AFTER's is the one it used
-    other = compare(base, after, k=4, n_random=0, c_a=snapshot, unembed="base", device="cpu").metrics()
+    other = compare(base, after, k=4, zscores=False, c_a=snapshot, unembed="base", device="cpu").metrics()
     assert _max_error(other, live, ("rsf_out_pred/",)) > 1e-6
     assert _max_error({k.replace("_alt", ""): v for k, v in snap.items() if "_alt/" in k}, other,
                       ("rsf_out_pred/",)) == 0.0

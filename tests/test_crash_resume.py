@@ -59,8 +59,10 @@ def small_corpus(directory: Path) -> Path:
     import sysconfig  # noqa: PLC0415
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    path = directory / "corpus.txt"
-    path.write_text("".join((stdlib / name).read_text() for name in ("argparse.py", "textwrap.py")))
+    path = directory / "corpus"  # two documents: the held-out split is by document
+    path.mkdir(exist_ok=True)
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "shlex.py"):
+        (path / f"{name}.txt").write_text((stdlib / name).read_text())
     return path
 
 
@@ -69,7 +71,7 @@ def cli_args(out: Path, cache: Path, name: str) -> list[str]:
             f"data.source={small_corpus(out)}",
             "tokenizer.vocab_size=512", "model.hidden_size=32", "data.seq_len=32", "data.max_tokens=20000",
             f"train.steps={STEPS}", "train.batch_size=4", "train.save_every=4", "train.log_every=1",
-            "train.eval_every=6", "instruments.every_n=3", "instruments.n_random=4", "instruments.log_spaced=false",
+            "train.eval_every=6", "instruments.every_n=3", "instruments.zscores=false", "instruments.log_spaced=false",
             "stages=[pretrain]", "--threads", "1", "--no-progress"]
 
 

@@ -2,6 +2,7 @@ import json
 import math
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,11 +12,11 @@ from core.data import (
     PreferenceStats,
     batch_indices,
     build_embedded_preferences,
-    build_lm_blocks,
     load_preference_pairs,
     load_texts,
     tokenize_pairs,
 )
+from core.shards import load_corpus
 from core.tokenizer import train_stdlib_tokenizer
 
 
@@ -89,47 +90,72 @@ def test_load_texts_errors(tmp_path):
         load_texts(str(tmp_path / "broken.jsonl"))
 
 
-# --- LM blocks --------------------------------------------------------------------------------
+# --- LM blocks (core.shards; more in test_shards.py) ---------------------------------------
 
 
-def test_blocks_pack_docs_with_eos_and_split(tokenizer):
-    texts = ["alpha beta gamma\n" * 20, "def f(x):\n    return x\n" * 20, "import os\n" * 30]
+def corpus_cfg(source, seq_len, eval_fraction=0.05, max_tokens=None):
+    return SimpleNamespace(source=str(source), text_field="text", seq_len=seq_len, eval_fraction=eval_fraction,
+                           max_tokens=max_tokens)
+
+
+def test_blocks_pack_docs_with_eos_and_split_by_document(tokenizer, tmp_path):
+    texts = [f"doc {i}: " + "alpha beta gamma\n" * (i + 1) + "def f(x):\n    return x\n" * (i % 3) for i in range(20)]
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in texts])
     seq_len = 16
-    train, evals = build_lm_blocks(texts, tokenizer, seq_len, eval_fraction=0.2, seed=3)
-    stream = []
-    for t in texts:
-        stream += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    n_blocks = len(stream) // seq_len
-    assert train.dtype == torch.long and train.shape[1] == evals.shape[1] == seq_len
-    assert evals.shape[0] == math.ceil(0.2 * n_blocks) and train.shape[0] + evals.shape[0] == n_blocks
-    # Together the blocks are exactly the packed stream, reordered.
-    expected = torch.tensor(stream[: n_blocks * seq_len]).view(n_blocks, seq_len)
-    got = torch.cat([train, evals])
-    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
-    assert not torch.equal(got, expected)  # shuffled (probability of identity ~ 1/n_blocks!)
+    train, evals = load_corpus(corpus_cfg(tmp_path / "c.jsonl", seq_len, 0.2), tokenizer, 3, tmp_path / "cache")
+    assert train[0:1].dtype == torch.long and train.shape[1] == evals.shape[1] == seq_len
+    docs = [tuple(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for t in texts]
+    held_out = []
+    for blocks, shuffled in ((train, False), (evals, True)):
+        stream = blocks.tokens.read(0, len(blocks.tokens)).tolist()  # the split's whole token stream
+        split_docs = _split_on(stream, tokenizer.eos_token_id)
+        assert split_docs == [d for d in docs if d in split_docs]  # whole documents + eos, in corpus order
+        n = len(stream) // seq_len
+        expected = torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+        got = blocks[0:len(blocks)]
+        assert len(blocks) == n >= 1
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, expected.tolist()))
+        assert torch.equal(got, expected) != shuffled  # eval blocks come in a seeded order
+        held_out.append(set(split_docs))
+    assert not held_out[0] & held_out[1] and held_out[0] | held_out[1] == set(docs)  # no document in both
+    assert 0.2 * sum(map(len, docs)) <= sum(map(len, held_out[1])) < 0.4 * sum(map(len, docs))
 
 
-def test_blocks_deterministic_and_leave_global_rng(tokenizer, stdlib_texts):
+def _split_on(stream: list[int], eos: int) -> list[tuple[int, ...]]:
+    out, cur = [], []
+    for t in stream:
+        cur.append(t)
+        if t == eos:
+            out.append(tuple(cur))
+            cur = []
+    assert not cur
+    return out
+
+
+def test_blocks_deterministic_and_leave_global_rng(tokenizer, tmp_path):
+    cfg = corpus_cfg("stdlib", 32, 0.05, max_tokens=8000)
     state = torch.get_rng_state()
-    a = build_lm_blocks(stdlib_texts[:5], tokenizer, 32, seed=1, max_tokens=2000)
+    a = load_corpus(cfg, tokenizer, 1, tmp_path / "c1")
     assert torch.equal(torch.get_rng_state(), state)
-    b = build_lm_blocks(stdlib_texts[:5], tokenizer, 32, seed=1, max_tokens=2000)
-    c = build_lm_blocks(stdlib_texts[:5], tokenizer, 32, seed=2, max_tokens=2000)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], c[0])
-    assert a[0].shape[0] + a[1].shape[0] == 2000 // 32
+    b = load_corpus(cfg, tokenizer, 1, tmp_path / "c2")  # prepared afresh in another cache
+    c = load_corpus(cfg, tokenizer, 2, tmp_path / "c1")
+    for x, y in zip(a, b):
+        assert torch.equal(x[0 : len(x)], y[0 : len(y)])
+    assert not torch.equal(a[1][0 : len(a[1])], c[1][0 : len(c[1])])  # another seed: other eval blocks or order
+    assert len(a[0].tokens) + len(a[1].tokens) == 8000
 
 
-def test_blocks_eval_edge_cases_and_errors(tokenizer):
-    texts = ["word " * 40]
-    train, evals = build_lm_blocks(texts, tokenizer, 8, eval_fraction=0.0)
-    assert evals.shape == (0, 8) and train.shape[0] >= 2
-    train, evals = build_lm_blocks(texts, tokenizer, 8, eval_fraction=0.001)
-    assert evals.shape[0] == 1
+def test_blocks_eval_edge_cases_and_errors(tokenizer, tmp_path):
+    write_jsonl(tmp_path / "w.jsonl", [{"text": f"word{i} " * 40} for i in range(6)])
+    src = tmp_path / "w.jsonl"
+    train, evals = load_corpus(corpus_cfg(src, 8, 0.0), tokenizer, 0, tmp_path / "c")
+    assert evals.shape == (0, 8) and len(evals) == 0 and train.shape[0] >= 2
+    train, evals = load_corpus(corpus_cfg(src, 8, 0.001), tokenizer, 0, tmp_path / "c")
+    assert len(evals) >= 1 and evals.tokens.n_documents == 1  # a tiny fraction still holds out one document
     with pytest.raises(ValueError, match="too small for seq_len=4096"):
-        build_lm_blocks(texts, tokenizer, 4096)
+        load_corpus(corpus_cfg(src, 4096, 0.0), tokenizer, 0, tmp_path / "c")
     with pytest.raises(ValueError, match="eval_fraction"):
-        build_lm_blocks(texts, tokenizer, 8, eval_fraction=1.0)
+        load_corpus(corpus_cfg(src, 8, 1.0), tokenizer, 0, tmp_path / "c")
 
 
 # --- batch order ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tests.conftest import make_batch, make_model, token_loss_sum
 
 WORLD = 2
 K = 4
-SUITE_KW = dict(k=K, every_n=1, dtype=torch.float64, n_random=4, seed=0)
+SUITE_KW = dict(k=K, every_n=1, dtype=torch.float64, seed=0)
 
 
 def _batches():

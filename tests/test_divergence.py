@@ -23,8 +23,10 @@ from trainers.trl_dpo import GuardCallback
 def corpus(directory: Path) -> Path:
     import sysconfig  # noqa: PLC0415
 
-    path = directory / "corpus.txt"
-    path.write_text((Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text())
+    path = directory / "corpus"  # two documents: the held-out split is by document
+    path.mkdir(exist_ok=True)
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "shlex.py"):
+        (path / f"{name}.txt").write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
     return path
 
 
@@ -32,7 +34,7 @@ def overrides(tmp_path: Path, cache: Path, *extra: str) -> list[str]:
     return [f"output_dir={tmp_path}", f"tokenizer.cache_dir={cache}", f"data.source={corpus(tmp_path)}",
             "tokenizer.vocab_size=512", "model.hidden_size=32", "data.seq_len=32", "data.max_tokens=20000",
             "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "instruments.every_n=2",
-            "instruments.n_random=0", "instruments.log_spaced=false", "stages=[pretrain]", *extra]
+            "instruments.zscores=false", "instruments.log_spaced=false", "stages=[pretrain]", *extra]
 
 
 def all_finite(tensors: dict) -> bool:

@@ -202,6 +202,50 @@ def test_zscore_without_spread_is_zero():
         geo.zscore_vs_random(dW, 0.5, 2, "in", n_samples=1)
 
 
+@pytest.mark.parametrize("side, shape, k", [("in", (6, 9), 3), ("out", (9, 6), 2), ("in", (12, 5), 1)])
+def test_closed_form_null_moments_match_haar_samples(side, shape, k):
+    """The sampled check of the closed form: mean k/dim and the variance formula, against 20,000
+    Haar subspaces of a low-rank (anisotropic) delta. Sampling error of the variance ~ sqrt(2/N) = 1%."""
+    dW = randn(*shape[:1], 2, seed=40) @ randn(2, shape[1], seed=41) + 0.1 * randn(*shape, seed=42)
+    samples = geo.random_subspace_rsf(dW, k, side, n_samples=20_000, seed=7)
+    mean, var = geo.rsf_null_moments(dW[None], k, side)
+    assert samples.mean().item() == pytest.approx(mean.item(), rel=0.01)
+    assert samples.var().item() == pytest.approx(var.item(), rel=0.05)
+    rsf = geo.rsf_in(dW, orthonormal(shape[1], k, seed=43)) if side == "in" else geo.rsf_out(dW, orthonormal(shape[0], k, seed=43))
+    sampled = geo.zscore_vs_random(dW, rsf, k, side, n_samples=20_000, seed=7)
+    assert geo.rsf_zscore(dW, rsf, k, side) == pytest.approx(sampled, rel=0.05, abs=0.05)
+
+
+def test_closed_form_zscore_edge_cases():
+    dW = randn(4, 5, seed=23)
+    assert geo.rsf_zscore(dW, 1.0, 5, "in") == 0.0  # k == dim: no spread
+    assert geo.rsf_zscore(torch.zeros(4, 5, dtype=torch.float64), 0.0, 2, "in") == 0.0  # nothing written
+    # an isotropic-in-expectation delta: A = I/n has tr(A^2) = 1/n, so the null has no spread either
+    assert geo.rsf_zscore(torch.eye(5, dtype=torch.float64), 0.4, 2, "in") == 0.0
+
+
+def test_batched_kernels_equal_the_scalar_reference():
+    """Each layer of a stack, measured at once, gives what the float64 scalar functions give."""
+    dWs = torch.stack([randn(6, 8, seed=s) for s in range(4)])
+    Cs = torch.stack([(lambda X: X.T @ X)(randn(20, 8, seed=10 + s)) for s in range(4)])
+    evals, evecs = geo.sym_eigh_batched(Cs)
+    for i in range(4):
+        ev, V = geo.sym_eigh(Cs[i])
+        torch.testing.assert_close(evals[i], ev)
+        assert torch.allclose((evecs[i, :, :3].T @ V[:, :3]).abs(), torch.eye(3, dtype=torch.float64), atol=1e-8)
+    rsf = geo.rsf_batched(dWs, evecs[:, :, :3], "in")
+    z = geo.rsf_zscore_batched(rsf, dWs, 3, "in")
+    spikes = geo.spikiness_batched(evals, 3)
+    gaps = geo.eigengap_batched(evals, 3)
+    for i in range(4):
+        U = evecs[i, :, :3]
+        assert rsf[i].item() == pytest.approx(geo.rsf_in(dWs[i], U), rel=1e-12)
+        assert z[i].item() == pytest.approx(geo.rsf_zscore(dWs[i], geo.rsf_in(dWs[i], U), 3, "in"), rel=1e-10)
+        assert gaps[i].item() == pytest.approx(geo.eigengap(evals[i], 3), rel=1e-12)
+        for name, value in geo.spikiness(evals[i], 3).items():
+            assert spikes[name][i].item() == pytest.approx(value, rel=1e-12), name
+
+
 # ----- spectra ------------------------------------------------------------------------------------
 
 def test_spikiness_single_spike_and_flat():

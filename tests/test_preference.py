@@ -66,7 +66,7 @@ def test_trl_dpo_with_lora_and_real_instruments_ignores_the_reference_pass(tmp_p
     model = make_model("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)  # wrapped first, so the suite hooks the LoRA wrappers
-    suite = InstrumentSuite(model, k=4, every_n=2, n_random=4)
+    suite = InstrumentSuite(model, k=4, every_n=2)
     seen = {"grad": 0, "no_grad": 0}
 
     def count(module, args, kwargs):

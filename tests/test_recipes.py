@@ -49,11 +49,17 @@ def test_smoke_pipeline_runs_end_to_end_and_reproduces(tmp_path):
         assert any("rsf_in/all/q" in r for r in rows), name
         assert (run / "align" / name / "checkpoints" / "step_0000006" / "model.safetensors").is_file()
     report = (run / "report" / "report.md").read_text()
-    for needle in ("## Verdicts", "Read pathway", "Write pathway", "Grade dependence", "| dpo | q |",
-                   "| g0.50 | down |", "Spikiness", "rsf_in_pretrain.png"):
+    for needle in ("## Run summary", "## Health:", "## Verdicts", "Read pathway", "specific to the read pathway",
+                   "Write pathway", "Grade dependence", "| dpo | q |", "| g0.50 | down |", "Spikiness",
+                   "| top-4 share |", "rsf_in_pretrain.png", "training.png", "| pretrain (CE) | 30 | 7,680 tokens"):
         assert needle in report, needle
+    assert report.index("## Run summary") < report.index("## Health:") < report.index("## Verdicts")
     verdicts = json.loads((run / "report" / "verdicts.json").read_text())
-    assert len(verdicts) == 4 and all(v["held"] in (True, False, None) for v in verdicts)
+    assert [v["id"] for v in verdicts] == ["read_concentrates", "read_specific", "write_isotropic", "ce_prediction",
+                                           "grade_dependence"]
+    assert all(v["held"] in (True, False, None) and v["rule"].startswith("held if") for v in verdicts)
+    health = json.loads((run / "report" / "health.json").read_text())
+    assert set(health) == {"rules", "warnings", "notes"}
 
     # same seed, same numbers; and `harness report` re-renders the same report from saved files
     assert main(_smoke(tmp_path, "b")) == 0
@@ -62,6 +68,7 @@ def test_smoke_pipeline_runs_end_to_end_and_reproduces(tmp_path):
     assert (tmp_path / "b" / "report" / "report.md").read_text().split("## The asymmetry table")[1] == table
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "report.md").read_text() == report
+    assert (run / "report" / "verdicts.json").read_text() == json.dumps(verdicts, indent=2)
 
     # an interrupted pipeline resumes: finished stages are kept, g1.00 continues from its step-3 checkpoint
     shutil.rmtree(run / "align" / "g1.00" / "checkpoints" / "step_0000006")
@@ -82,10 +89,15 @@ def test_local_model_recipe_runs_on_a_checkpoint_and_a_preference_file(tmp_path)
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["run", "dpo_local_model", f"init_from={ckpt}", f"align.data={prefs}", f"output_dir={tmp_path}",
                  "name=local", "align.train.steps=4", "align.train.batch_size=4", "align.max_len=32",
-                 "align.train.eval_every=2", "instruments.every_n=2", "instruments.n_random=4", "--no-progress"]) == 0
+                 "align.train.eval_every=2", "instruments.every_n=2", "--no-progress"]) == 0
     run = tmp_path / "local"
     assert sorted(p.name for p in (run / "align").iterdir()) == ["dpo", "g0.00", "g0.50"]
-    assert "## Verdicts" in (run / "report" / "report.md").read_text()
+    report = (run / "report" / "report.md").read_text()
+    assert "## Verdicts" in report and "CE: n/a" not in report
+    # no CE phase: the claims that compare with CE are reported, and NOT MEASURED
+    verdicts = {v["id"]: v for v in json.loads((run / "report" / "verdicts.json").read_text())}
+    assert verdicts["write_isotropic"]["held"] is None and verdicts["ce_prediction"]["held"] is None
+    assert f"| initialised from | {ckpt} |" in report
     assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == str(ckpt)
     stats = json.loads((run / "data.json").read_text())["preferences"]  # the dropped pair is counted on disk
     assert (stats["rows"], stats["used"], stats["identical_dropped"]) == (41, 40, 1)
@@ -120,7 +132,7 @@ def test_dpo_lora_recipe_measures_the_adapted_matrices(tmp_path):
     assert main(["run", "dpo_lora", f"output_dir={tmp_path}", f"tokenizer.cache_dir={tmp_path / 'tok'}",
                  "tokenizer.vocab_size=512", "model.hidden_size=32", "data.max_tokens=60000", "train.steps=20",
                  "align.n_pairs=48", "align.max_len=48", "align.train.steps=4", "align.train.batch_size=4",
-                 "instruments.every_n=2", "instruments.n_random=4", "--no-progress"]) == 0
+                 "instruments.every_n=2", "--no-progress"]) == 0
     run = tmp_path / "dpo_lora" / "align" / "dpo"
     final = [r for r in read_metrics(run / "metrics.jsonl") if "rsf_in/L0/q" in r][-1]
     assert "rsf_out_pred/L1/o" in final  # LoRA on q, k, v, o: their effective deltas are measured

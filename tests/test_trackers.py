@@ -17,12 +17,14 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_run(tmp_path: Path, cache: Path, tracker: str):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text((Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text())
+    corpus = tmp_path / "corpus"  # two documents: the held-out split is by document
+    corpus.mkdir()
+    for name in ("textwrap.py", "bisect.py", "colorsys.py", "shlex.py"):
+        (corpus / f"{name}.txt").write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
     cfg = load_config(RECIPES_DIR / "ce_tiny.yaml", [
         f"output_dir={tmp_path}", f"name=with_{tracker}", f"tokenizer.cache_dir={cache}", "tokenizer.vocab_size=512",
         f"data.source={corpus}", "model.hidden_size=32", "data.seq_len=32", "train.batch_size=4", "train.steps=4",
-        "train.log_every=1", "train.eval_every=0", "instruments.every_n=2", "instruments.n_random=0",
+        "train.log_every=1", "train.eval_every=0", "instruments.every_n=2", "instruments.zscores=false",
         "instruments.log_spaced=false", f"tracking.report_to=[jsonl, {tracker}]"])
     result = pretrain(cfg, progress=False)
     return result, read_metrics(result.run_dir / "metrics.jsonl")

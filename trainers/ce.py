@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from core.config import RunConfig
-from core.data import batch_indices, build_lm_blocks, load_texts
+from core.data import batch_indices
 from core.models import build_model, match_special_tokens
+from core.shards import load_corpus
 from core.tokenizer import tokenizer_from_config
 from trainers.session import RunResult, TrainingSession
 
@@ -68,16 +69,18 @@ class LossWindow:
         return out
 
 
+def corpus_cache(cfg: RunConfig) -> Path:
+    """Where prepared token shards of ``data.source`` are cached: beside the tokenizer's cache."""
+    return Path(cfg.tokenizer.cache_dir).expanduser() / "corpora"
+
+
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | None = None,
              progress: bool = True, overwrite: bool = False) -> RunResult:
     """Pretrain ``cfg.model`` on ``cfg.data``; ``resume`` is a checkpoint directory of this run."""
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)  # read first: its errors come before
-    tokenizer = tokenizer_from_config(cfg.tokenizer)                      # the tokenizer's training
-    train_blocks, eval_blocks = build_lm_blocks(texts, tokenizer, seq_len=cfg.data.seq_len,
-                                                eval_fraction=cfg.data.eval_fraction, seed=cfg.seed,
-                                                max_tokens=cfg.data.max_tokens)
+    tokenizer = tokenizer_from_config(cfg.tokenizer)
+    train_blocks, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress)
     model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from)
     if not (resume or cfg.init_from) and cfg.model.source == "tiny":
         match_special_tokens(model, tokenizer)

@@ -1,7 +1,8 @@
 """Metric quantities: one small class per family of streamed metrics (as Cockpit keeps one per quantity).
 
-A quantity reads a :class:`hooks.measurement.Measurement` and returns ``{metric key: value}``. To add
-a metric, write a class with ``compute(measurement) -> dict[str, float]`` in a new file here, add it to
+A quantity reads a :class:`hooks.measurement.Measurement` and returns a :class:`hooks.measurement.Values`
+(metric tensors on the instruments' device, synchronised with the host once per computation). To add a
+metric, write a class with ``compute(measurement) -> Values`` in a new file here, add it to
 :data:`DEFAULT_QUANTITIES` (or pass ``quantities=`` to the suite) and list its keys in
 docs/architecture.md. Keys are built with ``hooks.keys``.
 """
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from hooks.measurement import Measurement
+from hooks.measurement import Measurement, Values
 from hooks.quantities.coherence import Coherence
 from hooks.quantities.rsf import DeltaRSF, InputRSF, PredictionRSF
 from hooks.quantities.spikiness import Spikiness
 
 
 class Quantity(Protocol):
-    def compute(self, m: Measurement) -> dict[str, float]: ...
+    def compute(self, m: Measurement) -> Values: ...
 
 
 DEFAULT_QUANTITIES: tuple[Quantity, ...] = (InputRSF(), PredictionRSF(), DeltaRSF(), Spikiness(), Coherence())

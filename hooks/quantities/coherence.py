@@ -3,10 +3,19 @@ steps (systematic signal vs accumulated noise; T for identical gradients, about 
 
 from __future__ import annotations
 
-from hooks import geometry as geo
-from hooks.measurement import Measurement
+import torch
+
+from hooks.measurement import Measurement, Values
 
 
 class Coherence:
-    def compute(self, m: Measurement) -> dict[str, float]:
-        return {f"coherence/{key}": geo.coherence(m.upd.grad_sum[key], m.upd.grad_sq[key]) for key in m.upd.grad_sum}
+    def compute(self, m: Measurement) -> Values:
+        out = Values()
+        names = list(m.upd.grad_sum)
+        if names:
+            numerators = torch.stack([m.upd.grad_sum[n].double().square().sum() for n in names])
+            denominators = torch.stack([torch.as_tensor(m.upd.grad_sq[n], dtype=torch.float64,
+                                                        device=numerators.device) for n in names])
+            safe = torch.where(denominators > 0, denominators, torch.ones_like(denominators))
+            out.add([f"coherence/{n}" for n in names], torch.where(denominators > 0, numerators / safe, 0.0))
+        return out

@@ -1,6 +1,6 @@
 """Relative RSF of each written matrix's views against a subspace, with z-scores and eigengaps.
 
-Three quantities, one per subspace (DESIGN.md section 2):
+Three quantities, one per subspace (docs/metrics.md):
 
 - :class:`InputRSF`: input side against the top-k eigenvectors of the live ``C_a`` of the matrix's
   input group (``rsf_in``), and against the top-k frozen after the phase's first step (``rsf_in_frozen``);
@@ -8,81 +8,109 @@ Three quantities, one per subspace (DESIGN.md section 2):
   (``rsf_out_pred``; write roles only);
 - :class:`DeltaRSF`: output side against the top-k eigenvectors of the live ``C_delta`` (``rsf_out_delta``).
 
-Each reports the cumulative delta, the last update and the last gradient (``VIEWS``), the z-score of
-the cumulative delta against random k-subspaces, and the eigengap of the subspace used.
+Each reports the cumulative delta, the last update and the last gradient (``keys.VIEWS``), the exact
+z-score of the cumulative delta against random k-subspaces, and the eigengap of the subspace used.
+Matrices of the same shape are measured together (one batched product per view).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+
+import torch
 from torch import Tensor
 
 from hooks import geometry as geo
 from hooks import keys
-from hooks.measurement import Measurement, Written
+from hooks.measurement import Measurement, Values, Written
 from hooks.roles import WRITE_ROLES
 
 
-def views_rsf(out: dict, family: str, w: Written, basis: Tensor, k: int, n_random: int, seed: int) -> None:
-    """``{family}{view}/L{i}/{r}`` for each view, and the cumulative view's z-score; ``basis`` is
-    (n, k) for the input side (family ``rsf_in``), (m, k) for the output side."""
-    side = "in" if family == "rsf_in" else "out"
-    fn = geo.rsf_in if side == "in" else geo.rsf_out
-    dim = w.shape[1] if side == "in" else w.shape[0]
-    for view, M in w.views.items():
-        if M is None:
-            continue
-        value = fn(M, basis)
-        out[f"{family}{view}/{w.tm.key}"] = geo.relative_rsf(value, k, dim)
-        if view == "" and n_random:
-            out[f"{keys.RSF_FAMILIES[family]}/{w.tm.key}"] = geo.zscore_vs_random(
-                M, value, k, side, n_samples=n_random, seed=seed)
+def relative_rsf_family(m: Measurement, family: str, items: list[tuple[Written, Tensor, int]],
+                        views: tuple[str, ...] = keys.VIEWS) -> Values:
+    """``{family}{view}/L{i}/{r}`` (relative RSF) for each ``(written, basis, k)`` and view, and the
+    cumulative view's z-score. ``basis`` is (n, k) for the input side (family ``rsf_in*``), (m, k) for
+    the output side."""
+    side = "in" if family.startswith("rsf_in") else "out"
+    groups: dict[tuple, list[tuple[Written, Tensor]]] = defaultdict(list)
+    for w, basis, k in items:
+        groups[(w.shape, k)].append((w, basis))
+    out = Values()
+    for (shape, k), group in groups.items():
+        dim = shape[1] if side == "in" else shape[0]
+        bases = torch.stack([b.to(m.dtype) for _, b in group])
+        for view in views:
+            present = [i for i, (w, _) in enumerate(group) if w.views[view] is not None]
+            if not present:
+                continue
+            M = torch.stack([group[i][0].views[view].to(m.dtype) for i in present])
+            rsf = geo.rsf_batched(M, bases[present], side)
+            names = [group[i][0].tm.key for i in present]
+            out.add([f"{family}{view}/{key}" for key in names], rsf * (dim / k))
+            if view == "" and m.zscores and family in keys.RSF_FAMILIES:
+                z = geo.rsf_zscore_batched(rsf, M, k, side)
+                out.add([f"{keys.RSF_FAMILIES[family]}/{key}" for key in names], z)
+    return out
+
+
+def gaps(family: str, items: list[tuple[Written, Tensor, int]]) -> Values:
+    """``{family}/L{i}/{r}``: eigengap at k of each matrix's spectrum (``items``: written, evals, k)."""
+    out = Values()
+    by_k: dict[tuple, list] = defaultdict(list)
+    for w, evals, k in items:
+        by_k[(k, evals.shape[0])].append((w, evals))
+    for (k, _), group in by_k.items():
+        out.add([f"{family}/{w.tm.key}" for w, _ in group], geo.eigengap_batched(torch.stack([e for _, e in group]), k))
+    return out
 
 
 class InputRSF:
     """``rsf_in{,_update,_grad}``, ``z_in``, ``gap_in``, ``rsf_in_frozen`` for roles in ``input_roles``."""
 
-    def compute(self, m: Measurement) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for w in m.written:
-            tm = w.tm
-            if tm.role not in m.input_roles or tm.group_key not in m.eig_in:
-                continue
-            n = w.shape[1]
-            evals, evecs = m.eig_in[tm.group_key]
-            k = min(m.k, n - 1)
-            views_rsf(out, "rsf_in", w, evecs[:, :k], k, m.n_random, m.seed)
-            out[f"gap_in/{tm.key}"] = geo.eigengap(evals, k)
-            frozen = m.frozen.get(f"frozen_in/{tm.group_key}")
-            if frozen is not None:
-                out[f"rsf_in_frozen/{tm.key}"] = geo.relative_rsf(geo.rsf_in(w.views[""], frozen), frozen.shape[1], n)
+    def compute(self, m: Measurement) -> Values:
+        measured = [w for w in m.written if w.tm.role in m.input_roles and w.tm.group_key in m.eig_in]
+        live, spectra, frozen = [], [], []
+        for w in measured:
+            evals, evecs = m.eig_in[w.tm.group_key]
+            k = min(m.k, w.shape[1] - 1)
+            live.append((w, evecs[:, :k], k))
+            spectra.append((w, evals, k))
+            basis = m.frozen.get(f"frozen_in/{w.tm.group_key}")
+            if basis is not None:
+                frozen.append((w, basis, basis.shape[1]))
+        out = relative_rsf_family(m, "rsf_in", live)
+        out.extend(gaps("gap_in", spectra))
+        out.extend(relative_rsf_family(m, "rsf_in_frozen", frozen, views=("",)))
         return out
 
 
 class PredictionRSF:
     """``rsf_out_pred{,_update,_grad}``, ``z_out_pred`` for the write roles, and ``gap_pred``."""
 
-    def compute(self, m: Measurement) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def compute(self, m: Measurement) -> Values:
+        items = []
         for w in m.written:
-            if w.tm.role not in WRITE_ROLES:
-                continue
-            k = min(m.k, w.shape[0] - 1)
-            V, svals = m.prediction(k)
-            out["gap_pred"] = geo.eigengap(svals.pow(2), k)
-            views_rsf(out, "rsf_out_pred", w, V, k, m.n_random, m.seed)
+            if w.tm.role in WRITE_ROLES:
+                k = min(m.k, w.shape[0] - 1)
+                items.append((w, m.prediction(k)[0], k))
+        out = relative_rsf_family(m, "rsf_out_pred", items)
+        if items:
+            k = items[0][2]
+            out.add(["gap_pred"], geo.eigengap_batched(m.prediction(k)[1].pow(2)[None], k))
         return out
 
 
 class DeltaRSF:
     """``rsf_out_delta{,_update,_grad}``, ``z_out_delta``, ``gap_out_delta`` for roles with ``C_delta``."""
 
-    def compute(self, m: Measurement) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def compute(self, m: Measurement) -> Values:
+        live, spectra = [], []
         for w in m.written:
-            if w.tm.key not in m.eig_out:
-                continue
-            evals, evecs = m.eig_out[w.tm.key]
-            k = min(m.k, w.shape[0] - 1)
-            views_rsf(out, "rsf_out_delta", w, evecs[:, :k], k, m.n_random, m.seed)
-            out[f"gap_out_delta/{w.tm.key}"] = geo.eigengap(evals, k)
+            if w.tm.key in m.eig_out:
+                evals, evecs = m.eig_out[w.tm.key]
+                k = min(m.k, w.shape[0] - 1)
+                live.append((w, evecs[:, :k], k))
+                spectra.append((w, evals, k))
+        out = relative_rsf_family(m, "rsf_out_delta", live)
+        out.extend(gaps("gap_out_delta", spectra))
         return out

@@ -3,14 +3,23 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
+import torch
+
 from hooks import geometry as geo
-from hooks.measurement import Measurement
+from hooks.measurement import Measurement, Values
 
 
 class Spikiness:
-    def compute(self, m: Measurement) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def compute(self, m: Measurement) -> Values:
+        out = Values()
         for family, eig in (("spike_in", m.eig_in), ("spike_out", m.eig_out)):
+            by_width: dict[int, list[str]] = defaultdict(list)
             for key, (evals, _) in eig.items():
-                out.update({f"{family}/{key}/{stat}": v for stat, v in geo.spikiness(evals, m.k).items()})
+                by_width[evals.shape[0]].append(key)
+            for names in by_width.values():
+                stats = geo.spikiness_batched(torch.stack([eig[n][0] for n in names]), m.k)
+                for stat, values in stats.items():
+                    out.add([f"{family}/{n}/{stat}" for n in names], values)
         return out
