@@ -154,11 +154,11 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, tokenizer_cach
 TERM_WHILE_LOADING = """
 import os, signal, sys
 import trainers.ce
-real_load = trainers.ce.load_texts
+real_load = trainers.ce.load_corpus
 def load(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return real_load(*args, **kwargs)
-trainers.ce.load_texts = load
+trainers.ce.load_corpus = load
 from harness.cli import main
 sys.exit(main(sys.argv[1:]))
 """
