@@ -6,14 +6,22 @@ Layout of ``RUN/checkpoints/step_{N:07d}/``::
     tokenizer files                     tokenizer.save_pretrained
     trainer_state.pt                    step, optimizer, scheduler, RNG states
     instruments.safetensors             InstrumentSuite.state_dict() (sums and counts)
+    MANIFEST.json                       written last: every other file with its size
 
-A checkpoint is written to a temporary directory and renamed into place, so an interrupted save
-never leaves a directory that looks complete.
+Crash safety: a checkpoint is written into ``step_N.tmp/``, every file is flushed to disk, the
+manifest is written last, and only then is the directory renamed to ``step_N``. A checkpoint counts
+as complete only when its name is exactly ``step_{N:07d}`` and its manifest lists files that all
+exist with the listed sizes, so a save killed at any point (even SIGKILL) is never resumed from.
+:func:`clean_stale` removes what such a save left behind (``.tmp`` / ``.old`` directories), or
+finishes it when only the final rename was missing.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -23,21 +31,101 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.pt"
 INSTRUMENTS_FILE = "instruments.safetensors"
+MANIFEST_FILE = "MANIFEST.json"
+MANIFEST_FORMAT = 1
+_NAME = re.compile(r"^step_(\d{7,})$")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a directory named ``step_{N:07d}``, else None (``step_N.tmp`` is not a checkpoint)."""
+    found = _NAME.match(Path(path).name)
+    return int(found.group(1)) if found else None
+
+
+def manifest_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None when it is.
+
+    Complete: ``MANIFEST.json`` parses and every file it lists exists with the listed size.
+    Checkpoints written before manifests existed (no ``MANIFEST.json``; they were renamed into place
+    only after ``trainer_state.pt`` was written) count as complete when that file is non-empty.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    manifest = path / MANIFEST_FILE
+    if not manifest.is_file():
+        state = path / STATE_FILE
+        if state.is_file() and state.stat().st_size > 0:
+            return None  # legacy checkpoint
+        return f"no {MANIFEST_FILE} (the save did not finish)"
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST_FILE} ({err})"
+    if STATE_FILE not in listed:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    for name, size in listed.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
 def is_complete(path: Path) -> bool:
-    """A checkpoint whose save finished (the trainer state is written last, then renamed into place)."""
-    return (Path(path) / STATE_FILE).is_file()
+    """A checkpoint whose save finished (see :func:`manifest_problem`)."""
+    return checkpoint_step(path) is not None and manifest_problem(path) is None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of ``run_dir``, oldest first (by step, not by name)."""
+    found = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if is_complete(p)]
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
-    complete = [p for p in found if is_complete(p)]
-    return complete[-1] if complete else None
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Finish or remove what an interrupted save left in ``run_dir/checkpoints``; returns what was done.
+
+    ``step_N.tmp`` with a valid manifest and no ``step_N`` (killed between manifest and rename) is
+    renamed into place; any other ``.tmp`` or ``.old`` directory is deleted.
+    """
+    done = []
+    ckpts = Path(run_dir) / "checkpoints"
+    if not ckpts.is_dir():
+        return done
+    for leftover in sorted(ckpts.glob("step_*.tmp")) + sorted(ckpts.glob("step_*.old")):
+        final = leftover.with_name(leftover.name.rsplit(".", 1)[0])
+        if not final.exists() and checkpoint_step(final) is not None and manifest_problem(leftover) is None:
+            leftover.rename(final)
+            done.append(f"completed {final.name} (its save was interrupted before the final rename)")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(f"removed {leftover.name} (left by an interrupted save)")
+    return done
+
+
+def prune_checkpoints(run_dir: Path, keep: int, protect: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (``keep`` < 1 keeps all); paths in
+    ``protect`` are never deleted. Returns the deleted paths."""
+    if keep < 1:
+        return []
+    protected = {Path(p).resolve() for p in protect}
+    old = [p for p in list_checkpoints(run_dir)[:-keep] if p.resolve() not in protected]
+    for path in old:
+        trash = path.with_name(path.name + ".old")  # renamed first: a half-deleted dir is never "complete"
+        path.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return old
 
 
 def rng_state() -> dict:
@@ -53,18 +141,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``tensors`` as safetensors atomically (a temporary file renamed into place)."""
+def _default_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` gives a new file (safetensors and
+    transformers write through private temporary files, which leaves 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+
+
+def link_or_copy(source: Path, target: Path) -> Path:
+    """``target`` as a hard link to ``source`` (no second copy on disk), else a copy; atomic."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copyfile(source, tmp)
+        os.chmod(tmp, _default_mode())
+    tmp.replace(target)
+    return target
+
+
+def write_manifest(path: Path, step: int) -> None:
+    """Flush every file under ``path`` to disk, then list them (with sizes) in ``MANIFEST.json``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
-    return path
+    mode = _default_mode()
+    files = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        os.chmod(file, mode)
+        _fsync(file)
+        files[file.relative_to(path).as_posix()] = file.stat().st_size
+    manifest = path / MANIFEST_FILE
+    manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1),
+                        encoding="utf-8")
+    _fsync(manifest)
+    _fsync_dir(path)
 
 
 def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int,
                     instruments: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
+    """Write a complete checkpoint at ``path`` (see the module docstring for the crash-safety order)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -76,17 +209,30 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
         save_file({k: v.contiguous() for k, v in instruments.items()}, str(tmp / INSTRUMENTS_FILE))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), **(extra or {})}, tmp / STATE_FILE)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    write_manifest(tmp, step)
+    if path.exists():  # a re-save of the same step: move the old one aside, never delete it first
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    _fsync_dir(path.parent)
     return path
 
 
 def load_trainer_state(path: Path) -> dict:
     path = Path(path)
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE}); "
-                                f"pass a directory under RUN/checkpoints/ written by `harness run`")
-    return torch.load(path / STATE_FILE, weights_only=False)
+    problem = manifest_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"{path} is not a complete checkpoint ({problem}); pass a directory under "
+                                "RUN/checkpoints/ written by `harness run`, or --resume latest")
+    try:
+        return torch.load(path / STATE_FILE, weights_only=False)
+    except (EOFError, RuntimeError, OSError) as err:
+        raise ValueError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+                         "damaged: delete it and resume from an earlier one") from err
 
 
 def load_instruments(path: Path) -> dict[str, torch.Tensor] | None:

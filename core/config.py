@@ -10,6 +10,7 @@ choice is a :class:`ConfigError` naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "vocab_size")
+        _require(self.source != "stdlib-bpe" or self.vocab_size >= 258, "vocab_size",
+                 f"must be >= 258 for the embedded byte-level tokenizer (256 bytes + pad + eos), got {self.vocab_size}")
 
 
 @dataclass
@@ -114,11 +117,15 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     save_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 0  # keep only the newest N checkpoints (the final one is the newest); 0: all
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the run, or skips the step
+    stall_patience: int = 20  # stop after this many consecutive all-zero-gradient (or skipped) steps; 0: never
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "log_every")
-        _non_negative(self, "weight_decay", "momentum", "warmup_steps", "eval_every", "eval_batches", "save_every")
+        _non_negative(self, "weight_decay", "momentum", "warmup_steps", "eval_every", "eval_batches", "save_every",
+                      "keep_checkpoints", "stall_patience")
         _require(len(self.betas) == 2, "betas", f"must be two numbers [beta1, beta2], got {self.betas}")
 
 
@@ -237,6 +244,10 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: list[dict[str, Any]] = field(default_factory=list)  # asymmetry_scale: one override set per run
 
+    def __post_init__(self) -> None:
+        _require(not ("align" in self.stages and not self.align.objectives), "align.objectives",
+                 "is empty, but stages include 'align': list at least one objective, or drop 'align' from stages")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -265,9 +276,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: malformed YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
-    for item in overrides or []:
+    if not overrides:
+        return from_dict(RunConfig, raw, source)
+    from_dict(RunConfig, raw, source)  # the recipe alone: its own errors name the file
+    for item in overrides:
         apply_override(raw, item)
-    return from_dict(RunConfig, raw, source)
+    # the recipe was valid, so an error now comes from the overrides: name the command line, and
+    # the overrides whose key the message mentions
+    try:
+        return from_dict(RunConfig, raw, "command line")
+    except ConfigError as err:
+        message = str(err)
+        culprits = [o for o in overrides if o.partition("=")[0].strip() in message] or list(overrides)
+        raise ConfigError(message.replace("command line", f"command line ({' '.join(culprits)})", 1)) from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -301,8 +322,10 @@ def from_dict(cls: type, data: Any, source: str, prefix: str = "", what: str = "
     if renamed:
         raise ConfigError(f"{source}: {renamed[0]}")
     if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'; valid keys here{' ' + what if what else ''}: "
-                          f"{sorted(fields)}")
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}'{hint}; valid keys here"
+                          f"{' ' + what if what else ''}: {sorted(fields)}")
     kwargs = {name: _convert(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

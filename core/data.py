@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 import warnings
 from bisect import bisect_right
@@ -105,11 +106,40 @@ def _read_table(path: Path) -> Dataset:
         raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
     if path.suffix not in TABLE_FORMATS:
         raise ValueError(f"{path}: unknown extension {path.suffix!r}; supported: {', '.join(TABLE_FORMATS)}.")
+    if path.suffix == ".jsonl":
+        check_jsonl(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415 (a dependency of datasets)
+
+        try:
+            pq.read_schema(path)
+        except Exception as err:  # pyarrow's own error types
+            raise ValueError(f"{path}: could not read as parquet ({err})") from None
     try:
         return load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
     except Exception as err:  # datasets wraps parse errors in generic build errors
         cause = f" ({err.__cause__})" if err.__cause__ else ""
         raise ValueError(f"{path}: could not read as {TABLE_FORMATS[path.suffix]}: {err}{cause}") from err
+
+
+def check_jsonl(path: Path) -> None:
+    """Every non-blank line of a .jsonl file is a JSON object; else a ValueError naming the line
+    (1-based) and column. ``datasets`` reports such a file without the line."""
+    with Path(path).open(encoding="utf-8", errors="strict") as handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno}); each line "
+                                     "must be one JSON object") from None
+                if not isinstance(value, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object per line, got "
+                                     f"{type(value).__name__}")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +312,10 @@ def build_embedded_preferences(
         # merges "\n" with the next line's indentation, so a prompt ending in "\n" would not end on
         # a token boundary (TRL then moves that token into the completion and warns).
         split -= 1
+        if doc[split - 1].isspace():
+            # A prompt ending in whitespace (a blank line, trailing spaces) merges with the completion's
+            # leading newline into one pre-token: the prompt would not end on a token boundary.
+            continue
         window = doc[split : split + 1 + completion_chars]
         chosen = window[: window.rfind("\n") + 1]  # a newline, then whole lines only
         rejected = _shuffle_words(chosen, gen)

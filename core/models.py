@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -106,6 +107,15 @@ def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Pr
     for a directory without config.json or without weights (model*.safetensors, pytorch_model*.bin,
     or a sharded index), listing what the directory holds.
     """
+    path = check_local_model_dir(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except Exception as err:  # a damaged file surfaces as whatever the reading library raises
+        raise ValueError(f"model dir {str(path)!r} could not be loaded ({type(err).__name__}: {err})") from err
+
+
+def check_local_model_dir(path: str | Path) -> Path:
+    """The checks :func:`load_local_model` makes before loading (cheap: no weights are read)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -120,7 +130,14 @@ def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Pr
             f"model dir without weights: {str(path)!r} has config.json but no model*.safetensors, "
             f"pytorch_model*.bin or sharded index; found: {', '.join(found)}."
         )
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    for weights in sorted(path.glob("*.safetensors")):
+        try:  # reads the header only: an empty or truncated file fails here, not mid-run
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # safetensors raises its own error type for a bad header
+            raise ValueError(f"model dir {str(path)!r}: {weights.name} is not a readable safetensors file "
+                             f"({err}); copy the weights again") from None
+    return path
 
 
 def count_parameters(model: nn.Module) -> int:

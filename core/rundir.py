@@ -10,30 +10,78 @@ get the same object with writing switched off, so trainers call it unconditional
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 
-from core.checkpoint import checkpoint_dir, save_checkpoint, save_tensors
-from core.config import RunConfig, save_config
+from core.checkpoint import INSTRUMENTS_FILE, checkpoint_dir, clean_stale, link_or_copy, prune_checkpoints, \
+    save_checkpoint
+from core.config import ConfigError, RunConfig, from_dict, save_config, to_dict
 from core.processes import on_main, process_state
 from core.sinks import MultiSink, build_sinks, truncate_after
 
 SNAPSHOT_DIR = "instruments"
+CONFIG_FILE = "config.yaml"
+# Keys a resumed run may change: where the tokenizer cache lives and where metrics go change no number.
+RESUME_MAY_CHANGE = ("tokenizer.cache_dir", "tracking.report_to")
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
+    """``key: saved -> now`` for every setting of ``cfg`` that differs from the ``saved`` config
+    (a run's config.yaml; keys added since it was written take their defaults)."""
+    try:
+        before = to_dict(from_dict(RunConfig, saved, "the saved config.yaml"))
+    except ConfigError as err:
+        return [f"the saved config cannot be read by this version ({err})"]
+    now = to_dict(cfg)
+    flat_before, flat_now = _flatten(before), _flatten(now)
+    return [f"{key}: {flat_before.get(key)!r} -> {flat_now.get(key)!r}" for key in sorted(set(flat_before) | set(flat_now))
+            if flat_before.get(key) != flat_now.get(key) and not key.startswith(RESUME_MAY_CHANGE)]
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A resumed run continues the recipe it started with: a changed setting (a longer
+    ``train.steps`` would silently reshape the learning-rate schedule) is an error naming each key."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return
+    changes = config_changes(yaml.safe_load(path.read_text()) or {}, cfg)
+    if changes:
+        raise ConfigError(f"--resume: the recipe differs from the one {run_dir} was started with "
+                          f"({path}): {'; '.join(changes)}. A resumed run must continue the same recipe (the "
+                          "schedule, data order and statistics depend on it): resume with the original values, "
+                          f"or start a new run from a checkpoint with init_from={Path(run_dir) / 'checkpoints'}/step_N "
+                          "and another name")
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, *, resuming: bool = False, overwrite: bool = False) -> Path:
     """Create ``run_dir`` and write the resolved config. An existing non-empty directory is an error
-    unless ``overwrite`` (replace it) or ``resuming`` (continue it)."""
+    unless ``overwrite`` (replace it) or ``resuming`` (continue it, with the same config:
+    :func:`check_resume_config`)."""
     run_dir = Path(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resuming:
         if not overwrite:
             raise FileExistsError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
                                   f"--resume to continue it, or choose another name (name=...)")
         shutil.rmtree(run_dir)
+    if resuming:
+        check_resume_config(run_dir, cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    save_config(cfg, run_dir / CONFIG_FILE)
     return run_dir
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (lists stay values)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def snapshot_path(run_dir: Path, step: int) -> Path:
@@ -44,21 +92,28 @@ class RunDirectory:
     """The files of one run. ``resume_step``: the step a resumed run continues after (its metric rows
     beyond that step are dropped, since the resumed run writes them again).
 
+    ``accelerator``: the run's ``Accelerator`` when it has one (only its process rank is used).
     Under several processes only the main one creates and writes the directory; if creating it fails
-    there, every process raises the error. ``accelerator``: the run's ``Accelerator`` when it has one
-    (accelerate trackers in ``tracking.report_to`` log through it).
+    there, every process raises the error. ``keep_checkpoints``: keep only the newest N checkpoints
+    (0: all; the phase's final checkpoint is always the newest).
     """
 
     def __init__(self, path: Path, cfg: RunConfig, *, resume_step: int | None = None, overwrite: bool = False,
-                 accelerator=None) -> None:
-        self.path = Path(path)
+                 accelerator=None, keep_checkpoints: int = 0) -> None:
+        self.path, self.keep_checkpoints = Path(path), keep_checkpoints
         self.is_main = process_state().is_main_process
         on_main(self._create, cfg, resume_step, overwrite)
-        self.sinks = build_sinks(self.path, cfg.tracking.report_to, accelerator) if self.is_main else MultiSink([])
+        self.sinks = MultiSink([])
+        if self.is_main:
+            self.sinks = build_sinks(self.path, cfg.tracking.report_to, accelerator,
+                                     purge_step=None if resume_step is None else resume_step + 1,
+                                     project=cfg.name, config=_flatten(to_dict(cfg)))
 
     def _create(self, cfg: RunConfig, resume_step: int | None, overwrite: bool) -> None:
         prepare_run_dir(self.path, cfg, resuming=resume_step is not None, overwrite=overwrite)
         if resume_step is not None:
+            for note in clean_stale(self.path):
+                print(f"[resume] {self.path.name}: {note}", file=sys.stderr)
             truncate_after(self.path / "metrics.jsonl", resume_step)
 
     def log(self, row: dict, step: int) -> None:
@@ -72,8 +127,9 @@ class RunDirectory:
         if self.is_main:
             save_checkpoint(path, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                             step=step, instruments=instruments)
-            if snapshot and instruments:
-                save_tensors(snapshot_path(self.path, step), instruments)
+            if snapshot and instruments:  # the same bytes as the checkpoint's copy: a hard link, not a second file
+                link_or_copy(path / INSTRUMENTS_FILE, snapshot_path(self.path, step))
+            prune_checkpoints(self.path, self.keep_checkpoints, protect=(path,))
         return path
 
     def close(self) -> None:

@@ -7,8 +7,13 @@ plus an optional ``phase`` string. Every sink receives the same rows:
                      at once (``tail -f`` shows it live; a crash loses at most the row in flight).
                      Non-finite floats are written as ``null`` so the file stays strict JSON.
 * ``tensorboard`` -> ``RUN/tb/``: one scalar per key, tag = key.
-* anything else   -> an accelerate tracker of that name (``wandb``, ``mlflow``, ``aim``, ...),
-                     initialised through the run's ``Accelerator``.
+* anything else   -> an accelerate tracker of that name (``wandb``, ``mlflow``, ``comet_ml``,
+                     ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio``), created from
+                     accelerate's tracker classes directly, so every trainer (ours and TRL's) can
+                     use it; its package must be installed (checked before the run directory exists).
+
+A resumed run passes ``purge_step`` (the first step it will write again): TensorBoard then drops
+the events at and after it from the earlier session, so no step appears twice.
 """
 
 from __future__ import annotations
@@ -38,10 +43,10 @@ class JsonlSink:
 
 
 class TensorBoardSink:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (tensorboard is optional)
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         for key, value in row.items():
@@ -54,18 +59,26 @@ class TensorBoardSink:
 
 
 class AccelerateTrackerSink:
-    """Forwards rows to trackers registered on an ``Accelerator`` (``accelerator.log``)."""
+    """Forwards rows to one of accelerate's tracker classes (``wandb``, ``mlflow``, ...), created
+    here as ``Accelerator.init_trackers`` would, but without needing the trainer's ``Accelerator``.
+    Offline use: each tracker's own switches (``WANDB_MODE=offline``, ``MLFLOW_TRACKING_URI=file:DIR``, ...)."""
 
-    def __init__(self, accelerator, project: str, config: dict | None = None) -> None:
-        self.accelerator = accelerator
-        accelerator.init_trackers(project, config=config or {})
+    def __init__(self, name: str, project: str, logging_dir: Path, config: dict | None = None) -> None:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS  # noqa: PLC0415 (only when a tracker is asked for)
+
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        self.tracker = cls(project, str(logging_dir)) if cls.requires_logging_directory else cls(project)
+        getattr(self.tracker, "start", lambda: None)()  # accelerate >= 1.2 starts trackers lazily
+        if config:
+            self.tracker.store_init_configuration(config)
 
     def log(self, row: dict[str, Any], step: int) -> None:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.accelerator.log(numbers, step=step)
+        numbers = {k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        self.tracker.log(numbers, step=step)
 
     def close(self) -> None:
-        self.accelerator.end_training()
+        self.tracker.finish()
 
 
 class MultiSink:
@@ -82,30 +95,47 @@ class MultiSink:
 
 
 def tracker_names(report_to: list[str]) -> list[str]:
-    """The ``report_to`` entries that are accelerate trackers (``Accelerator(log_with=...)``)."""
+    """The ``report_to`` entries that are accelerate trackers (not ``jsonl`` / ``tensorboard``)."""
     return [n for n in report_to if n not in ("jsonl", "tensorboard")]
 
 
-def build_sinks(run_dir: Path, report_to: list[str], accelerator=None) -> MultiSink:
-    """Sinks named in ``tracking.report_to``. Only the main process writes; others get no sinks.
+def tracker_problems(report_to: list[str]) -> list[str]:
+    """Why a ``tracking.report_to`` entry cannot be used here (unknown name, package not installed);
+    empty when every entry works. Cheap: imports nothing of the trackers themselves."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers  # noqa: PLC0415
 
-    Names other than ``jsonl`` / ``tensorboard`` need an ``accelerator`` whose ``log_with`` lists
-    them; trainers that run without accelerate reject them with an error naming the key.
-    """
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    problems = []
+    for name in tracker_names(report_to):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            problems.append(f"{name!r} is not a tracker; choose from ['jsonl', 'tensorboard', "
+                            f"{', '.join(repr(n) for n in sorted(LOGGER_TYPE_TO_CLASS) if n != 'tensorboard')}]")
+        elif name not in available:
+            problems.append(f"{name!r} needs its package, which is not installed (pip install {name})")
+    return problems
+
+
+def build_sinks(run_dir: Path, report_to: list[str], accelerator=None, purge_step: int | None = None,
+                project: str | None = None, config: dict | None = None) -> MultiSink:
+    """Sinks named in ``tracking.report_to``. Only the main process writes; others get no sinks.
+    ``purge_step``: a resumed run's first step (see the module docstring). ``project`` (default: the
+    directory's name) and ``config`` (flat ``{key: value}``, stored as the run's hyperparameters) go
+    to the accelerate trackers."""
     run_dir = Path(run_dir)
     if accelerator is not None and not accelerator.is_main_process:
         return MultiSink([])
+    problems = tracker_problems(report_to)
+    if problems:
+        raise ValueError(f"tracking.report_to: {'; '.join(problems)}")
     sinks: list = []
-    others = tracker_names(report_to)
     if "jsonl" in report_to:
         sinks.append(JsonlSink(run_dir / FILE))
     if "tensorboard" in report_to:
-        sinks.append(TensorBoardSink(run_dir / TB_DIR))
-    if others:
-        if accelerator is None or not accelerator.log_with:
-            raise ValueError(f"tracking.report_to lists {others}: these go through an accelerate tracker, which this "
-                             "trainer cannot set up; use 'jsonl' and 'tensorboard' here")
-        sinks.append(AccelerateTrackerSink(accelerator, project=run_dir.name))
+        sinks.append(TensorBoardSink(run_dir / TB_DIR, purge_step=purge_step))
+    for name in tracker_names(report_to):
+        params = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in (config or {}).items()}
+        sinks.append(AccelerateTrackerSink(name, project=project or run_dir.name, logging_dir=run_dir / "trackers",
+                                           config=params))
     return MultiSink(sinks)
 
 

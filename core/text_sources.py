@@ -124,6 +124,9 @@ def _read_jsonl(path: Path, text_field: str, report: Callable[[int], None]) -> I
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: line {line_no} is not valid JSON ({err}).") from err
+            except UnicodeDecodeError as err:  # json.loads decodes bytes itself
+                raise ValueError(f"{path}: line {line_no} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                                 "save the file as UTF-8.") from None
             yield _row_text(row, path, f"line {line_no}", text_field, first=not seen_row)
             seen_row = True
 

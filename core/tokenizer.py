@@ -139,6 +139,20 @@ def load_tokenizer(source: str, vocab_size: int, cache_dir: Path) -> PreTrainedT
     """
     if source == "stdlib-bpe":
         return train_stdlib_tokenizer(vocab_size, cache_dir)
+    path = check_tokenizer_dir(source)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"tokenizer in {source!r} has neither a pad nor an eos token; add one to its config."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def check_tokenizer_dir(source: str) -> Path:
+    """The checks :func:`load_tokenizer` makes on a local tokenizer directory (nothing is loaded)."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
@@ -153,15 +167,7 @@ def load_tokenizer(source: str, vocab_size: int, cache_dir: Path) -> PreTrainedT
             f"directory {source!r} holds no tokenizer files (expected one of {', '.join(_TOKENIZER_FILES)}); "
             f"found: {', '.join(found)}."
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(
-                f"tokenizer in {source!r} has neither a pad nor an eos token; add one to its config."
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
+    return path
 
 
 def tokenizer_from_config(cfg: TokenizerConfig) -> PreTrainedTokenizerBase:

@@ -8,12 +8,21 @@
     harness compare BASE_DIR AFTER_DIR --out cmp/       # static geometry of the delta between two checkpoints
     harness prepare-data /data/corpus/ --out /data/tok  # pre-tokenize text into token shards
     harness rank1 runs/asymmetry                        # causal test: rank-1 edits vs matched controls
+    harness recipes                                     # the bundled recipes, one line each
+    harness keys [train.]                               # every recipe key: type, default, meaning
+
+Exit codes: 0 done; 2 bad input (recipe, data, model; nothing was written); 3 training diverged
+(non-finite values or a dead model; the last good checkpoint is kept); 128 + N stopped by signal N
+(130 Ctrl-C, 143 SIGTERM) after saving a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
+import threading
 from pathlib import Path
 
 from harness.compare_cli import add_compare_parser, compare_command
@@ -35,25 +44,127 @@ def resolve_recipe(name: str) -> Path:
     raise FileNotFoundError(f"recipe {name!r} not found: not a file, and not a bundled recipe ({available})")
 
 
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+MAX_DEFAULT_THREADS = 8
+
+
+def version() -> str:
+    """The installed package's version (the source tree's pyproject when not installed)."""
+    from importlib.metadata import PackageNotFoundError  # noqa: PLC0415
+    from importlib.metadata import version as dist_version  # noqa: PLC0415
+
+    try:
+        return dist_version("weightgeom-harness")
+    except PackageNotFoundError:
+        import tomllib  # noqa: PLC0415
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+
+
+def bundled_recipes() -> list[tuple[str, str]]:
+    """``[(name, first comment line)]`` of every recipe in recipes/."""
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        words: list[str] = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("# ") or line.startswith("#  "):  # the opening sentence, not an example
+                break
+            words.append(line[2:].strip())
+            if line.rstrip().endswith((".", ":")):
+                break
+        out.append((path.stem, " ".join(words).rstrip(":")))
+    return out
+
+
+def default_threads(environ: dict | None = None, cores: int | None = None) -> tuple[int, str]:
+    """(torch threads, why) for a run: ``OMP_NUM_THREADS`` when set, else the cores this process
+    may use divided by the processes on this machine (``LOCAL_WORLD_SIZE`` under torchrun), capped
+    at :data:`MAX_DEFAULT_THREADS`. Oversubscribed OpenMP threads (two processes with a thread per
+    core each) made a step ~20x slower on 2 cores."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
+        return int(environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(1, int(environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(MAX_DEFAULT_THREADS, cores // local)), f"{cores} cores / {local} local process(es)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a recipe (pretraining, alignment, report)")
-    run.add_argument("recipe", help="YAML file or bundled recipe name")
-    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
-    run.add_argument("--resume", help="checkpoint directory, or 'latest' (pretraining runs)")
+    run = sub.add_parser("run", help="run a recipe (pretraining, alignment, report)",
+                         description="Run a recipe. Every recipe key can be overridden as key.sub=value; "
+                                     "`harness keys` lists them all with types, defaults and meanings.",
+                         epilog="common keys: name, output_dir, seed, train.steps, train.lr, train.batch_size, "
+                                "train.save_every, train.keep_checkpoints, train.on_nonfinite, model.hidden_size, "
+                                "instruments.k, instruments.every_n, align.train.steps, tracking.report_to "
+                                "(all of them: harness keys)")
+    run.add_argument("recipe", help="YAML file or bundled recipe name (harness recipes)")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100 (harness keys)")
+    run.add_argument("--resume", help="checkpoint directory, or 'latest' (pipelines: 'latest' only)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (also none from transformers)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default: OMP_NUM_THREADS, else cores / "
+                                                 f"local processes, at most {MAX_DEFAULT_THREADS})")
     report = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots from saved files")
     report.add_argument("run_dir")
     validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
+    sub.add_parser("recipes", help="list the bundled recipes")
+    keys = sub.add_parser("keys", help="list every recipe key with its type, default and meaning")
+    keys.add_argument("filter", nargs="?", help="only keys containing this text, e.g. train.")
     add_compare_parser(sub)
     add_prepare_data_parser(sub)
     add_rank1_parser(sub)
     return parser
+
+
+def _set_threads(explicit: int | None) -> None:
+    """Before torch is imported: its OpenMP pool reads OMP_NUM_THREADS once. In a program that
+    imported torch already (tests, notebooks) only an explicit --threads changes anything."""
+    if explicit is not None and explicit < 1:
+        raise SystemExit(f"harness: error: --threads must be >= 1, got {explicit}")
+    if "torch" in sys.modules and explicit is None:
+        return
+    threads = explicit if explicit is not None else default_threads()[0]
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def _stop_on_sigterm(interrupted: type):
+    """Outside a training phase (loading, tokenizing, reports) SIGTERM ends the run with a message
+    and exit code 143 instead of silently; inside one, the phase's handler saves a checkpoint first.
+    Returns the previous handler (main() puts it back)."""
+    import signal  # noqa: PLC0415
+
+    def stop(signum, frame):
+        raise interrupted(signum, None, None, "run",
+                          note=" outside a training phase (nothing new to save; finished checkpoints are kept)")
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, stop)
+    return None
+
+
+def _quiet_libraries() -> None:
+    """--no-progress: no loading / writing / map bars from transformers, datasets or the hub."""
+    import datasets  # noqa: PLC0415
+    import transformers  # noqa: PLC0415
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        from huggingface_hub.utils import disable_progress_bars  # noqa: PLC0415
+
+        disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,14 +176,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.command == "recipes":
+        for name, line in bundled_recipes():
+            print(f"{name:<20} {line}")
+        return 0
+    if args.command == "run":
+        _set_threads(args.threads)
     # Imported after parsing so that `harness --help` answers in a blink: the pipeline imports torch,
     # transformers and TRL (seconds).
     import yaml  # noqa: PLC0415
 
     from core.config import ConfigError, load_config, to_dict  # noqa: PLC0415
     from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
+    from trainers.guard import DivergenceError  # noqa: PLC0415
+    from trainers.interrupt import Interrupted  # noqa: PLC0415
 
+    previous_handler = None
     try:
+        if args.command == "keys":
+            from harness.config_keys import format_keys  # noqa: PLC0415
+
+            print(format_keys(args.filter))
+            return 0
         if args.command == "compare":
             return compare_command(args)
         if args.command == "report":
@@ -87,13 +212,33 @@ def main(argv: list[str] | None = None) -> int:
             validate_recipe(cfg)
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
             return 0
+        if args.no_progress:
+            _quiet_libraries()
+        previous_handler = _stop_on_sigterm(Interrupted)
         out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         print(f"done: {out}")
         return 0
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"harness: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except DivergenceError as err:
+        print(f"harness: stopped: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Interrupted as err:
+        print(f"harness: {err}", file=sys.stderr)
+        command = shlex.join(["harness", "run", args.recipe, *args.overrides, "--resume", "latest"])
+        print(f"harness: continue with: {command}" if err.checkpoint is not None else
+              f"harness: run the command again; with --resume latest, finished stages and checkpoints are kept "
+              f"({command})", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("harness: interrupted (no checkpoint was written at this point)", file=sys.stderr)
+        return 130
     finally:
+        if previous_handler is not None:
+            import signal  # noqa: PLC0415
+
+            signal.signal(signal.SIGTERM, previous_handler)
         _close_process_group()
 
 

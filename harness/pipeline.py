@@ -12,16 +12,19 @@ Layouts (see docs/architecture.md):
 from __future__ import annotations
 
 import copy
+import json
 import random
+import sys
 from pathlib import Path
 
 import yaml
 
-from core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
+from core.checkpoint import checkpoint_dir, checkpoint_step, clean_stale, is_complete, latest_checkpoint
 from core.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
 from core.data import build_embedded_preferences, load_preference_pairs, load_texts
+from core.preflight import preflight
 from core.processes import main_print, on_main
-from core.rundir import prepare_run_dir
+from core.rundir import check_resume_config, prepare_run_dir
 from core.tokenizer import load_tokenizer, tokenizer_from_config
 from harness.asymmetry import write_asymmetry_report
 from harness.report import write_run_report
@@ -34,16 +37,43 @@ from trainers.trl_dpo import align_with_trl
 
 
 def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run a recipe: a sweep, a pipeline (with ``align``) or a single pretraining run (+ report).
+    Every check that can fail runs before the run directory is created (:func:`check_recipe`)."""
     if cfg.sweep:
         return run_sweep(cfg, overwrite=overwrite, progress=progress)
+    check_recipe(cfg, resume=resume, overwrite=overwrite)
     if "align" not in cfg.stages:
         if "pretrain" not in cfg.stages:
             raise ConfigError("stages must include 'pretrain' or 'align' (a report alone: `harness report RUN_DIR`)")
-        pretrain(cfg, cfg.run_dir, resume=_resume_path(cfg.run_dir, resume), overwrite=overwrite, progress=progress)
+        resume_path = _resume_path(cfg.run_dir, resume)
+        if resume_path is not None and checkpoint_step(resume_path) == cfg.train.steps:
+            print(f"[resume] {cfg.run_dir} already finished (step {cfg.train.steps} of {cfg.train.steps}); nothing to "
+                  "train", file=sys.stderr)
+            if "report" in cfg.stages and not (cfg.run_dir / "report" / "report.md").is_file():
+                write_report(cfg.run_dir)
+            return cfg.run_dir
+        pretrain(cfg, cfg.run_dir, resume=resume_path, overwrite=overwrite, progress=progress)
         if "report" in cfg.stages:
             on_main(write_report, cfg.run_dir)
         return cfg.run_dir
     return run_pipeline(cfg, cfg.run_dir, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def check_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False) -> None:
+    """Everything that can be checked before training: inputs and model (core.preflight), the
+    objectives' settings, and whether the run directory may be written (it exists and neither
+    --overwrite nor --resume was given; or --resume with a changed recipe). Warnings go to stderr."""
+    for warning in preflight(cfg):
+        print(f"[check] warning: {warning}", file=sys.stderr)
+    validate_recipe(cfg)
+    run_dir = cfg.run_dir
+    if resume is not None:
+        if resume == "latest" and not run_dir.is_dir():
+            raise FileNotFoundError(f"--resume latest: {run_dir} does not exist; start the run without --resume")
+        check_resume_config(run_dir, cfg)
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
+                              f"--resume latest to continue it, or choose another name (name=...)")
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, overwrite: bool = False,
@@ -51,16 +81,20 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     """Pretrain (or start from ``init_from``), align with every objective, report."""
     if "pretrain" not in cfg.stages and not cfg.init_from:
         raise ConfigError("an alignment-only recipe needs init_from: a checkpoint or local HF model directory")
-    # validate the inputs every stage needs before the run directory exists
-    validate_recipe(cfg)
-    pretrain_tokenizer = tokenizer_from_config(cfg.tokenizer) if "pretrain" in cfg.stages else None
-    pairs_all = load_pairs(cfg, pretrain_tokenizer)
-    pretrain_dir = Path(run_dir) / "pretrain"
     if resume not in (None, "latest"):
         raise ConfigError("a pipeline resumes with --resume latest: finished stages are kept, unfinished ones "
                           "continue from their newest checkpoint")
-    resume_path = latest_checkpoint(pretrain_dir) if resume and "pretrain" in cfg.stages else None
-    on_main(prepare_run_dir, run_dir, cfg, overwrite=overwrite, resuming=bool(resume))
+    # validate the inputs every stage needs before the run directory exists
+    validate_recipe(cfg)
+    pairs_all, pair_stats = load_pairs(cfg)
+    if "pretrain" in cfg.stages:
+        tokenizer_from_config(cfg.tokenizer)  # trained (and cached) now: its errors precede the run directory
+    pretrain_dir = Path(run_dir) / "pretrain"
+    resume_path = None
+    if resume and "pretrain" in cfg.stages:
+        on_main(clean_stale, pretrain_dir)
+        resume_path = latest_checkpoint(pretrain_dir)
+    on_main(create_pipeline_dir, run_dir, cfg, pair_stats, overwrite=overwrite, resuming=bool(resume))
 
     final_pretrain = checkpoint_dir(pretrain_dir, cfg.train.steps)
     if "pretrain" not in cfg.stages:
@@ -76,6 +110,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
         obj_dir = Path(run_dir) / "align" / objective.name
         obj_resume = None
         if resume:
+            on_main(clean_stale, obj_dir)
             if is_complete(checkpoint_dir(obj_dir, cfg.align.train.steps)):
                 main_print(f"[resume] objective {objective.name} already finished")
                 continue
@@ -87,6 +122,12 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     if "report" in cfg.stages:
         on_main(write_report, run_dir)
     return Path(run_dir)
+
+
+def create_pipeline_dir(run_dir: Path, cfg: RunConfig, pair_stats: dict, *, overwrite: bool, resuming: bool) -> None:
+    """The pipeline's directory: the resolved config and what was read from the preference data."""
+    prepare_run_dir(run_dir, cfg, overwrite=overwrite, resuming=resuming)
+    (Path(run_dir) / DATA_STATS).write_text(json.dumps({"preferences": pair_stats}, indent=2) + "\n")
 
 
 def validate_recipe(cfg: RunConfig) -> None:
@@ -107,15 +148,23 @@ def run_objective(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, **kw
     return align(cfg, objective, init_dir, run_dir, **kwargs)
 
 
-def load_pairs(cfg: RunConfig, tokenizer=None) -> list[dict]:
-    """The preference pairs: the embedded set built from the local corpus, or a local file."""
+DATA_STATS = "data.json"  # RUN/data.json: what the preference data held and what was dropped
+
+
+def load_pairs(cfg: RunConfig) -> tuple[list[dict], dict]:
+    """The preference pairs (the embedded set built from the local corpus, or a local file) and
+    what was read: ``{"source", "rows", "used", "identical_dropped", "conversational"}``."""
     if cfg.align.data == "embedded":
         texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
-        return build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
+        pairs = build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
+        return pairs, {"source": "embedded", "rows": len(pairs), "used": len(pairs), "identical_dropped": 0,
+                       "conversational": False}
     pairs, stats = load_preference_pairs(cfg.align.data)
-    main_print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used "
+    main_print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used"
+          f"{f', {stats.n_identical_dropped} dropped (chosen == rejected)' if stats.n_identical_dropped else ''} "
           f"({'conversational' if stats.conversational else 'plain'})")
-    return pairs
+    return pairs, {"source": str(cfg.align.data), "rows": stats.n_rows, "used": stats.n_valid,
+                   "identical_dropped": stats.n_identical_dropped, "conversational": stats.conversational}
 
 
 def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -136,9 +185,13 @@ def _resume_path(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "latest":
+        for note in clean_stale(run_dir):
+            print(f"[resume] {note}", file=sys.stderr)
         found = latest_checkpoint(run_dir)
         if found is None:
-            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {run_dir}/checkpoints")
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint under {run_dir}/checkpoints (the run "
+                                    "stopped before its first one; train.save_every sets how often they are "
+                                    "written): start it again with --overwrite")
         return found
     return Path(resume)
 
@@ -165,6 +218,10 @@ def _yaml_scalar(value) -> str:
 
 def run_sweep(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> Path:
     runs = sweep_configs(cfg)  # validates every entry before anything runs
+    for label, sub in runs:
+        for warning in preflight(sub):
+            main_print(f"[check] warning: sweep run {label}: {warning}", file=sys.stderr)
+        validate_recipe(sub)
     on_main(prepare_run_dir, cfg.run_dir, cfg, overwrite=overwrite)
     for label, sub in runs:
         main_print(f"[sweep] run {label}: {cfg.sweep[int(label)]}")

@@ -174,6 +174,25 @@ class InstrumentSuite:
             return self.compute(step)
         return None
 
+    # ----- divergence guard (trainers/guard.py) ------------------------------------------------------
+    def nonfinite_statistics(self) -> list[str]:
+        """Keys of the covariance sums holding NaN or inf (empty when all are finite). One pass over
+        the accumulators, ``n^2`` per sum: about 1/N of a step's accumulation for N tokens."""
+        sums = {f"cov_in/{k}": s[:2] for k, s in self.cov.sums_in.items()}
+        sums.update({f"cov_out/{k}": s[:1] for k, s in self.cov.sums_out.items()})
+        if not sums:
+            return []
+        ok = torch.stack([torch.isfinite(t).all() for ts in sums.values() for t in ts]).tolist()
+        flags = iter(ok)
+        return [k for k, ts in sums.items() if not all([next(flags) for _ in ts])]
+
+    def covariance_state(self) -> dict[str, torch.Tensor]:
+        """A copy of this process's covariance sums, for :meth:`restore_covariance` (a skipped step)."""
+        return self.cov.state_dict()
+
+    def restore_covariance(self, state: dict[str, torch.Tensor]) -> None:
+        self.cov.load_state_dict(state)
+
     # ----- metrics --------------------------------------------------------------------------------
     def _freeze_subspaces(self) -> None:
         """Top-k bases of the covariances after the phase's first optimizer step."""
@@ -259,6 +278,14 @@ class NullSuite:
 
     def compute(self, step: int) -> dict[str, float]:
         return {}
+
+    def nonfinite_statistics(self) -> list[str]:
+        return []
+
+    def covariance_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def restore_covariance(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

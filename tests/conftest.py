@@ -64,3 +64,9 @@ def token_loss_sum(model, batch):
 @pytest.fixture
 def tiny_llama():
     return make_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_cache(tmp_path_factory):
+    """One embedded-tokenizer cache for the whole session: training one costs ~15 s."""
+    return tmp_path_factory.mktemp("tokenizer_cache")

@@ -26,8 +26,8 @@ def tiny_cfg(tmp_path: Path, cache: Path, *extra: str):
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tokenizer_cache")
+def cache_dir(tokenizer_cache):
+    return tokenizer_cache
 
 
 def test_recipe_trains_streams_and_reports(tmp_path, cache_dir):

@@ -4,6 +4,7 @@ settings, and errors name the key and the file."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from core.config import (ConfigError, GradedObjective, MixtureObjective, TrlObjective, load_config,
                          saved_objective)
@@ -28,11 +29,20 @@ def write(tmp_path, text: str):
     ("data.eval_fraction=1.5", "key 'data.eval_fraction' must be in [0, 1)"),
     ("align.objectives=[{name: a},{name: a}]", "key 'align.objectives' names must be unique"),
 ])
-def test_a_bad_value_names_its_key_and_the_file(tmp_path, override, message):
+def test_a_bad_value_names_its_key_and_where_it_came_from(tmp_path, override, message):
+    """From the command line: the error names the override, not the recipe file. In the file: the file."""
     path = write(tmp_path, "name: x\n")
     with pytest.raises(ConfigError) as err:
-        load_config(path, [override])
-    assert message in str(err.value) and str(path) in str(err.value)
+        load_config(path, ["seed=1", override])
+    assert message in str(err.value) and str(err.value).startswith(f"command line ({override}): ")
+    key, _, value = override.partition("=")
+    tree = yaml.safe_load(value)
+    for part in reversed(key.split(".")):  # the same setting written in the recipe file
+        tree = {part: tree}
+    path = write(tmp_path, yaml.safe_dump(tree))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value) and str(err.value).startswith(f"{path}: ")
 
 
 def test_a_setting_of_another_loss_is_an_error_naming_it(tmp_path):

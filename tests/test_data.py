@@ -86,7 +86,7 @@ def test_load_texts_errors(tmp_path):
     with pytest.raises(ValueError, match="row 0: expected a string"):
         load_texts(str(tmp_path / "n.jsonl"))
     (tmp_path / "broken.jsonl").write_text('{"text": "a"\n')
-    with pytest.raises(ValueError, match="broken.jsonl: could not read"):
+    with pytest.raises(ValueError, match=r"broken.jsonl:1: not valid JSON"):
         load_texts(str(tmp_path / "broken.jsonl"))
 
 
@@ -272,9 +272,18 @@ def test_embedded_preferences_shape_and_determinism(stdlib_texts):
         assert p["chosen"] != p["rejected"]
         assert sorted(p["chosen"]) == sorted(p["rejected"])  # same characters, new order
         assert re.split(r"\S+", p["chosen"]) == re.split(r"\S+", p["rejected"])  # same layout
-        assert len(p["prompt"]) == 200 and not p["prompt"].endswith("\n") and len(p["chosen"]) <= 121
+        assert len(p["prompt"]) == 200 and not p["prompt"][-1].isspace() and len(p["chosen"]) <= 121
         assert p["chosen"].startswith("\n") and p["rejected"].startswith("\n")  # prompt ends on a token boundary
         assert any(p["prompt"] + p["chosen"] in t for t in stdlib_texts)  # a true continuation
+
+
+def test_embedded_prompts_never_end_in_whitespace():
+    """A prompt ending in a blank line or trailing spaces merges with the completion's leading
+    newline (TRL then warns "the tokenized prompt is not a prefix"): such split points are skipped."""
+    line = "x = compute(value)\n"
+    text = (line + "\n" + "y = other   \n" + line * 3) * 40  # blank lines and trailing spaces everywhere
+    pairs = build_embedded_preferences([text], 40, seed=0, prompt_chars=30, completion_chars=40)
+    assert all(not p["prompt"][-1].isspace() for p in pairs)
 
 
 def _char_ngram_logprob(counts: Counter, context_counts: Counter, text: str, history: str, n: int) -> float:

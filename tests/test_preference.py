@@ -39,7 +39,7 @@ def test_graded_dpo_learns_the_embedded_set_and_counts_policy_tokens_only(pretra
     cfg, ckpt = pretrained
     cfg.instruments.enabled = True
     tokenizer = alignment_tokenizer(cfg, ckpt)
-    pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
+    pairs, eval_pairs = split_pairs(load_pairs(cfg)[0], 0.1, cfg.seed)
     result = align(cfg, GradedObjective(name="g1", grade=1.0), ckpt, tmp_path / "g1",
                    tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
     rows = [r for r in _rows(result.run_dir) if "pref/loss" in r]
@@ -103,7 +103,7 @@ def test_alignment_resume_matches_continuous_run(pretrained, tmp_path, lora):
     if lora:
         cfg.align.lora = LoraConfig(r=4, alpha=8)
     tokenizer = alignment_tokenizer(cfg, ckpt)
-    pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
+    pairs, eval_pairs = split_pairs(load_pairs(cfg)[0], 0.1, cfg.seed)
     objective = GradedObjective(name="g05", grade=0.5)
     kw = dict(tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
     full = align(cfg, objective, ckpt, tmp_path / "full", **kw)

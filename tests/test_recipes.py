@@ -99,6 +99,8 @@ def test_local_model_recipe_runs_on_a_checkpoint_and_a_preference_file(tmp_path)
     assert verdicts["write_isotropic"]["held"] is None and verdicts["ce_prediction"]["held"] is None
     assert f"| initialised from | {ckpt} |" in report
     assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == str(ckpt)
+    stats = json.loads((run / "data.json").read_text())["preferences"]  # the dropped pair is counted on disk
+    assert (stats["rows"], stats["used"], stats["identical_dropped"]) == (41, 40, 1)
 
 
 @pytest.mark.slow

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import peft
 import pytest
 import torch
+import trl
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from tests.conftest import make_model
-from trainers.trl_dpo import InstrumentCallback, micro_batches_in_step, run_trl_dpo
+from trainers.trl_dpo import InstrumentCallback, checkpointing_off, micro_batches_in_step, run_trl_dpo
 
 WORDS = "<|pad|> <|eos|> <unk> the a cat dog bird sat ran flew on under mat tree yes no good bad very".split()
 PROMPTS = ["the cat sat on", "a dog ran under", "the bird flew on", "a cat ran under", "the dog sat on", "a bird sat"]
@@ -157,3 +159,36 @@ def test_bad_input_is_rejected_with_the_field_named(tmp_path):
         train(tmp_path, [constant_pairs(1)[0], {"prompt": "the cat", "chosen": " yes"}])
     with pytest.raises(ValueError, match="max_length"):
         train(tmp_path, constant_pairs(4), max_length=3)  # every prompt fills 3 tokens
+
+
+# ----- across transformers versions; a quiet console ------------------------------------------------
+@dataclasses.dataclass
+class ArgsWithActivationCheckpointing:  # transformers >= 5.2x: the new name, the old one a deprecated alias
+    activation_checkpointing: bool | None = None
+    gradient_checkpointing: bool | None = True
+
+
+@dataclasses.dataclass
+class ArgsWithGradientCheckpointingOnly:  # transformers 5.17 and 4.x: no activation_checkpointing field
+    gradient_checkpointing: bool = True
+
+
+def test_checkpointing_switch_fits_the_installed_config_class():
+    """`DPOConfig(activation_checkpointing=...)` raised TypeError on transformers 5.17 (admitted by the
+    pyproject): only the switch that the config class declares is passed."""
+    new = checkpointing_off(ArgsWithActivationCheckpointing)
+    assert new == {"activation_checkpointing": False, "gradient_checkpointing": None}
+    assert ArgsWithActivationCheckpointing(**new).activation_checkpointing is False
+    old = checkpointing_off(ArgsWithGradientCheckpointingOnly)
+    assert old == {"gradient_checkpointing": False}
+    assert ArgsWithGradientCheckpointingOnly(**old).gradient_checkpointing is False
+    with pytest.raises(TypeError):
+        ArgsWithGradientCheckpointingOnly(**new)  # what the old code did
+    assert checkpointing_off(trl.DPOConfig)  # the installed one declares one of them
+
+
+def test_progress_bar_prints_no_raw_log_dicts(tmp_path, capsys):
+    """With the progress bar on, the HF Trainer's ProgressCallback wrote every log dict to the console."""
+    train(tmp_path, constant_pairs(4), steps=3, extra_args={"disable_tqdm": False})
+    out = capsys.readouterr()
+    assert "{'loss'" not in out.out + out.err and "'rewards/" not in out.out + out.err

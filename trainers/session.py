@@ -12,24 +12,37 @@ and the progress bar. A loop built on it reads::
             session.end_step(step, row)                 # log the row; checkpoint when due
     session.result                                      # run dir, final checkpoint, last logged row
 
+Reliability, the same for every loop built on it:
+
+* the divergence guard (trainers/guard.py): before each optimizer step the loss and gradients must
+  be finite and after it the instruments' sums; otherwise the run stops (:class:`DivergenceError`,
+  naming the step and the first parameter with a non-finite gradient) or, with
+  ``train.on_nonfinite: skip``, the step is dropped and its covariance sums rolled back. A gradient
+  that stays exactly zero for ``train.stall_patience`` steps stops the run too (a dead model).
+* SIGTERM / SIGINT (trainers/interrupt.py): the step in flight finishes, a checkpoint is written
+  and :class:`Interrupted` is raised; ``--resume latest`` continues exactly from it.
+
 The final checkpoint is a plain HF model directory (a LoRA adapter is merged into it) with the
 trainer state and the instruments' state; the instruments' snapshot for reports is written beside it.
 """
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
 from core.config import RunConfig, TrainConfig
 from core.rundir import RunDirectory
-from core.sinks import tracker_names
 from hooks.suite import build_suite
+from trainers.guard import DivergenceError, DivergenceGuard
+from trainers.interrupt import Interrupted, StopSignals
 from trainers.optim import make_optimizer, make_scheduler
 
 # Progress-bar fields: metric key -> short label.
@@ -68,7 +81,6 @@ class TrainingSession:
                  resume: Path | None = None, overwrite: bool = False, progress: bool = True) -> None:
         self.cfg, self.train, self.phase, self.tokenizer = cfg, train, phase, tokenizer
         self.accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available(),
-                                       log_with=tracker_names(cfg.tracking.report_to) or None,
                                        project_dir=str(run_dir))
         self.optimizer = make_optimizer(model.parameters(), train)
         self.scheduler = make_scheduler(self.optimizer, train)
@@ -76,14 +88,22 @@ class TrainingSession:
         self.start_step = self._resume(Path(resume)) if resume is not None else 0
         # One process owns the directory (under torchrun the others would race it).
         self.files = RunDirectory(run_dir, cfg, resume_step=self.start_step if resume is not None else None,
-                                  overwrite=overwrite, accelerator=self.accelerator)
+                                  overwrite=overwrite, accelerator=self.accelerator,
+                                  keep_checkpoints=train.keep_checkpoints)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
+        if not progress:  # nor transformers' loading / "Writing model shards" bars
+            transformers.utils.logging.disable_progress_bar()
         self.bar = tqdm(total=train.steps, initial=self.start_step, desc=f"{phase} {cfg.name}", dynamic_ncols=True,
                         disable=not progress or not self.accelerator.is_main_process)
         self.result = RunResult(Path(run_dir), checkpoint_dir(run_dir, train.steps))
         self._suite_ctx = None
+        self.guard = DivergenceGuard(train.on_nonfinite, train.stall_patience, phase=phase)
+        self.signals = StopSignals(phase)
+        self._loss_finite = True  # all micro-batch losses of the step in flight were finite
+        self._stash = None  # covariance sums before the step in flight (on_nonfinite: skip only)
+        self._saved_step = self.start_step if resume is not None else None
 
     def _resume(self, checkpoint: Path) -> int:
         state = load_trainer_state(checkpoint)
@@ -97,36 +117,88 @@ class TrainingSession:
     def __enter__(self) -> TrainingSession:
         self._suite_ctx = self.suite.attached(self.model, self.optimizer)
         self._suite_ctx.__enter__()
+        self.signals.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         try:
+            self.signals.__exit__(*exc)
             self._suite_ctx.__exit__(*exc)
         finally:
             self.bar.close()
             self.files.close()
 
     def steps(self):
-        """Optimizer steps ``start + 1 .. train.steps``."""
+        """Optimizer steps ``start + 1 .. train.steps``. After each step, a stop signal (SIGTERM,
+        SIGINT) writes a checkpoint and raises :class:`Interrupted` (all processes agree first)."""
         for step in range(self.start_step + 1, self.train.steps + 1):
+            self._loss_finite = True
+            if self.train.on_nonfinite == "skip":
+                self._stash = self.suite.covariance_state()
             yield step
             self.bar.update(1)
+            if step < self.train.steps and self._stop_requested():
+                self._interrupt(step)
+
+    def _stop_requested(self) -> bool:
+        flag = self.signals.received is not None
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def _interrupt(self, step: int) -> None:
+        if self._saved_step != step:
+            self.files.save(step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
+                            optimizer=self.optimizer, scheduler=self.scheduler,
+                            instruments=self.suite.snapshot_state(), snapshot=False)
+            self._saved_step = step
+        self.accelerator.wait_for_everyone()
+        raise Interrupted(self.signals.received or signal.SIGTERM, step, checkpoint_dir(self.files.path, step),
+                          self.phase, note="; continue with --resume latest")
 
     def autocast(self):
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._loss_finite = False
         self.accelerator.backward(loss)
 
     def optimizer_step(self, step: int) -> tuple[float, dict[str, float] | None]:
         """Clip, step, advance the schedule, zero the gradients; then the instruments' bookkeeping.
         Returns the gradient norm before clipping and the geometry metrics when they are due (always
-        at the phase's last step), else None."""
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm or float("inf"))
-        self.optimizer.step()
+        at the phase's last step), else None.
+
+        The divergence guard runs first: a non-finite loss or gradient raises
+        :class:`DivergenceError` before the optimizer sees it, or (``on_nonfinite: skip``) skips the
+        update and restores the covariance sums from before the step (the schedule still advances,
+        so the learning rate stays a function of the step)."""
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                           self.train.max_grad_norm or float("inf")))
+        loss_finite = self._loss_finite
+        if self.world > 1:  # every process must take the same decision
+            bad = torch.tensor([float(not loss_finite)], device=self.device)
+            loss_finite = bool(self.accelerator.reduce(bad, reduction="sum").item() == 0)
+        apply = self.guard.check(step, grad_norm=grad_norm, loss_finite=loss_finite, model=self.model)
+        if apply:
+            self.optimizer.step()
+        elif self._stash is not None:
+            self.suite.restore_covariance(self._stash)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm), self.suite.after_optimizer_step(step, force=step == self.train.steps)
+        self._stash = None
+        bad = self.suite.nonfinite_statistics()
+        if bad:
+            raise DivergenceError(f"{self.phase} diverged at step {step}: the instruments' statistics are not "
+                                  f"finite ({', '.join(bad[:3])}); the run stopped before they reached a metric or "
+                                  "a checkpoint. Lower train.lr, or use instruments.dtype=float64.", step)
+        return grad_norm, self.suite.after_optimizer_step(step, force=step == self.train.steps)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps dropped by ``train.on_nonfinite: skip`` in this session."""
+        return self.guard.skipped
 
     @property
     def lr(self) -> float:
@@ -156,8 +228,10 @@ class TrainingSession:
         if step == self.train.steps:
             save_final(self.files, step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
                        optimizer=self.optimizer, scheduler=self.scheduler, suite=self.suite)
+            self._saved_step = step
         elif self.train.save_every and step % self.train.save_every == 0:
             self.files.save(step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
                             optimizer=self.optimizer, scheduler=self.scheduler,
                             instruments=self.suite.snapshot_state(), snapshot=False)
+            self._saved_step = step
         self.accelerator.wait_for_everyone()

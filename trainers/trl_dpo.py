@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,7 +35,7 @@ from typing import Protocol
 import datasets
 import torch
 from torch import nn
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from core.config import RunConfig
 from core.data import prompt_budget, tokenize_pairs
@@ -42,6 +43,8 @@ from core.models import apply_lora, build_model
 from core.processes import process_state
 from core.rundir import RunDirectory
 from hooks.suite import build_suite
+from trainers.guard import DivergenceError, DivergenceGuard, gradient_norm
+from trainers.interrupt import Interrupted, StopSignals
 from trainers.losses import DPOLoss, check_beta
 from trainers.pairs import preference_eval, reference_logps
 from trainers.session import RunResult, save_final
@@ -162,6 +165,59 @@ class InstrumentCallback(TrainerCallback):
         self.sink.log({"phase": self.phase, **row} if self.phase else row, step)
 
 
+class GuardCallback(TrainerCallback):
+    """The divergence guard and stop signals for the HF Trainer (what TrainingSession does for our loops).
+
+    ``on_pre_optimizer_step`` (gradients populated and clipped, the optimizer not yet run): a
+    non-finite gradient raises :class:`DivergenceError` naming the first offending parameter; an
+    all-zero gradient for ``guard.patience`` steps too. ``on_step_end``: non-finite instrument sums
+    raise before any metric is computed from them; a received SIGTERM/SIGINT raises
+    :class:`Interrupted` (a TRL objective keeps no mid-run checkpoint: it restarts on resume). Put it
+    before an :class:`InstrumentCallback` in the callback list, so it runs first.
+    """
+
+    def __init__(self, guard: DivergenceGuard, *, suite=None, signals: StopSignals | None = None) -> None:
+        self.guard, self.suite, self.signals = guard, suite, signals
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.guard.check(state.global_step + 1, grad_norm=gradient_norm(model), model=model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        bad = self.suite.nonfinite_statistics() if self.suite is not None else []
+        if bad:
+            raise DivergenceError(f"{self.guard.phase} diverged at step {state.global_step}: the instruments' "
+                                  f"statistics are not finite ({', '.join(bad[:3])})", state.global_step)
+        if self.signals is not None and self.signals.received is not None and state.global_step < state.max_steps:
+            raise Interrupted(self.signals.received, state.global_step, None, self.guard.phase,
+                              note="; a TRL objective keeps no mid-run checkpoint and restarts on --resume latest")
+
+
+class QuietProgressCallback(ProgressCallback):
+    """TRL's progress bar without the raw log dict it prints at every logging step (the numbers
+    go to the run's metric sinks; the bar shows the loss)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix({"loss": f"{logs['loss']:.4g}"}, refresh=False)
+
+
+def checkpointing_off(config_cls: type) -> dict:
+    """``DPOConfig`` keywords that switch activation (gradient) checkpointing off, for the installed
+    transformers: ``activation_checkpointing`` where it exists (>= 5.2x; the old name is then a
+    deprecated alias, left unset), else ``gradient_checkpointing=False`` (TRL's default is True,
+    and its recomputed forwards would double count the covariances)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    if "activation_checkpointing" in names:
+        out = {"activation_checkpointing": False}
+        if "gradient_checkpointing" in names:
+            out["gradient_checkpointing"] = None
+        return out
+    if "gradient_checkpointing" in names:
+        return {"gradient_checkpointing": False}
+    return {}
+
+
 def preference_dataset(pairs: list[dict]) -> datasets.Dataset:
     """A ``datasets.Dataset`` of plain-text ``prompt`` / ``chosen`` / ``rejected`` columns."""
     if not pairs:
@@ -232,8 +288,7 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
         output_dir=str(out_dir), max_steps=steps, learning_rate=lr, beta=beta, loss_type=loss_type,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_length=max_length,
         seed=seed, data_seed=seed, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-        bf16=False, use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=False, gradient_checkpointing=None,  # the new name; TRL's old one defaults on
+        bf16=False, use_cpu=not torch.cuda.is_available(), **checkpointing_off(DPOConfig),
         dataset_num_proc=None, dataloader_drop_last=True,
         remove_unused_columns=True,  # TRL declares its tokenized columns as the ones to keep
     )
@@ -242,6 +297,8 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
                              processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)  # with tqdm off the Trainer prints every log dict
+    if trainer.pop_callback(ProgressCallback) is not None:  # ... and with tqdm on, its bar writes them
+        trainer.add_callback(QuietProgressCallback())
     if len(trainer.train_dataset) < batch_size:
         raise ValueError(f"only {len(trainer.train_dataset)} of {len(pairs)} pairs remain after TRL drops those whose "
                          f"prompt fills max_length={max_length}; need at least batch_size={batch_size}: "
@@ -267,7 +324,8 @@ def trainer_settings(train_cfg, progress: bool) -> dict:
     settings = dict(optim=OPTIMIZERS[t.optimizer], lr_scheduler_type=SCHEDULES[t.schedule],
                     warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                     max_grad_norm=t.max_grad_norm or 0.0,  # 0 disables clipping in the HF Trainer
-                    adam_beta1=t.betas[0], adam_beta2=t.betas[1], disable_tqdm=not progress)
+                    adam_beta1=t.betas[0], adam_beta2=t.betas[1], disable_tqdm=not progress,
+                    logging_steps=t.log_every)
     if t.schedule == "cosine":
         settings["lr_scheduler_kwargs"] = {"min_lr_rate": t.min_lr_ratio}
     if t.optimizer == "sgd" and t.momentum:
@@ -320,13 +378,17 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
                          f"{processes.num_processes} processes (TRL takes a per-process batch)")
     files = RunDirectory(run_dir, cfg, overwrite=overwrite)
     phase = f"align/{objective.name}"
+    guard = DivergenceGuard("stop", t.stall_patience, phase=phase)
     callback = InstrumentCallback(suite, files, phase=phase)
     try:
-        trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl",
-                              ref_model=ref_model, steps=t.steps, lr=t.lr, beta=a.beta, loss_type=objective.loss_type,
-                              batch_size=t.batch_size // processes.num_processes, grad_accum=t.grad_accum,
-                              max_length=a.max_len, seed=cfg.seed,
-                              callbacks=[callback], extra_args=trainer_settings(t, progress))
+        with StopSignals(phase) as signals:
+            trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl",
+                                  ref_model=ref_model, steps=t.steps, lr=t.lr, beta=a.beta,
+                                  loss_type=objective.loss_type, batch_size=t.batch_size // processes.num_processes,
+                                  grad_accum=t.grad_accum,
+                                  max_length=a.max_len, seed=cfg.seed,
+                                  callbacks=[GuardCallback(guard, suite=suite, signals=signals), callback],
+                                  extra_args=trainer_settings(t, progress))
         model = trainer.model
         final: dict[str, float] = {}
         if eval_data is not None:
