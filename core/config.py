@@ -212,6 +212,7 @@ class AlignConfig:
     n_pairs: int = 512
     max_len: int = 128
     beta: float = 0.1  # checked where it is used (trainers.losses.check_beta)
+    eval_fraction: float = 0.1  # pairs held out for eval/pref_* (whole pairs, seeded; at least 1 of >= 10)
     objectives: list[Objective] = field(default_factory=lambda: [TrlObjective(name="dpo")])
     lora: LoraConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -219,8 +220,35 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "n_pairs", "max_len")
+        _require(0 <= self.eval_fraction < 1, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
         names = [o.name for o in self.objectives]
         _require(len(set(names)) == len(names), "objectives", f"names must be unique, got {names}")
+
+
+@dataclass
+class Rank1Settings:
+    """The pipeline's ``rank1`` stage: closed-form rank-1 edits of the pretrained model along tested
+    directions and matched controls (docs/rank1.md; the rules are checked by harness.rank1.Rank1Config).
+    ``max_pairs``: training pairs that give the mean gradient ``G``; the held-out pairs are the
+    alignment runs' (``align.eval_fraction``); ``text_blocks``: held-out pretraining blocks for CE and KL."""
+
+    roles: list[str] = field(default_factory=lambda: ["q", "k", "o", "down"])
+    layers: list[int] | None = None
+    eps: float = 0.5
+    eps_small: float | None = None
+    n_top: int = 1
+    n_random: int = 20
+    n_matched: int = 10
+    n_lower: int = 4
+    tol: float = 0.1
+    pred_centered: bool = False
+    max_pairs: int | None = 128
+    text_blocks: int = 16
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        _positive(self, "text_blocks", "batch_size")
+        _require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", f"must be >= 1 or null, got {self.max_pairs}")
 
 
 @dataclass
@@ -233,7 +261,7 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
-    stages: list[Literal["pretrain", "align", "report"]] = field(default_factory=lambda: ["pretrain", "report"])
+    stages: list[Literal["pretrain", "align", "rank1", "report"]] = field(default_factory=lambda: ["pretrain", "report"])
     init_from: str | None = None  # a checkpoint / HF model dir to start from (align-only runs)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -241,6 +269,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     instruments: SuiteConfig = field(default_factory=SuiteConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    rank1: Rank1Settings = field(default_factory=Rank1Settings)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: list[dict[str, Any]] = field(default_factory=list)  # asymmetry_scale: one override set per run
 

@@ -9,6 +9,7 @@ get the same object with writing switched off, so trainers call it unconditional
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from core.processes import on_main, process_state
 from core.sinks import MultiSink, build_sinks, truncate_after
 
 SNAPSHOT_DIR = "instruments"
+RUN_INFO = "run_info.json"
 CONFIG_FILE = "config.yaml"
 # Keys a resumed run may change: where the tokenizer cache lives and where metrics go change no number.
 RESUME_MAY_CHANGE = ("tokenizer.cache_dir", "tracking.report_to")
@@ -131,6 +133,20 @@ class RunDirectory:
                 link_or_copy(path / INSTRUMENTS_FILE, snapshot_path(self.path, step))
             prune_checkpoints(self.path, self.keep_checkpoints, protect=(path,))
         return path
+
+    def record(self, **fields) -> None:
+        """Merge ``fields`` into ``RUN/run_info.json`` (main process only; ``started`` is kept from
+        the first session of a resumed run)."""
+        if not self.is_main:
+            return
+        path = self.path / RUN_INFO
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        if "started" in info:
+            fields.pop("started", None)
+        info.update(fields)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(path)
 
     def close(self) -> None:
         self.sinks.close()

@@ -28,6 +28,7 @@ from core.rundir import check_resume_config, prepare_run_dir
 from core.tokenizer import load_tokenizer, tokenizer_from_config
 from harness.asymmetry import write_asymmetry_report
 from harness.report import write_run_report
+from harness.rank1_stage import RANK1_DIR, rank1_config, run_rank1_stage
 from harness.scale import write_scale_report
 from trainers.ce import pretrain
 from trainers.losses import check_objectives
@@ -42,7 +43,7 @@ def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = F
     if cfg.sweep:
         return run_sweep(cfg, overwrite=overwrite, progress=progress)
     check_recipe(cfg, resume=resume, overwrite=overwrite)
-    if "align" not in cfg.stages:
+    if not {"align", "rank1"} & set(cfg.stages):
         if "pretrain" not in cfg.stages:
             raise ConfigError("stages must include 'pretrain' or 'align' (a report alone: `harness report RUN_DIR`)")
         resume_path = _resume_path(cfg.run_dir, resume)
@@ -105,8 +106,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     else:
         init_dir = pretrain(cfg, pretrain_dir, resume=resume_path, progress=progress, overwrite=True).checkpoint
     tokenizer = alignment_tokenizer(cfg, init_dir)
-    pairs, eval_pairs = split_pairs(pairs_all, cfg.data.eval_fraction or 0.1, cfg.seed)
-    for objective in cfg.align.objectives:
+    pairs, eval_pairs = split_pairs(pairs_all, cfg.align.eval_fraction, cfg.seed)
+    for objective in cfg.align.objectives if "align" in cfg.stages else []:
         obj_dir = Path(run_dir) / "align" / objective.name
         obj_resume = None
         if resume:
@@ -119,6 +120,12 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
                 main_print(f"[resume] objective {objective.name} from {obj_resume}")
         run_objective(cfg, objective, init_dir, obj_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
                       progress=progress, overwrite=obj_resume is None, resume=obj_resume)
+    if "rank1" in cfg.stages:
+        if resume and (Path(run_dir) / RANK1_DIR / "rank1.json").is_file():
+            main_print("[resume] rank1 already finished")
+        else:  # one process: the edits are measured on the main one while the others wait
+            on_main(run_rank1_stage, cfg, run_dir, init_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
+                    progress=progress)
     if "report" in cfg.stages:
         on_main(write_report, run_dir)
     return Path(run_dir)
@@ -135,6 +142,8 @@ def validate_recipe(cfg: RunConfig) -> None:
     uses them (so a bad ``lam`` fails before pretraining, not after)."""
     try:
         check_objectives(cfg.align.objectives, cfg.align.beta)
+        if "rank1" in cfg.stages:
+            rank1_config(cfg)
     except ValueError as err:
         raise ConfigError(f"recipe {cfg.name}: {err}") from err
 
@@ -168,9 +177,12 @@ def load_pairs(cfg: RunConfig) -> tuple[list[dict], dict]:
 
 
 def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded split into training and held-out pairs: ``round(eval_fraction * n)`` held out, at least one
+    and at most n - 1 when ``eval_fraction > 0`` and there are two pairs or more."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(pairs) * eval_fraction)) if len(pairs) >= 10 else 0
+    n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * eval_fraction))) if eval_fraction > 0 and len(pairs) >= 2 \
+        else 0
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 

@@ -47,8 +47,10 @@ def add_rank1_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, help="DPO beta (default: the recipe's align.beta, else 0.1)")
     p.add_argument("--pairs", help="preference file (.jsonl/.json/.parquet with prompt/chosen/rejected); "
                                    "required with a checkpoint directory")
-    p.add_argument("--eval-fraction", type=float, default=0.2,
-                   help="share of the pairs held out for measuring (the rest give G; default 0.2)")
+    p.add_argument("--eval-fraction", type=float,
+                   help="share of the pairs held out for measuring, the rest give G (default: the recipe's "
+                        "align.eval_fraction for a run directory, so the held-out pairs are the alignment runs' "
+                        "held-out pairs; 0.2 for a checkpoint)")
     p.add_argument("--max-pairs", type=int, help="use at most this many training pairs for G")
     p.add_argument("--max-len", type=int,
                    help="tokens per pair sequence (default: the recipe's align.max_len, else 128)")

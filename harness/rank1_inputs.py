@@ -4,7 +4,6 @@ and the run itself; the command-line parser is in harness/rank1_cli.py."""
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from core.data import load_preference_pairs, load_texts
 from core.shards import load_corpus
 from core.tokenizer import load_tokenizer
 from harness.asymmetry import write_asymmetry_report
-from harness.pipeline import alignment_tokenizer, load_pairs
+from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
 from harness.rank1 import run_rank1
 from harness.rank1_report import write_rank1_report
 from trainers.ce import corpus_cache
@@ -27,7 +26,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory: pass a run directory (with config.yaml) or a "
                                 "checkpoint directory (with config.json)")
-    if not 0 < args.eval_fraction < 1:
+    if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     if args.text_blocks < 1:
         raise ValueError(f"--text-blocks must be >= 1, got {args.text_blocks}")
@@ -45,7 +44,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                        tol=args.tol, pred_centered=args.pred_centered, seed=args.seed,
                        beta=inputs["beta"], max_len=inputs["max_len"], batch_size=args.batch_size,
                        tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
-    result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=args.eval_fraction)
+    result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=inputs["eval_fraction"])
     report = write_rank1_report(result, inputs["out"])
     print(f"[rank1] {report}")
     if inputs["out"] == path / "rank1" and (path / "align").is_dir():
@@ -70,8 +69,8 @@ def _run_inputs(run_dir: Path, args) -> dict:
     if args.pairs:
         pairs = _pairs_file(args.pairs)
     else:
-        pairs = load_pairs(cfg)
-    train, held = _split(pairs, args.eval_fraction, cfg.seed)
+        pairs, _ = load_pairs(cfg)
+    train, held = _split(pairs, args.eval_fraction or cfg.align.eval_fraction, cfg.seed)
     if args.seq_len is not None:
         cfg.data.seq_len = args.seq_len
     _, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg))
@@ -81,6 +80,7 @@ def _run_inputs(run_dir: Path, args) -> dict:
     return {"base": base, "pairs": train, "eval_pairs": held, "text_blocks": eval_blocks[: args.text_blocks],
             "tokenizer": tokenizer, "beta": args.beta or cfg.align.beta, "max_len": args.max_len or cfg.align.max_len,
             "out": Path(args.out) if args.out else run_dir / "rank1",
+            "eval_fraction": args.eval_fraction or cfg.align.eval_fraction,
             "text_source": f"held-out split of the recipe's corpus ({cfg.data.source})"}
 
 
@@ -94,11 +94,12 @@ def _checkpoint_inputs(ckpt: Path, args) -> dict:
         raise ValueError("with a checkpoint directory, pass an output directory: --out DIR (nothing is written "
                          "into the checkpoint)")
     tokenizer = load_tokenizer(str(ckpt), 0, Path("."))
-    train, held = _split(_pairs_file(args.pairs), args.eval_fraction, args.seed)
+    train, held = _split(_pairs_file(args.pairs), args.eval_fraction or 0.2, args.seed)
     seq_len = args.seq_len or 128
     blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks)
     return {"base": ckpt, "pairs": train, "eval_pairs": held, "text_blocks": blocks,
             "tokenizer": tokenizer, "beta": args.beta or 0.1, "max_len": args.max_len or 128, "out": Path(args.out),
+            "eval_fraction": args.eval_fraction or 0.2,
             "text_source": f"{args.text or 'stdlib'} (held out only if the checkpoint never trained on it)"}
 
 
@@ -109,13 +110,10 @@ def _pairs_file(path: str) -> list[dict]:
 
 
 def _split(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split into pairs for G and held-out pairs (at least one of each)."""
+    """Pairs for G and held-out pairs, split as the pipeline splits them (at least one of each)."""
     if len(pairs) < 2:
         raise ValueError(f"need at least 2 preference pairs (one for G, one held out), got {len(pairs)}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * eval_fraction)))
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
+    return split_pairs(pairs, eval_fraction, seed)
 
 
 def text_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int) -> torch.Tensor:

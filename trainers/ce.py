@@ -110,4 +110,5 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
             if session.eval_due(step) and len(eval_blocks):
                 row["eval/loss"] = evaluate(session.model, eval_blocks, t.batch_size, t.eval_batches, session.device)
             session.end_step(step, {**row, **(geometry or {})})
+    session.files.record(tokens_seen=t.steps * per_step * train_blocks.shape[1])
     return session.result

@@ -77,6 +77,7 @@ def align(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, tokenizer
             if eval_data is not None and session.eval_due(step):
                 row.update(preference_eval(session.model, eval_data, eval_ref, loss_fn, t.batch_size, session.device))
             session.end_step(step, {**row, **(geometry or {})})
+    session.files.record(pairs_seen=t.steps * per_step, n_eval_pairs=len(eval_pairs))
     return session.result
 
 

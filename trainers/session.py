@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
 from core.config import RunConfig, TrainConfig
 from core.rundir import RunDirectory
+from core.runinfo import model_facts, now, versions
 from hooks.suite import build_suite
 from trainers.guard import DivergenceError, DivergenceGuard
 from trainers.interrupt import Interrupted, StopSignals
@@ -64,8 +65,10 @@ def save_final(files: RunDirectory, step: int, *, model, tokenizer, optimizer, s
     state = suite.snapshot_state()
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    return files.save(step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+    path = files.save(step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                       instruments=state, snapshot=True)
+    files.record(finished=now(), steps=step)
+    return path
 
 
 class TrainingSession:
@@ -93,6 +96,8 @@ class TrainingSession:
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
+        self.files.record(started=now(), versions=versions(), phase=phase, world_size=self.world,
+                          device=str(self.device), **model_facts(model))
         if not progress:  # nor transformers' loading / "Writing model shards" bars
             transformers.utils.logging.disable_progress_bar()
         self.bar = tqdm(total=train.steps, initial=self.start_step, desc=f"{phase} {cfg.name}", dynamic_ncols=True,

@@ -42,6 +42,7 @@ from core.data import prompt_budget, tokenize_pairs
 from core.models import apply_lora, build_model
 from core.processes import process_state
 from core.rundir import RunDirectory
+from core.runinfo import model_facts, now, versions
 from hooks.suite import build_suite
 from trainers.guard import DivergenceError, DivergenceGuard, gradient_norm
 from trainers.interrupt import Interrupted, StopSignals
@@ -377,6 +378,8 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
         raise ValueError(f"align.train.batch_size={t.batch_size} is the global batch; it must be divisible by the "
                          f"{processes.num_processes} processes (TRL takes a per-process batch)")
     files = RunDirectory(run_dir, cfg, overwrite=overwrite)
+    files.record(started=now(), versions=versions(), phase=f"align/{objective.name}", trainer="trl",
+                 world_size=processes.num_processes, device=str(device), **model_facts(model))
     phase = f"align/{objective.name}"
     guard = DivergenceGuard("stop", t.stall_patience, phase=phase)
     callback = InstrumentCallback(suite, files, phase=phase)
@@ -396,6 +399,7 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
             files.log({"phase": phase, **final}, t.steps)
         ckpt = save_final(files, t.steps, model=model, tokenizer=tokenizer, optimizer=trainer.optimizer,
                           scheduler=trainer.lr_scheduler, suite=suite)
+        files.record(pairs_seen=t.steps * t.batch_size * t.grad_accum, n_eval_pairs=len(eval_pairs or []))
     finally:
         files.close()
     shutil.rmtree(run_dir / "trl", ignore_errors=True)  # TRL's output_dir: nothing of ours lives there
