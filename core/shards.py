@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.processes import main_print
 from core.text_sources import SourceFile, iter_documents, resolve_sources, source_list, source_signature
 
 FORMAT = "weightgeom-token-shards"
@@ -597,7 +598,7 @@ def prepare_cached(sources: str | Sequence[str], tokenizer: Any, cache_dir: str 
 
 
 def load_corpus(data_cfg: Any, tokenizer: Any, seed: int, cache_dir: str | Path, *,
-                progress: bool = True) -> tuple[PackedBlocks, PackedBlocks]:
+                progress: bool = True, announce: bool = True) -> tuple[PackedBlocks, PackedBlocks]:
     """(train, eval) blocks of `seq_len` for a `DataConfig`-like `data_cfg` (source, text_field,
     seq_len, eval_fraction, max_tokens).
 
@@ -606,7 +607,8 @@ def load_corpus(data_cfg: Any, tokenizer: Any, seed: int, cache_dir: str | Path,
       each split's stream (the first tokens, so roughly the corpus' first `max_tokens`).
     - otherwise (`"stdlib"`, text files, directories): prepared once into `cache_dir` (see
       `prepare_cached`, with `seed` choosing the held-out documents) and read from there.
-    Eval blocks come in a fixed order seeded by `seed` (see `PackedBlocks`).
+    Eval blocks come in a fixed order seeded by `seed` (see `PackedBlocks`). ``announce``: print the
+    one-line summary (on the main process).
     """
     sources = source_list(data_cfg.source)
     seq_len = int(data_cfg.seq_len)
@@ -643,8 +645,9 @@ def load_corpus(data_cfg: Any, tokenizer: Any, seed: int, cache_dir: str | Path,
         docs = (f" ({train_tokens.n_documents:,} docs)", f" ({eval_tokens.n_documents:,} held-out docs)", "")
     else:  # a prefix of each split: its document count is not in the index
         docs = ("", "", f"; cut to data.max_tokens={data_cfg.max_tokens:,} of {index['tokens']:,} tokens")
-    print(f"[data] {directory}: train {len(train_tokens):,} tokens{docs[0]} = {len(train):,} blocks of {seq_len}, "
-          f"eval {len(eval_tokens):,} tokens{docs[1]} = {len(evals):,} blocks{docs[2]}")
+    if announce:
+        main_print(f"[data] {directory}: train {len(train_tokens):,} tokens{docs[0]} = {len(train):,} blocks of "
+                   f"{seq_len}, eval {len(eval_tokens):,} tokens{docs[1]} = {len(evals):,} blocks{docs[2]}")
     return train, evals
 
 

@@ -81,7 +81,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
     t = cfg.train
     torch.manual_seed(cfg.seed)
     tokenizer = tokenizer_from_config(cfg.tokenizer)
-    on_main(load_corpus, cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress)  # prepare once
+    # The corpus is prepared (tokenized into shards) once, by the main process; then every process reads it.
+    on_main(load_corpus, cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress, announce=False)
     train_blocks, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=False)
     model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from)
     if not (resume or cfg.init_from) and cfg.model.source == "tiny":
