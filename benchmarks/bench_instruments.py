@@ -73,8 +73,10 @@ class Shape:
 
 
 def make_model(hidden: int, shape: Shape) -> torch.nn.Module:
-    model = build_tiny_model("llama", vocab_size=shape.vocab, hidden_size=hidden, num_layers=shape.layers,
-                             num_heads=shape.heads(hidden), max_position_embeddings=max(256, shape.seq), seed=0)
+    # Built on the target device (a 1B-parameter init on the CPU takes many seconds); same seed, same weights.
+    with torch.device(shape.device) if shape.device.type == "cuda" else contextlib.nullcontext():
+        model = build_tiny_model("llama", vocab_size=shape.vocab, hidden_size=hidden, num_layers=shape.layers,
+                                 num_heads=shape.heads(hidden), max_position_embeddings=max(256, shape.seq), seed=0)
     return model.to(shape.device)
 
 

@@ -80,6 +80,41 @@ def check_statistics_match_cpu(device: str, steps: int = 2) -> int:
     return compared
 
 
+def check_no_host_sync(device: str) -> None:
+    """The instruments' per-step work issues no host sync: a forward + backward through hooked modules
+    (no padding mask: nothing to look up) and an optimizer step with the update instrument, under
+    ``torch.cuda.set_sync_debug_mode("error")`` (any sync raises). On the CPU the mode does not exist
+    and this only exercises the code."""
+    from hooks.covariance import CovarianceInstrument  # noqa: PLC0415
+    from hooks.roles import TrackedMatrix  # noqa: PLC0415
+    from hooks.updates import UpdateInstrument  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(device)
+    tracked = [TrackedMatrix(0, "q", net[0]), TrackedMatrix(0, "o", net[2])]
+    cov = CovarianceInstrument(tracked, input_roles=("q",), output_roles=("o",), max_tokens=5)
+    upd = UpdateInstrument(tracked)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, foreach=True)
+    x = torch.randn(4, 3, 16, device=device)
+    cuda = torch.device(device).type == "cuda"
+    with cov.attached(net), upd.attached(net, opt):
+        for _ in range(2):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = net(x).square().sum()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+    state = cov.state_dict()
+    assert int(state["cov_in/L0/attn_in/count"]) == 2 * 5 and int(state["cov_out/L0/o/count"]) == 2 * 5
+    assert upd.steps == 2 and float(upd.grad_sq["L0/o"]) > 0
+
+
 def check_gram_precision(device: str) -> dict[str, float]:
     """tf32 / bf16 Gram products against fp32 on ``device``: counts identical, sums within 1e-2
     (relative Frobenius; measured 1.5e-3 for bf16 on CPU). On CUDA both modes must actually round

@@ -18,6 +18,10 @@ def test_cuda_statistics_match_cpu():
     assert gpu_checks.check_statistics_match_cpu("cuda") == len(gpu_checks.expected_state_keys())
 
 
+def test_instruments_issue_no_host_sync():
+    gpu_checks.check_no_host_sync("cuda")
+
+
 def test_gram_precision_on_tensor_cores():
     gpu_checks.check_gram_precision("cuda")
 

@@ -12,6 +12,10 @@ def test_statistics_check_on_cpu():
     assert gpu_checks.check_statistics_match_cpu("cpu") == len(gpu_checks.expected_state_keys())
 
 
+def test_host_sync_check_on_cpu():
+    gpu_checks.check_no_host_sync("cpu")
+
+
 def test_gram_precision_check_on_cpu():
     errors = gpu_checks.check_gram_precision("cpu")
     assert errors["tf32"] == 0.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooks.gram import Gram, gram_bounds, symmetric
+from hooks.gram import Gram, _tf32_matmuls, gram_bounds, symmetric
 from hooks.suite import InstrumentSuite, SuiteConfig
 from tests.conftest import make_batch, make_model, token_loss_sum
 
@@ -51,13 +51,26 @@ def test_fp32_mode_is_the_dense_product(dtype):
         assert ((result.double() - expected).norm() / expected.norm()) < tol
 
 
-def test_tf32_on_cpu_is_fp32_and_leaves_the_matmul_setting_alone():
+def test_tf32_on_cpu_is_fp32():
     """TF32 exists on CUDA tensor cores only: on CPU the mode must give the fp32 numbers exactly."""
     x = _data()
-    before = torch.get_float32_matmul_precision()
     assert torch.equal(_full(Gram("tf32"), x), _full(Gram("fp32"), x))
     assert torch.equal(_from_blocks(Gram("tf32"), x), _from_blocks(Gram("fp32"), x))
-    assert torch.get_float32_matmul_precision() == before
+
+
+def test_tf32_switch_is_scoped_and_restores_the_users_setting():
+    """The TF32 switch (used around the CUDA products) holds inside its block only, also on error."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        with _tf32_matmuls():
+            assert torch.get_float32_matmul_precision() == "high"
+        assert torch.get_float32_matmul_precision() == "highest"
+        with pytest.raises(RuntimeError, match="boom"), _tf32_matmuls():
+            raise RuntimeError("boom")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_bf16_mode_rounds_inputs_and_sums_in_fp32():
