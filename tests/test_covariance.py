@@ -180,11 +180,12 @@ def test_gradient_checkpointing_counts_once(reentrant):
             torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("between, max_tokens", [("no_grad", None), ("grad", None), ("grad", 11)])
+@pytest.mark.parametrize("between, max_tokens", [("no_grad", None), ("grad", None), ("grad", 11), ("grad_lifo", 11)])
 def test_reentrant_checkpointing_uses_each_forwards_own_mask(between, max_tokens):
     """Reentrant checkpointing takes the statistics in the recompute during backward. Another forward
     with other padding (same shape) between a forward and its backward must not lend the recompute its
-    mask or token subset: counts and sums equal the run without checkpointing."""
+    mask or token subset: counts and sums equal the run without checkpointing. ``grad_lifo``: the
+    second forward is back-propagated first, so subsets drawn at recompute time would be swapped."""
     first = make_batch(batch=3, seq=10, pad_last=3, seed=1)  # 27 tokens
     second = make_batch(batch=3, seq=10, pad_last=7, seed=2)  # 23 tokens
     states = []
@@ -198,13 +199,13 @@ def test_reentrant_checkpointing_uses_each_forwards_own_mask(between, max_tokens
             loss1, n1 = token_loss_sum(model, first)
             with torch.no_grad() if between == "no_grad" else contextlib.nullcontext():
                 loss2, n2 = token_loss_sum(model, second)
-            inst.loss_normalizer = n1
-            (loss1 / n1).backward()
-            if between == "grad":
-                inst.loss_normalizer = n2
-                (loss2 / n2).backward()
+            order = {"no_grad": [(loss1, n1)], "grad": [(loss1, n1), (loss2, n2)],
+                     "grad_lifo": [(loss2, n2), (loss1, n1)]}[between]
+            for loss, n in order:
+                inst.loss_normalizer = n
+                (loss / n).backward()
         states.append(inst.state_dict())
-    expected = {("no_grad", None): 27, ("grad", None): 27 + 23, ("grad", 11): 2 * 11}[(between, max_tokens)]
+    expected = 27 if between == "no_grad" else (27 + 23 if max_tokens is None else 2 * max_tokens)
     assert int(states[1]["cov_in/L0/attn_in/count"]) == expected
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
