@@ -42,7 +42,13 @@ gathered (no ``index_select`` copy); fp32 inputs are not copied; ``C_delta`` is 
 place (``addmm_``). Measured on 2 CPU cores (default tiny llama, batch 16 x 128), these GEMMs are
 nearly all of the instruments' cost, and ``down_in`` (``d_ff x d_ff``) is most of that. Scales as
 ``N n^2``: on wide models use ``max_tokens`` (a seeded random subset of tokens per forward; the
-estimate stays unbiased).
+estimate stays unbiased), or ``gram_precision`` tf32 / bf16 on a GPU.
+
+No side CUDA stream: at the shapes where the Gram products matter (hidden >= 1024, 16k tokens) the
+model's own GEMMs already fill the GPU, so a second stream would mostly queue behind them; it would
+also have to keep each activation alive until its product ran (``record_stream``), giving back
+checkpointing's memory saving, and order every accumulator update across streams. Fewer flops
+(block triangle, shared input groups, tensor cores, subsampling) cut the cost instead.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from core.config import GradedObjective, load_config
 from core.data import batch_indices, tokenize_pairs
 from core.sinks import read_metrics
 from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
+from hooks.gram import Gram, symmetric
 from hooks.roles import ROLES
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
@@ -121,10 +122,22 @@ def check_gram_precision(device: str) -> dict[str, float]:
     (a nonzero difference); on CPU TF32 does not exist and must equal fp32."""
     errors = gram_precision_errors(device)
     assert 0.0 < errors["bf16"] < 1e-2, errors
-    if torch.device(device).type == "cuda":
-        assert 0.0 < errors["tf32"] < 1e-2, errors
-    else:
+    assert errors["tf32"] < 1e-2, errors
+    if torch.device(device).type != "cuda":
         assert errors["tf32"] == 0.0, errors
+    # one product large enough that cuBLAS surely takes the tensor-core path: each mode must round
+    # visibly more than exact fp32 (else it silently ran in fp32) and stay within its unit roundoff
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=g).to(device)
+    exact = x.double().T @ x.double()
+    for precision, unit in (("fp32", 2.0 ** -20), ("tf32", 2.0 ** -11), ("bf16", 2.0 ** -8)):
+        acc = torch.zeros(256, 256, device=device)
+        Gram(precision).accumulate(acc, x)
+        errors[f"{precision}_4096x256"] = float((symmetric(acc).double() - exact).norm() / exact.norm())
+        assert errors[f"{precision}_4096x256"] < 4 * unit, errors
+    if torch.device(device).type == "cuda":
+        assert errors["tf32_4096x256"] > 10 * errors["fp32_4096x256"], errors
+        assert errors["bf16_4096x256"] > 10 * errors["fp32_4096x256"], errors
     return errors
 
 
