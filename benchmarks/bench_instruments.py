@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import gc
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -265,44 +266,50 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def peak_memory(make: Callable[[], Runner], shape: Shape, steps: int = 2) -> float:
-    """Peak memory (MiB) of building ``make()`` and running ``steps`` steps on its own. CUDA: peak
-    allocated; CPU: peak RSS growth over the RSS before building (Linux /proc, peak reset first)."""
+def peak_memory(kind: str, hidden: int, shape: Shape, cfg: SuiteConfig, argv: list[str], steps: int = 2) -> float:
+    """Peak memory (MiB) of building a ``kind`` ("plain" / "instrumented") model and running ``steps``
+    steps on its own. CUDA: peak allocated in this process (the allocator's statistics are exact);
+    CPU: peak RSS growth of a fresh process (:func:`memory_probe`), since a process's RSS keeps what
+    earlier variants freed."""
+    if shape.device.type != "cuda":
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--sizes", str(hidden), "--memory-probe", kind]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+        return float(out[-1])
     free(shape.device)
+    base = torch.cuda.memory_allocated(shape.device)
+    torch.cuda.reset_peak_memory_stats(shape.device)
+    runner = _probe_runner(kind, hidden, shape, cfg)
     gen = torch.Generator().manual_seed(1)
-    if shape.device.type == "cuda":
-        base = torch.cuda.memory_allocated(shape.device)
-        torch.cuda.reset_peak_memory_stats(shape.device)
-    else:
-        base = _rss_reset()
-    runner = make()
     for i in range(steps):
         runner.step(torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen).to(shape.device), i + 1)
     runner.close()
-    peak = (torch.cuda.max_memory_allocated(shape.device) if shape.device.type == "cuda" else _rss_peak()) - base
+    peak = torch.cuda.max_memory_allocated(shape.device) - base
     del runner
     free(shape.device)
     return peak / 2**20
 
 
-def _rss_reset() -> float:
-    """Reset the process's peak RSS (VmHWM) to the current RSS and return it in bytes."""
-    with contextlib.suppress(OSError):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    return _status("VmRSS")
+def _probe_runner(kind: str, hidden: int, shape: Shape, cfg: SuiteConfig) -> Runner:
+    return Instrumented(hidden, shape, cfg, "memory") if kind == "instrumented" else Runner(hidden, shape)
 
 
-def _rss_peak() -> float:
-    return _status("VmHWM")
+def memory_probe(kind: str, hidden: int, shape: Shape, cfg: SuiteConfig, steps: int = 2) -> float:
+    """In a fresh process: peak RSS (VmHWM) minus the RSS before building the model, in MiB."""
+    base = _status("VmRSS")
+    runner = _probe_runner(kind, hidden, shape, cfg)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        runner.step(torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen), i + 1)
+    return (_status("VmHWM") - base) / 2**20
 
 
 def _status(field_name: str) -> float:
+    """A field of /proc/self/status (Linux), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field_name + ":"):
                 return float(line.split()[1]) * 1024
-    return float("nan")
+    raise RuntimeError(f"/proc/self/status has no {field_name}: peak RSS needs Linux (or pass --no-memory)")
 
 
 # ----- statistics bytes and gram error ------------------------------------------------------------
@@ -386,7 +393,7 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
         else:
             del other
         free(shape.device)
-    kfac = "not installed"
+    kfac = None if args.no_peers else "not installed"
     if not args.no_peers:
         try:
             import curvlinops  # noqa: F401, PLC0415
@@ -411,7 +418,7 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
     free(shape.device)
     memory = None
     if not args.no_memory:
-        memory = (peak_memory(plain, shape), peak_memory(lambda: Instrumented(hidden, shape, cfg, "mem"), shape))
+        memory = tuple(peak_memory(kind, hidden, shape, cfg, args.probe_argv) for kind in ("plain", "instrumented"))
     return {"hidden": hidden, "params_M": params, "pairs": rows, "kfac": kfac, "compute_ms": statistics.median(compute_ms),
             "n_metrics": len(metrics), "cov_bytes": cov_bytes, "upd_bytes": upd_bytes, "dims": dims, "memory": memory,
             "gram_error": gram_error_table(hidden, shape) if args.gram_error else []}
@@ -447,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gram-error", action="store_true", help="print tf32/bf16 Gram error vs fp32 and sampling error")
     p.add_argument("--no-peers", action="store_true", help="skip the naive hooks and curvlinops columns")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--memory-probe", choices=["plain", "instrumented"], help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -457,6 +465,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = SuiteConfig(max_tokens=args.max_tokens)
     if args.input_roles:
         cfg.input_roles = args.input_roles.split(",")
+    if args.memory_probe:  # a child of peak_memory on the CPU: print one number and stop
+        print(f"{memory_probe(args.memory_probe, int(args.sizes.split(',')[0]), shape, cfg):.1f}")
+        return
+    # what a CPU memory probe needs to rebuild the same model and suite in a fresh process
+    args.probe_argv = [f"--{k}={v}" for k, v in (("layers", args.layers), ("vocab", args.vocab), ("batch", args.batch),
+                                                  ("seq", args.seq), ("threads", torch.get_num_threads()))]
+    args.probe_argv += ["--bf16"] * args.bf16 + ([f"--input-roles={args.input_roles}"] if args.input_roles else [])
+    args.probe_argv += [f"--max-tokens={args.max_tokens}"] if args.max_tokens else []
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; llama, {shape.layers} layers, vocab {shape.vocab}, batch {shape.batch} "
           f"x seq {shape.seq}, {'bf16 autocast' if shape.bf16 else 'fp32'}, AdamW; {args.warmup} warmup + "
@@ -478,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  statistics per layer: covariance sums {r['cov_bytes'] / 2**10:.0f} KiB, "
               f"weight views (W0, pre-step, update, grad, grad sum) {r['upd_bytes'] / 2**20:.1f} MiB")
         if r["memory"]:
-            what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS growth"
+            what = "peak GPU memory allocated" if device.type == "cuda" else "peak RSS growth (fresh process each)"
             plain_mb, inst_mb = r["memory"]
             print(f"  {what}: plain {plain_mb:.0f} MiB, instrumented {inst_mb:.0f} MiB (+{inst_mb - plain_mb:.0f} MiB)")
         if r["gram_error"]:
