@@ -94,7 +94,7 @@ stage benchmark 180 "$PY" benchmarks/bench_instruments.py "${BENCH[@]}" --comput
 if [[ $DRY -eq 1 ]]; then
     JOB=(model.hidden_size=32 model.num_layers=2 model.num_heads=4 tokenizer.vocab_size=512 data.seq_len=32
          data.max_tokens=60000 train.steps=12 train.batch_size=8 train.eval_every=6 train.log_every=3
-         instruments.every_n=4 instruments.n_random=4 align.n_pairs=40 align.max_len=48 align.train.steps=4
+         instruments.every_n=4 align.n_pairs=40 align.max_len=48 align.train.steps=4
          align.train.batch_size=4 align.train.log_every=2)
 else
     JOB=(model.hidden_size=512 model.num_layers=8 model.num_heads=8 train.steps=200 train.eval_every=100

@@ -35,7 +35,7 @@ def statistics_after_steps(device: str, steps: int = 2) -> dict[str, torch.Tenso
     """Instrument state (covariances and weights) of the tiny llama after ``steps`` SGD steps on ``device``."""
     model = make_model("llama").to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    suite = InstrumentSuite(model, k=4, every_n=10**6, n_random=0)
+    suite = InstrumentSuite(model, k=4, every_n=10**6, zscores=False)
     with suite.attached(model, opt):
         for step in range(1, steps + 1):
             batch = {k: v.to(device) for k, v in make_batch(seed=step).items()}
@@ -200,7 +200,7 @@ def check_trl_dpo_lora_bf16(tmp_path: Path, steps: int = 4) -> dict[str, float]:
     model = make_model("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
-    suite = InstrumentSuite(model, k=4, every_n=2, n_random=4)
+    suite = InstrumentSuite(model, k=4, every_n=2)
     seen = {"grad": 0, "no_grad": 0}
 
     def count(module, args, kwargs):

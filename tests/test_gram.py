@@ -102,7 +102,7 @@ def suite_statistics(precision: str, device: str = "cpu") -> dict[str, torch.Ten
     """Covariance state of the tiny llama after two SGD steps with ``gram_precision=precision``."""
     model = make_model("llama").to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    suite = InstrumentSuite(model, k=4, every_n=10**6, n_random=0, gram_precision=precision)
+    suite = InstrumentSuite(model, k=4, every_n=10**6, zscores=False, gram_precision=precision)
     with suite.attached(model, opt):
         for step, seed in enumerate((1, 2), 1):
             batch = {k: v.to(device) for k, v in make_batch(seed=seed).items()}
