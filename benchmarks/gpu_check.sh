@@ -97,8 +97,9 @@ if [[ $DRY -eq 1 ]]; then
          instruments.every_n=4 align.n_pairs=40 align.max_len=48 align.train.steps=4
          align.train.batch_size=4 align.train.log_every=2)
 else
+    # fp32 as the recipe is (TRL's stage runs fp32, and accelerate allows one precision per process)
     JOB=(model.hidden_size=512 model.num_layers=8 model.num_heads=8 train.steps=200 train.eval_every=100
-         align.n_pairs=256 align.train.steps=30 align.train.mixed_precision=bf16 train.mixed_precision=bf16)
+         align.n_pairs=256 align.train.steps=30)
 fi
 stage main_job 150 "$PY" -m harness.cli run --no-progress --overwrite asymmetry name=gpu_check "output_dir=$WORK" \
     "tokenizer.cache_dir=$WORK/tok" "${JOB[@]}"

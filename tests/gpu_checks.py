@@ -7,11 +7,14 @@ later GPU session finds no broken helper. Each check asserts what it names and r
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import peft
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from core.config import GradedObjective, load_config
@@ -29,6 +32,17 @@ from trainers.preference import align
 from trainers.trl_dpo import InstrumentCallback, run_trl_dpo
 
 TOKENS_PER_BATCH = 27  # make_batch(): 3 x 10 tokens, 3 of them padding
+
+
+@contextlib.contextmanager
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state and refuses a second ``Accelerator`` with another
+    ``mixed_precision``; these checks run bf16 inside a test process whose other tests ran fp32."""
+    AcceleratorState._reset_state(True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 def statistics_after_steps(device: str, steps: int = 2) -> dict[str, torch.Tensor]:
@@ -148,7 +162,8 @@ def check_ce_pretraining_bf16(tmp_path: Path, steps: int = 30) -> Path:
         f"output_dir={tmp_path}", f"tokenizer.cache_dir={tmp_path / 'tok'}", "stages=[pretrain]",
         "train.mixed_precision=bf16", f"train.steps={steps}", "train.eval_every=0", "train.log_every=1",
         f"instruments.every_n={max(1, steps // 3)}"])
-    result = pretrain(cfg, tmp_path / "pretrain", progress=False)
+    with fresh_accelerate_state():
+        result = pretrain(cfg, tmp_path / "pretrain", progress=False)
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert len(losses) == steps and all(math.isfinite(x) for x in losses)
@@ -173,8 +188,9 @@ def check_graded_loop_bf16(tmp_path: Path, init_dir: Path, steps: int = 6) -> di
         f"instruments.every_n={max(1, steps // 2)}"])
     tokenizer = alignment_tokenizer(cfg, init_dir)
     pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
-    result = align(cfg, GradedObjective(name="g0.5", grade=0.5), init_dir, tmp_path / "g0.5",
-                   tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
+    with fresh_accelerate_state():
+        result = align(cfg, GradedObjective(name="g0.5", grade=0.5), init_dir, tmp_path / "g0.5",
+                       tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     losses = [r["pref/loss"] for r in rows if "pref/loss" in r]
     assert len(losses) == steps and all(math.isfinite(x) for x in losses)
@@ -210,9 +226,10 @@ def check_trl_dpo_lora_bf16(tmp_path: Path, steps: int = 4) -> dict[str, float]:
     handle = model.get_base_model().register_forward_pre_hook(count, with_kwargs=True)
     sink = ListSink()
     try:
-        trainer = run_trl_dpo(model, tiny_tokenizer(), constant_pairs(8), tmp_path / "trl", steps=steps, lr=1e-2,
-                              beta=0.5, batch_size=2, max_length=16, seed=0,
-                              callbacks=[InstrumentCallback(suite, sink)], extra_args={"bf16": True})
+        with fresh_accelerate_state():
+            trainer = run_trl_dpo(model, tiny_tokenizer(), constant_pairs(8), tmp_path / "trl", steps=steps,
+                                  lr=1e-2, beta=0.5, batch_size=2, max_length=16, seed=0,
+                                  callbacks=[InstrumentCallback(suite, sink)], extra_args={"bf16": True})
     finally:
         handle.remove()
     assert trainer.state.global_step == steps
