@@ -384,14 +384,22 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
         variants.append((f"gram={precision}", plain, lambda alt=alt, p=precision: Instrumented(hidden, shape, alt, p)))
     if not args.no_peers:
         variants.append(("naive hooks", plain, lambda: NaiveHooks(hidden, shape, cfg)))
-    rows, kept_suite = [], None
+    rows = []
     for name, make_plain, make_other in variants:
         pair, other = time_pair(name, make_plain, make_other, shape, args.steps, args.warmup)
         rows.append(pair)
-        if name == "instrumented":
-            kept_suite = other
-        else:
-            del other
+        if name == "instrumented":  # its metric compute and sizes now, before the next pair's two models
+            compute_ms = []
+            for _ in range(max(1, args.computes)):
+                sync(shape.device)
+                start = time.perf_counter()
+                metrics = other.suite.compute(10**6)
+                sync(shape.device)
+                compute_ms.append(1e3 * (time.perf_counter() - start))
+            cov_bytes, upd_bytes = statistics_bytes(other.suite, shape.layers)
+            params = sum(p.numel() for p in other.model.parameters()) / 1e6
+            dims = _dims(other.suite)
+        del other
         free(shape.device)
     kfac = None if args.no_peers else "not installed"
     if not args.no_peers:
@@ -404,18 +412,7 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
                                 lambda: CurvlinopsKFAC(hidden, shape, cfg), shape, args.steps, args.warmup)
             rows.append(pair)
             kfac = None
-    compute_ms = []
-    for _ in range(max(1, args.computes)):
-        sync(shape.device)
-        start = time.perf_counter()
-        metrics = kept_suite.suite.compute(10**6)
-        sync(shape.device)
-        compute_ms.append(1e3 * (time.perf_counter() - start))
-    cov_bytes, upd_bytes = statistics_bytes(kept_suite.suite, shape.layers)
-    params = sum(p.numel() for p in kept_suite.model.parameters()) / 1e6
-    dims = _dims(kept_suite.suite)
-    del kept_suite
-    free(shape.device)
+            free(shape.device)
     memory = None
     if not args.no_memory:
         memory = tuple(peak_memory(kind, hidden, shape, cfg, args.probe_argv) for kind in ("plain", "instrumented"))
