@@ -29,6 +29,7 @@ from hooks import geometry as geo
 from hooks import keys
 from hooks.covariance import CovarianceInstrument
 from hooks.distributed import rank, world_size
+from hooks.gram import GRAM_PRECISIONS
 from hooks.measurement import Measurement, Values
 from hooks.quantities import DEFAULT_QUANTITIES, Quantity
 from hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
@@ -55,6 +56,8 @@ class SuiteConfig:
     ``dtype``: accumulation dtype. ``metric_dtype``: dtype of the metric computation; ``auto`` is
     float64 on the CPU and float32 on a GPU, where float64 eigendecompositions are several times slower
     (benchmarks/README.md lists the measured float32 error).
+    ``gram_precision``: how the covariances' products are formed: ``fp32`` (exact, the default),
+    ``tf32`` or ``bf16`` (tensor cores on CUDA, fp32 sums; ``hooks/gram.py`` states their error).
     """
 
     enabled: bool = True
@@ -70,6 +73,7 @@ class SuiteConfig:
     max_tokens: int | None = None
     dtype: Literal["float32", "float64"] = "float32"
     metric_dtype: Literal["auto", "float32", "float64"] = "auto"
+    gram_precision: Literal["fp32", "tf32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("roles", "input_roles", "output_roles"):
@@ -87,6 +91,12 @@ class SuiteConfig:
             raise ValueError(f"instruments.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.metric_dtype not in ("auto", *DTYPES):
             raise ValueError(f"instruments.metric_dtype must be auto, float32 or float64, got {self.metric_dtype!r}")
+        if self.gram_precision not in GRAM_PRECISIONS:
+            raise ValueError(f"instruments.gram_precision must be one of {list(GRAM_PRECISIONS)}, "
+                             f"got {self.gram_precision!r}")
+        if self.gram_precision != "fp32" and self.dtype != "float32":
+            raise ValueError(f"instruments.gram_precision={self.gram_precision!r} rounds the products below "
+                             "float64; set instruments.dtype float32, or keep gram_precision fp32")
 
 
 class InstrumentSuite:
@@ -119,7 +129,7 @@ class InstrumentSuite:
             raise ValueError(f"instruments.roles {list(c.roles)} matched no matrix in this model")
         self.cov = CovarianceInstrument(self.tracked, input_roles=tuple(c.input_roles),
                                         output_roles=tuple(c.output_roles), dtype=DTYPES[c.dtype],
-                                        max_tokens=c.max_tokens, seed=seed)
+                                        max_tokens=c.max_tokens, seed=seed, gram_precision=c.gram_precision)
         self.upd = UpdateInstrument(self.tracked)
         self.frozen: dict[str, torch.Tensor] = {}
 

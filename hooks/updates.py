@@ -11,6 +11,13 @@ a callback) it records
 Memory: four fp32 copies of the tracked matrices (W0, pre-step weights, last update, grad sum)
 plus the last gradient. LoRA-wrapped layers report the effective ``W_base + scale B A``; their
 raw gradient is not materialised by autograd, so ``grad`` entries are absent for them.
+
+Cost per optimizer step: a handful of memory-bound passes over the tracked weights, no host sync.
+Plain fp32 ``nn.Linear`` weights (the common case) are handled together by multi-tensor
+(``torch._foreach_*``) kernels into persistent buffers: gradient copy, gradient sum, squared norms
+(computed in float64, accumulated in a float64 tensor on the weights' device, never read back per
+step), pre-step weight copy, and ``W_{t+1} - W_t``. Fused, transposed, LoRA or non-fp32 matrices
+take the same math one matrix at a time.
 """
 
 from __future__ import annotations
@@ -23,7 +30,11 @@ from hooks.roles import TrackedMatrix
 
 
 class UpdateInstrument(Instrument):
-    """State keys: ``weights/L{i}/{r}/{W0,delta,update,grad,grad_sum,grad_sq,steps}``."""
+    """State keys: ``weights/L{i}/{r}/{W0,delta,update,grad,grad_sum,grad_sq,steps}``.
+
+    ``grad[key]``, ``update[key]``, ``grad_sum[key]`` are fp32 (out, in) tensors; ``grad_sq[key]`` is a
+    0-dim float64 tensor on the weights' device (``float()`` it to read it: that is a host sync).
+    """
 
     def __init__(self, tracked: list[TrackedMatrix]) -> None:
         super().__init__()
@@ -51,32 +62,71 @@ class UpdateInstrument(Instrument):
 
     @torch.no_grad()
     def before_step(self) -> None:
-        self._before = {}
+        plain: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, live weight, live grad)
         for tm in self.tracked:
+            if tm.plain_fp32:
+                weight = tm.module.weight
+                if weight.grad is not None:
+                    plain.append((tm.key, weight, weight.grad))
+                else:
+                    self._before[tm.key] = _copy_into(self._before.get(tm.key), weight.detach())
+                continue
             g = tm.grad()
             if g is not None:
-                self.grad[tm.key] = g
-                if tm.key in self.grad_sum:
-                    self.grad_sum[tm.key].add_(g)  # in place: no new (m, n) per step
-                else:
-                    self.grad_sum[tm.key] = g.clone()
-                flat = g.reshape(-1).double()
-                self.grad_sq[tm.key] = self.grad_sq.get(tm.key, 0.0) + float(torch.dot(flat, flat))
+                self._record_grads([tm.key], [g], fresh=True)
             self._before[tm.key] = tm.weight()
+        if plain:
+            keys = [k for k, _, _ in plain]
+            grads = [g.detach() for _, _, g in plain]
+            weights = [w.detach() for _, w, _ in plain]
+            self._record_grads(keys, grads, fresh=False)
+            self._copy_all(self._before, keys, weights)
+        self._stepping = True
         self.steps += 1
         return None
 
+    def _record_grads(self, keys: list[str], grads: list[torch.Tensor], fresh: bool) -> None:
+        """Last gradient, gradient sum and squared-norm sum of ``keys``, with multi-tensor kernels.
+        ``fresh``: ``grads`` are private copies that may be kept as they are."""
+        if fresh:
+            for key, g in zip(keys, grads):
+                self.grad[key] = g
+        else:  # the optimizer may zero .grad in place later: keep a copy (a persistent buffer)
+            self._copy_all(self.grad, keys, grads)
+        new = [k for k in keys if k not in self.grad_sum]
+        for key in new:
+            self.grad_sum[key] = torch.zeros_like(self.grad[key])
+            self.grad_sq[key] = torch.zeros((), dtype=torch.float64, device=self.grad[key].device)
+        last = [self.grad[k] for k in keys]
+        torch._foreach_add_([self.grad_sum[k] for k in keys], last)
+        norms = torch._foreach_norm(last, 2, dtype=torch.float64)
+        torch._foreach_addcmul_([self.grad_sq[k] for k in keys], norms, norms)
+
+    @staticmethod
+    def _copy_all(store: dict[str, torch.Tensor], keys: list[str], sources: list[torch.Tensor]) -> None:
+        """``store[key] = sources[i].clone()`` through persistent buffers: one multi-tensor copy."""
+        for key, src in zip(keys, sources):
+            buf = store.get(key)
+            if buf is None or buf.shape != src.shape or buf.device != src.device or buf.dtype != src.dtype:
+                store[key] = torch.empty_like(src, memory_format=torch.contiguous_format)
+        torch._foreach_copy_([store[k] for k in keys], sources)
+
     @torch.no_grad()
     def after_step(self) -> None:
+        if not self._stepping:
+            return None  # no pre-step weights recorded: no update to take
+        self._stepping = False
+        plain_keys, plain_weights, plain_before = [], [], []
         for tm in self.tracked:
-            before = self._before.pop(tm.key, None)
-            if before is None:
-                continue
-            weight = tm.module.weight if tm.plain_fp32 else None
-            if weight is not None:  # plain fp32 Linear: W_{t+1} - W_t written into the pre-step copy
-                self.update[tm.key] = torch.sub(weight.detach(), before, out=before)
+            before = self._before[tm.key]
+            if tm.plain_fp32:
+                plain_keys.append(tm.key)
+                plain_weights.append(tm.module.weight.detach())
+                plain_before.append(before)
             else:
                 self.update[tm.key] = tm.weight() - before
+        if plain_keys:  # W_{t+1} - W_t; the pre-step copies stay as next step's buffers
+            self.update.update(zip(plain_keys, torch._foreach_sub(plain_weights, plain_before)))
         return None
 
     def delta(self, tm: TrackedMatrix) -> torch.Tensor:
@@ -94,7 +144,7 @@ class UpdateInstrument(Instrument):
             if tm.key in self.grad:
                 state[f"{k}/grad"] = self.grad[tm.key].clone()
                 state[f"{k}/grad_sum"] = self.grad_sum[tm.key].clone()
-                state[f"{k}/grad_sq"] = torch.tensor(self.grad_sq[tm.key], dtype=torch.float64)
+                state[f"{k}/grad_sq"] = self.grad_sq[tm.key].clone()
         state["weights/steps"] = torch.tensor(self.steps, dtype=torch.int64)
         return state
 
@@ -111,18 +161,26 @@ class UpdateInstrument(Instrument):
             if f"{k}/grad" in state:
                 self.grad[tm.key] = state[f"{k}/grad"].float().clone()
                 self.grad_sum[tm.key] = state[f"{k}/grad_sum"].float().clone()
-                self.grad_sq[tm.key] = float(state[f"{k}/grad_sq"])
+                self.grad_sq[tm.key] = state[f"{k}/grad_sq"].to(torch.float64).clone()
         self.steps = int(state.get("weights/steps", torch.tensor(0)))
 
     def reset_history(self) -> None:
         self.update: dict[str, torch.Tensor] = {}
         self.grad: dict[str, torch.Tensor] = {}
         self.grad_sum: dict[str, torch.Tensor] = {}
-        self.grad_sq: dict[str, float] = {}
-        self._before: dict[str, torch.Tensor] = {}
+        self.grad_sq: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] = {}  # pre-step weights, kept as buffers between steps
+        self._stepping = False  # before_step ran, after_step not yet
         self.steps = 0
 
     def reset(self) -> None:
         """New phase: the current weights become ``W0`` and the step history is cleared."""
         self.w0 = {tm.key: tm.weight() for tm in self.tracked}
         self.reset_history()
+
+
+def _copy_into(buffer: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor:
+    """``src.clone()`` written into ``buffer`` when it has the right shape (no new allocation)."""
+    if buffer is None or buffer.shape != src.shape or buffer.device != src.device or buffer.dtype != src.dtype:
+        return src.clone(memory_format=torch.contiguous_format)
+    return buffer.copy_(src)

@@ -7,6 +7,8 @@ through a mechanism independent of the instrument's tensor hooks.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -176,6 +178,44 @@ def test_gradient_checkpointing_counts_once(reentrant):
             assert torch.equal(states[0][key], states[1][key]), key
         else:  # the recompute's kernels may round differently in fp32
             torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("between, max_tokens", [("no_grad", None), ("grad", None), ("grad", 11), ("grad_lifo", 11)])
+def test_reentrant_checkpointing_uses_each_forwards_own_mask(between, max_tokens):
+    """Reentrant checkpointing takes the statistics in the recompute during backward. Another forward
+    with other padding (same shape) between a forward and its backward must not lend the recompute its
+    mask or token subset: counts and sums equal the run without checkpointing. ``grad_lifo``: the
+    second forward is back-propagated first, so subsets drawn at recompute time would be swapped."""
+    first = make_batch(batch=3, seq=10, pad_last=3, seed=1)  # 27 tokens
+    second = make_batch(batch=3, seq=10, pad_last=7, seed=2)  # 23 tokens
+    states = []
+    for checkpointing in (False, True):
+        model = make_model("llama")
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": True})
+        inst = CovarianceInstrument(resolve_tracked(model), dtype=torch.float64, max_tokens=max_tokens, seed=4)
+        with inst.attached(model):
+            loss1, n1 = token_loss_sum(model, first)
+            with torch.no_grad() if between == "no_grad" else contextlib.nullcontext():
+                loss2, n2 = token_loss_sum(model, second)
+            order = {"no_grad": [(loss1, n1)], "grad": [(loss1, n1), (loss2, n2)],
+                     "grad_lifo": [(loss2, n2), (loss1, n1)]}[between]
+            for loss, n in order:
+                inst.loss_normalizer = n
+                (loss / n).backward()
+        states.append(inst.state_dict())
+    expected = 27 if between == "no_grad" else (27 + 23 if max_tokens is None else 2 * max_tokens)
+    assert int(states[1]["cov_in/L0/attn_in/count"]) == expected
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        if key.endswith("count"):
+            assert torch.equal(states[0][key], states[1][key]), key
+        elif not key.startswith("meta/"):
+            # the recompute's fp32 kernels round differently (~1e-7 of the norm seen); a wrong mask or
+            # token subset moves every sum by O(10%) (4 of 27 tokens)
+            rel = (states[1][key] - states[0][key]).norm() / states[0][key].norm()
+            assert rel < 1e-5, (key, float(rel))
 
 
 def test_accumulation_equals_one_big_batch():
