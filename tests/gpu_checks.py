@@ -187,7 +187,7 @@ def check_graded_loop_bf16(tmp_path: Path, init_dir: Path, steps: int = 6) -> di
         f"align.train.steps={steps}", "align.train.log_every=1", "align.n_pairs=40",
         f"instruments.every_n={max(1, steps // 2)}"])
     tokenizer = alignment_tokenizer(cfg, init_dir)
-    pairs, eval_pairs = split_pairs(load_pairs(cfg), 0.1, cfg.seed)
+    pairs, eval_pairs = split_pairs(load_pairs(cfg)[0], 0.1, cfg.seed)
     with fresh_accelerate_state():
         result = align(cfg, GradedObjective(name="g0.5", grade=0.5), init_dir, tmp_path / "g0.5",
                        tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs, progress=False)
