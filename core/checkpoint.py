@@ -196,18 +196,22 @@ def write_manifest(path: Path, step: int) -> None:
 
 
 def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int,
-                    instruments: dict[str, torch.Tensor] | None = None, extra: dict | None = None) -> Path:
-    """Write a complete checkpoint at ``path`` (see the module docstring for the crash-safety order)."""
+                    instruments: dict[str, torch.Tensor] | None = None, extra: dict | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+    """Write a complete checkpoint at ``path`` (see the module docstring for the crash-safety order).
+    ``model_state`` / ``optimizer_state``: whole state dicts gathered beforehand from a sharded model
+    (core/sharding.py), written instead of the model's and optimizer's own."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if instruments:
         save_file({k: v.contiguous() for k, v in instruments.items()}, str(tmp / INSTRUMENTS_FILE))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": rng_state(), **(extra or {})}, tmp / STATE_FILE)
     write_manifest(tmp, step)
     if path.exists():  # a re-save of the same step: move the old one aside, never delete it first

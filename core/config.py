@@ -119,6 +119,7 @@ class TrainConfig:
     save_every: int = 0  # 0: checkpoint only at the end
     keep_checkpoints: int = 0  # keep only the newest N checkpoints (the final one is the newest); 0: all
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    fsdp: bool = False  # shard the model over the processes (FSDP2, core/sharding.py); DDP otherwise
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the run, or skips the step
     stall_patience: int = 20  # stop after this many consecutive all-zero-gradient (or skipped) steps; 0: never
 

@@ -27,7 +27,9 @@ SNAPSHOT_DIR = "instruments"
 RUN_INFO = "run_info.json"
 CONFIG_FILE = "config.yaml"
 # Keys a resumed run may change: where the tokenizer cache lives and where metrics go change no number.
-RESUME_MAY_CHANGE = ("tokenizer.cache_dir", "tracking.report_to")
+# Settings a resumed run may change: where the run and the caches live (a run directory may be moved
+# or renamed), and where metrics are sent. Everything else shapes the numbers.
+RESUME_MAY_CHANGE = ("tokenizer.cache_dir", "tracking.report_to", "output_dir", "name")
 
 
 def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
@@ -122,13 +124,15 @@ class RunDirectory:
         self.sinks.log(row, step)
 
     def save(self, step: int, *, model, tokenizer, optimizer, scheduler, instruments: dict[str, torch.Tensor],
-             snapshot: bool) -> Path:
+             snapshot: bool, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
         """A checkpoint at ``step`` (and, with ``snapshot``, the instrument state as a report snapshot).
-        ``instruments`` is the suite's snapshot state, computed on every process beforehand (a collective)."""
+        ``instruments`` (and, for a sharded model, ``model_state`` / ``optimizer_state``) are computed on
+        every process beforehand (collectives); only the main process writes."""
         path = checkpoint_dir(self.path, step)
         if self.is_main:
             save_checkpoint(path, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                            step=step, instruments=instruments)
+                            step=step, instruments=instruments, model_state=model_state,
+                            optimizer_state=optimizer_state)
             if snapshot and instruments:  # the same bytes as the checkpoint's copy: a hard link, not a second file
                 link_or_copy(path / INSTRUMENTS_FILE, snapshot_path(self.path, step))
             prune_checkpoints(self.path, self.keep_checkpoints, protect=(path,))

@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml  # noqa: PLC0415
 
     from core.config import ConfigError, load_config, to_dict  # noqa: PLC0415
+    from core.processes import main_print  # noqa: PLC0415
     from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
     from trainers.guard import DivergenceError  # noqa: PLC0415
     from trainers.interrupt import Interrupted  # noqa: PLC0415
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             _quiet_libraries()
         previous_handler = _stop_on_sigterm(Interrupted)
         out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        print(f"done: {out}")
+        main_print(f"done: {out}")
         return 0
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"harness: error: {err}", file=sys.stderr)

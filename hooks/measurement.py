@@ -122,7 +122,7 @@ class Measurement:
         learning rate so far have no direction, so no RSF is reported for them."""
         deltas = [self.upd.delta(tm) for tm in self.tracked]
         nonzero = torch.stack([d.square().sum() > 0 for d in deltas]).tolist()  # one host sync
-        return [Written(tm, dict(zip(keys.VIEWS, (d, self.upd.update.get(tm.key), self.upd.grad.get(tm.key)))))
+        return [Written(tm, dict(zip(keys.VIEWS, (d, self.upd.view(tm, "update"), self.upd.view(tm, "grad")))))
                 for tm, d, keep in zip(self.tracked, deltas, nonzero) if keep]
 
     def prediction(self, k: int) -> tuple[Tensor, Tensor]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 # Input groups: the tensor each role reads. Q/K/V read the attention norm's output; gate/up read
@@ -149,25 +150,58 @@ class TrackedMatrix:
         return (self.rows is None and not self.transposed and _base_layer(self.module) is self.module
                 and isinstance(w, torch.Tensor) and w.dtype == torch.float32)
 
+    @property
+    def sharded(self) -> bool:
+        """The weight is an FSDP2 shard (a ``DTensor``): this process holds some of its rows."""
+        return isinstance(_base_layer(self.module).weight, DTensor)
+
     def _orient(self, w: torch.Tensor) -> torch.Tensor:
         w = w.t() if self.transposed else w
         return w if self.rows is None else w.index_select(0, self.rows.to(w.device))
 
     @torch.no_grad()
     def weight(self) -> torch.Tensor:
-        """Effective weight, fp32, shape (out, in)."""
+        """Effective weight, fp32, shape (out, in); a sharded weight is gathered (a collective: every
+        process calls it)."""
         base = _base_layer(self.module)
-        w = base.weight.detach().to(torch.float32, copy=True)  # never alias the live parameter
+        w = full(base.weight.detach()).to(torch.float32, copy=True)  # never alias the live parameter
         if base is not self.module:  # PEFT LoRA: add every active adapter's delta
             for name in _active_adapters(self.module):
-                w = w + self.module.get_delta_weight(name).detach().float()
+                w = w + full(self.module.get_delta_weight(name).detach()).float()
         return self._orient(w)
 
     def grad(self) -> torch.Tensor | None:
         """Raw gradient of the weight, fp32, shape (out, in); None when the weight is frozen
-        (LoRA: the effective weight's gradient is never materialised by autograd)."""
+        (LoRA: the effective weight's gradient is never materialised by autograd). Gathered when sharded."""
         g = _base_layer(self.module).weight.grad
-        return None if g is None else self._orient(g.detach().to(torch.float32, copy=True))
+        return None if g is None else self._orient(full(g.detach()).to(torch.float32, copy=True))
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """The whole (out, in) matrix from this process's rows ``local`` of a sharded plain weight (a
+        collective); ``local`` itself when the weight is not sharded."""
+        w = _base_layer(self.module).weight
+        if not isinstance(w, DTensor):
+            return local
+        return DTensor.from_local(local, w.device_mesh, w.placements, shape=w.shape, stride=w.stride()).full_tensor()
+
+    def scatter(self, whole: torch.Tensor) -> torch.Tensor:
+        """This process's rows of ``whole`` (out, in), as the live sharded weight holds them (no
+        communication); ``whole`` itself when the weight is not sharded."""
+        w = _base_layer(self.module).weight
+        if not isinstance(w, DTensor):
+            return whole
+        whole = whole.detach().to(w.device_mesh.device_type)
+        return distribute_tensor(whole, w.device_mesh, w.placements, src_data_rank=None).to_local()
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a whole tensor: a sharded ``DTensor`` is gathered (a collective), others pass through."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t`` (its shard of a ``DTensor``; ``t`` itself otherwise)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -237,11 +271,12 @@ def resolve_tracked(model: nn.Module, roles: tuple[str, ...] | list[str] = ROLES
 
 
 def unembedding(model: nn.Module, arch: ArchSpec | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """``(W_U (vocab, d), final-norm gain (d,) or None, layernorm)`` as fp32 copies."""
+    """``(W_U (vocab, d), final-norm gain (d,) or None, layernorm)`` as whole fp32 copies (gathered
+    when the model is sharded: a collective)."""
     spec = arch_spec_for(model, arch)
     base = unwrap_model(model)
     head = _base_layer(base.get_submodule(spec.unembed))
     norm = base.get_submodule(spec.final_norm)
     gain = getattr(norm, "weight", None)
-    return (head.weight.detach().float().clone(),
-            None if gain is None else gain.detach().float().clone(), spec.layernorm)
+    return (full(head.weight.detach()).float().clone(),
+            None if gain is None else full(gain.detach()).float().clone(), spec.layernorm)

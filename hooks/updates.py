@@ -12,6 +12,10 @@ Memory: four fp32 copies of the tracked matrices (W0, pre-step weights, last upd
 plus the last gradient. LoRA-wrapped layers report the effective ``W_base + scale B A``; their
 raw gradient is not materialised by autograd, so ``grad`` entries are absent for them.
 
+Sharded weights (FSDP2 ``DTensor``): a plain weight's copies are kept as this process's rows only
+(memory 1 / processes of the above) and gathered when a metric or a snapshot reads them (a
+collective, at the metric schedule); fused, transposed or LoRA matrices are gathered every step.
+
 Cost per optimizer step: a handful of memory-bound passes over the tracked weights, no host sync.
 Plain fp32 ``nn.Linear`` weights (the common case) are handled together by multi-tensor
 (``torch._foreach_*``) kernels into persistent buffers: gradient copy, gradient sum, squared norms
@@ -26,14 +30,17 @@ import torch
 from torch import nn
 
 from hooks.base import Instrument
-from hooks.roles import TrackedMatrix
+from hooks.distributed import all_reduce_sums
+from hooks.distributed import rank as _rank
+from hooks.roles import TrackedMatrix, local
 
 
 class UpdateInstrument(Instrument):
     """State keys: ``weights/L{i}/{r}/{W0,delta,update,grad,grad_sum,grad_sq,steps}``.
 
-    ``grad[key]``, ``update[key]``, ``grad_sum[key]`` are fp32 (out, in) tensors; ``grad_sq[key]`` is a
-    0-dim float64 tensor on the weights' device (``float()`` it to read it: that is a host sync).
+    ``grad[key]``, ``update[key]``, ``grad_sum[key]`` are fp32 (out, in) tensors (this process's rows of
+    a sharded plain weight: read whole matrices through :meth:`view`); ``grad_sq[key]`` is a 0-dim
+    float64 tensor on the weights' device (this process's part when sharded: :meth:`coherence_terms`).
     """
 
     def __init__(self, tracked: list[TrackedMatrix]) -> None:
@@ -65,9 +72,9 @@ class UpdateInstrument(Instrument):
         plain: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, live weight, live grad)
         for tm in self.tracked:
             if tm.plain_fp32:
-                weight = tm.module.weight
-                if weight.grad is not None:
-                    plain.append((tm.key, weight, weight.grad))
+                weight = local(tm.module.weight)
+                if tm.module.weight.grad is not None:
+                    plain.append((tm.key, weight, local(tm.module.weight.grad)))
                 else:
                     self._before[tm.key] = _copy_into(self._before.get(tm.key), weight.detach())
                 continue
@@ -121,7 +128,7 @@ class UpdateInstrument(Instrument):
             before = self._before[tm.key]
             if tm.plain_fp32:
                 plain_keys.append(tm.key)
-                plain_weights.append(tm.module.weight.detach())
+                plain_weights.append(local(tm.module.weight).detach())
                 plain_before.append(before)
             else:
                 self.update[tm.key] = tm.weight() - before
@@ -129,22 +136,60 @@ class UpdateInstrument(Instrument):
             self.update.update(zip(plain_keys, torch._foreach_sub(plain_weights, plain_before)))
         return None
 
+    def _rows_only(self, tm: TrackedMatrix) -> bool:
+        """Kept as this process's rows (a sharded plain weight)."""
+        return tm.plain_fp32 and tm.sharded
+
+    def _current(self, tm: TrackedMatrix) -> torch.Tensor:
+        """The weight now, fp32, as this instrument keeps it (this process's rows, or the whole matrix)."""
+        return local(tm.module.weight).detach().float().clone() if self._rows_only(tm) else tm.weight()
+
+    def view(self, tm: TrackedMatrix, name: str) -> torch.Tensor | None:
+        """Whole (out, in) fp32 ``W0``, ``delta`` (= W - W0), ``update``, ``grad`` or ``grad_sum`` of
+        ``tm`` (None when not recorded); gathered when sharded, so every process calls it."""
+        if name == "delta":
+            kept = self._current(tm) - self.w0[tm.key]
+        else:
+            kept = {"W0": self.w0, "update": self.update, "grad": self.grad, "grad_sum": self.grad_sum}[name].get(tm.key)
+        if kept is None:
+            return None
+        return tm.gather(kept) if self._rows_only(tm) else kept
+
     def delta(self, tm: TrackedMatrix) -> torch.Tensor:
         """Cumulative ``W - W0`` (fp32, out x in)."""
-        return tm.weight() - self.w0[tm.key]
+        return self.view(tm, "delta")
+
+    def coherence_terms(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """``(keys, ‖sum_t G_t‖², sum_t ‖G_t‖²)`` of every matrix with gradients, float64 on the weights'
+        device; the parts of sharded weights are summed over processes (one collective)."""
+        keys = list(self.grad_sum)
+        if not keys:
+            return [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        sums = torch.stack([self.grad_sum[k].double().square().sum() for k in keys])
+        squares = torch.stack([self.grad_sq[k].to(sums.device) for k in keys])
+        by_key = {tm.key: tm for tm in self.tracked}
+        flags = [self._rows_only(by_key[k]) for k in keys]
+        if any(flags):
+            sharded = torch.tensor(flags, device=sums.device)
+            parts = all_reduce_sums({"sums": torch.where(sharded, sums, 0.0),
+                                     "squares": torch.where(sharded, squares, 0.0)})
+            sums = torch.where(sharded, parts["sums"], sums)
+            squares = torch.where(sharded, parts["squares"], squares)
+        return keys, sums, squares
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole matrices (gathered when sharded: every process calls it)."""
         state = {}
+        keys, _, squares = self.coherence_terms()
+        grad_sq = dict(zip(keys, squares))
         for tm in self.tracked:
             k = f"weights/{tm.key}"
-            state[f"{k}/W0"] = self.w0[tm.key].clone()
-            state[f"{k}/delta"] = self.delta(tm)
-            if tm.key in self.update:
-                state[f"{k}/update"] = self.update[tm.key].clone()
-            if tm.key in self.grad:
-                state[f"{k}/grad"] = self.grad[tm.key].clone()
-                state[f"{k}/grad_sum"] = self.grad_sum[tm.key].clone()
-                state[f"{k}/grad_sq"] = self.grad_sq[tm.key].clone()
+            for name in ("W0", "delta", "update", "grad", "grad_sum"):
+                value = self.view(tm, name)
+                if value is not None:
+                    state[f"{k}/{name}"] = value.clone()
+            if tm.key in grad_sq:
+                state[f"{k}/grad_sq"] = grad_sq[tm.key].clone()
         state["weights/steps"] = torch.tensor(self.steps, dtype=torch.int64)
         return state
 
@@ -155,13 +200,16 @@ class UpdateInstrument(Instrument):
             if f"{k}/W0" not in state:
                 raise KeyError(f"instrument state has no {k}/W0: was it saved from a model with the same "
                                "layers and roles (instruments.roles / instruments.layers)?")
-            self.w0[tm.key] = state[f"{k}/W0"].float().clone()
+            kept = tm.scatter if self._rows_only(tm) else (lambda t: t)
+            self.w0[tm.key] = kept(state[f"{k}/W0"].float()).clone()
             if f"{k}/update" in state:
-                self.update[tm.key] = state[f"{k}/update"].float().clone()
+                self.update[tm.key] = kept(state[f"{k}/update"].float()).clone()
             if f"{k}/grad" in state:
-                self.grad[tm.key] = state[f"{k}/grad"].float().clone()
-                self.grad_sum[tm.key] = state[f"{k}/grad_sum"].float().clone()
-                self.grad_sq[tm.key] = state[f"{k}/grad_sq"].to(torch.float64).clone()
+                self.grad[tm.key] = kept(state[f"{k}/grad"].float()).clone()
+                self.grad_sum[tm.key] = kept(state[f"{k}/grad_sum"].float()).clone()
+                # A sharded weight's part of the norm: the sum over processes is restored on rank 0 only.
+                norm = state[f"{k}/grad_sq"].to(torch.float64).clone()
+                self.grad_sq[tm.key] = norm if not self._rows_only(tm) or _rank() == 0 else torch.zeros_like(norm)
         self.steps = int(state.get("weights/steps", torch.tensor(0)))
 
     def reset_history(self) -> None:
@@ -175,7 +223,7 @@ class UpdateInstrument(Instrument):
 
     def reset(self) -> None:
         """New phase: the current weights become ``W0`` and the step history is cleared."""
-        self.w0 = {tm.key: tm.weight() for tm in self.tracked}
+        self.w0 = {tm.key: self._current(tm) for tm in self.tracked}
         self.reset_history()
 
 

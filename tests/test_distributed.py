@@ -1,5 +1,5 @@
-"""Two CPU processes (gloo, DDP), each feeding half of every batch, report the same instrument state
-and metrics as one process that sees the whole batch.
+"""Two CPU processes (gloo; DDP, or FSDP2 with every weight sharded), each feeding half of every batch,
+report the same instrument state and metrics as one process that sees the whole batch.
 
 Each rank scales its loss by ``world / N`` (N = loss tokens of the global batch), so DDP's gradient
 average equals the single-process token mean, and sets the loss normalizer to ``N / world``, so its
@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from hooks.roles import full as whole
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
 
@@ -28,12 +32,19 @@ def _batches():
     return [make_batch(batch=4, seq=8, pad_last=2, seed=s) for s in (1, 2)]
 
 
-def run(rank: int, world: int) -> dict:
+def run(rank: int, world: int, sharding: str = "ddp") -> dict:
     """Two SGD steps with the suite attached; this rank trains on rows ``rank::world``-block of
     each batch. Returns local and global covariance state, per-step metrics, and the global state
-    seen after a resume from this run's snapshot."""
+    seen after a resume from this run's snapshot. ``sharding``: ``ddp`` (replicas) or ``fsdp``
+    (FSDP2: each decoder layer and the root sharded over the processes, weights as ``DTensor``)."""
     model = make_model("llama")
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1 and sharding == "fsdp":
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        net = fully_shard(model, mesh=mesh)
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     suite = InstrumentSuite(model, **SUITE_KW)
     metrics = []
@@ -52,24 +63,38 @@ def run(rank: int, world: int) -> dict:
     resumed = InstrumentSuite(model, **SUITE_KW)
     resumed.load_state_dict(snapshot)  # every rank loads the same (process-summed) snapshot
     return {"local": suite.cov.state_dict(), "global": suite.cov.global_state(), "metrics": metrics,
-            "resumed_global": resumed.cov.global_state(), "weights": [p.detach().clone() for p in model.parameters()]}
+            "resumed_global": resumed.cov.global_state(), "snapshot": snapshot,
+            "resumed_snapshot": resumed.snapshot_state(),
+            "weights": [whole(p.detach()).clone() for p in model.parameters()]}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, sharding: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(run(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(run(rank, world, sharding), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(tmp, sharding: str) -> list[dict]:
+    mp.spawn(_worker, args=(WORLD, str(tmp / "store"), str(tmp), sharding), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return ranks, run(0, 1)
+def single():
+    return run(0, 1)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, single):
+    return _spawn(tmp_path_factory.mktemp("ddp"), "ddp"), single
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory, single):
+    return _spawn(tmp_path_factory.mktemp("fsdp"), "fsdp"), single
 
 
 def test_global_state_equals_single_process(results):
@@ -109,3 +134,32 @@ def test_resume_from_snapshot_counts_each_token_once(results):
     for res in ranks:
         for key, value in res["global"].items():
             assert torch.equal(res["resumed_global"][key], value), key
+
+
+def test_fsdp_sharded_weights_give_single_process_metrics_and_snapshots(fsdp_results):
+    """Under FSDP2 the update instrument keeps each process's rows of the weights; metrics and
+    snapshots gather them: equal to one process that saw the whole batch, on every rank."""
+    ranks, single = fsdp_results
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    for step, expected in enumerate(single["metrics"], 1):
+        got = ranks[0]["metrics"][step - 1]
+        assert got.keys() == expected.keys() and "coherence/L1/down" in got
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+    for res in ranks:
+        for key in (k for k in single["snapshot"] if k.startswith(("weights/", "cov_"))):
+            got, expected = res["snapshot"][key].double(), single["snapshot"][key].double()
+            # shards and the whole batch sum in another order (fp32): ~1e-7 relative, as under DDP
+            assert float((got - expected).norm()) <= 1e-5 * float(expected.norm()) + 1e-9, key
+        for w, w_single in zip(res["weights"], single["weights"]):
+            torch.testing.assert_close(w, w_single, rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_snapshot_round_trip_restores_each_processs_rows(fsdp_results):
+    """A snapshot (whole matrices) loaded by a sharded suite is cut into each process's rows; saved
+    again it is the same snapshot (gradient norms counted once over the processes)."""
+    ranks, _ = fsdp_results
+    for res in ranks:
+        for key, value in res["snapshot"].items():
+            if key.startswith("weights/"):
+                assert torch.equal(res["resumed_snapshot"][key], value), key

@@ -20,6 +20,10 @@ import sys
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+from hooks.distributed import all_reduce_sums
+from hooks.roles import local
 
 
 class DivergenceError(RuntimeError):
@@ -34,16 +38,20 @@ class DivergenceError(RuntimeError):
 def nonfinite_grads(model: nn.Module) -> list[str]:
     """Names of the parameters whose gradient holds NaN or inf, in ``named_parameters`` order (from
     the embedding up: the first is where the non-finite values entered the parameters first)."""
-    return [name for name, param in model.named_parameters()
-            if param.grad is not None and not bool(torch.isfinite(param.grad).all())]
+    return [name for name, param in model.named_parameters()  # a sharded gradient: this process's rows
+            if param.grad is not None and not bool(torch.isfinite(local(param.grad)).all())]
 
 
 def gradient_norm(model: nn.Module) -> float:
-    """The global L2 norm of the gradients (inf/NaN when any is not finite), accumulated in float64."""
-    squares = [p.grad.detach().double().pow(2).sum() for p in model.parameters() if p.grad is not None]
-    if not squares:
+    """The global L2 norm of the gradients (inf/NaN when any is not finite), accumulated in float64.
+    Sharded gradients (FSDP2) contribute their rows on each process, summed over processes."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
         return 0.0
-    return float(torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt())
+    squares = torch.stack([local(g).double().pow(2).sum() for g in grads])
+    sharded = torch.tensor([isinstance(g, DTensor) for g in grads], device=squares.device)
+    total = squares[~sharded].sum() + all_reduce_sums({"rows": squares[sharded].sum()})["rows"]
+    return float(total.sqrt())
 
 
 class DivergenceGuard:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from core.config import RunConfig
 from core.data import batch_indices, tokenize_pairs
 from core.models import apply_lora, build_model
+from core.processes import process_state
 from trainers.losses import build_loss
 from trainers.pairs import pair_logps, preference_eval, reference_logps
 from trainers.session import RunResult, TrainingSession
@@ -50,12 +51,15 @@ def align(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, tokenizer
         model = apply_lora(model, a.lora)
     data = tokenize_pairs(pairs, tokenizer, a.max_len)
     eval_data = tokenize_pairs(eval_pairs, tokenizer, a.max_len) if eval_pairs else None
+    # The reference is the initial policy, also on resume: computed before the resumed weights load and
+    # before the session shards the model (train.fsdp); each process computes it for every pair.
+    device = process_state().device
+    ref = reference_logps(model.to(device), data, t.batch_size, device)
+    eval_ref = reference_logps(model, eval_data, t.batch_size, device) if eval_data else None
+    if resume is not None:
+        load_policy_weights(model, resume)
     session = TrainingSession(cfg, t, run_dir, phase=f"align/{objective.name}", model=model, tokenizer=tokenizer,
                               resume=resume, overwrite=overwrite, progress=progress)
-    ref = reference_logps(session.model, data, t.batch_size, session.device)  # the initial policy, also on resume
-    eval_ref = reference_logps(session.model, eval_data, t.batch_size, session.device) if eval_data else None
-    if resume is not None:
-        load_policy_weights(session.accelerator.unwrap_model(session.model), resume)
     per_step = t.batch_size * t.grad_accum  # global pairs per optimizer step
     with session:
         for step in session.steps():

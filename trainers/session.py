@@ -34,12 +34,14 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
 from core.config import RunConfig, TrainConfig
 from core.rundir import RunDirectory
+from core.sharding import is_sharded, local_optimizer_state, shard_model, whole_model_state, whole_optimizer_state
 from core.runinfo import model_facts, now, versions
 from hooks.suite import build_suite
 from trainers.guard import DivergenceError, DivergenceGuard
@@ -61,14 +63,23 @@ class RunResult:
 def save_final(files: RunDirectory, step: int, *, model, tokenizer, optimizer, scheduler, suite) -> Path:
     """The phase's last checkpoint and instrument snapshot. The suite's state is taken first (a
     collective, and it reads LoRA wrappers); then a LoRA adapter is merged, so the checkpoint is a
-    plain HF model directory that ``from_pretrained`` and the next phase load directly."""
+    plain HF model directory that ``from_pretrained`` and the next phase load directly. A sharded
+    model's weights and optimizer state are gathered whole (collectives)."""
     state = suite.snapshot_state()
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     path = files.save(step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                      instruments=state, snapshot=True)
+                      instruments=state, snapshot=True, **whole_states(model, optimizer))
     files.record(finished=now(), steps=step)
     return path
+
+
+def whole_states(model, optimizer) -> dict:
+    """``model_state`` / ``optimizer_state`` for a checkpoint: gathered whole from a sharded model (every
+    process calls this), nothing to override otherwise."""
+    if not is_sharded(model):
+        return {}
+    return {"model_state": whole_model_state(model), "optimizer_state": whole_optimizer_state(optimizer)}
 
 
 class TrainingSession:
@@ -85,6 +96,8 @@ class TrainingSession:
         self.cfg, self.train, self.phase, self.tokenizer = cfg, train, phase, tokenizer
         self.accelerator = Accelerator(mixed_precision=train.mixed_precision, cpu=not torch.cuda.is_available(),
                                        project_dir=str(run_dir))
+        if train.fsdp and self.accelerator.distributed_type != DistributedType.FSDP:  # else accelerate shards it
+            shard_model(model, self.accelerator.device)
         self.optimizer = make_optimizer(model.parameters(), train)
         self.scheduler = make_scheduler(self.optimizer, train)
         self.suite = build_suite(model, cfg.instruments, cfg.seed)
@@ -93,10 +106,14 @@ class TrainingSession:
         self.files = RunDirectory(run_dir, cfg, resume_step=self.start_step if resume is not None else None,
                                   overwrite=overwrite, accelerator=self.accelerator,
                                   keep_checkpoints=train.keep_checkpoints)
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if is_sharded(model):  # already sharded: accelerate must not wrap it again (in DDP)
+            self.model, self.optimizer = model, self.accelerator.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
-        self.files.record(started=now(), versions=versions(), phase=phase, world_size=self.world,
+        sharding = "fsdp" if is_sharded(model) else ("ddp" if self.world > 1 else "none")
+        self.files.record(started=now(), versions=versions(), phase=phase, world_size=self.world, sharding=sharding,
                           device=str(self.device), **model_facts(model))
         if not progress:  # nor transformers' loading / "Writing model shards" bars
             transformers.utils.logging.disable_progress_bar()
@@ -112,7 +129,10 @@ class TrainingSession:
 
     def _resume(self, checkpoint: Path) -> int:
         state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Checkpoints hold whole optimizer tensors: a sharded model takes its own shards of them.
+        sharded = any(isinstance(p, DTensor) for g in self.optimizer.param_groups for p in g["params"])
+        self.optimizer.load_state_dict(local_optimizer_state(self.optimizer, state["optimizer"]) if sharded
+                                       else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.suite.load_state_dict(load_instruments(checkpoint) or {})
@@ -154,10 +174,7 @@ class TrainingSession:
 
     def _interrupt(self, step: int) -> None:
         if self._saved_step != step:
-            self.files.save(step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
-                            optimizer=self.optimizer, scheduler=self.scheduler,
-                            instruments=self.suite.snapshot_state(), snapshot=False)
-            self._saved_step = step
+            self.save(step)
         self.accelerator.wait_for_everyone()
         raise Interrupted(self.signals.received or signal.SIGTERM, step, checkpoint_dir(self.files.path, step),
                           self.phase, note="; continue with --resume latest")
@@ -224,19 +241,25 @@ class TrainingSession:
         t = self.accelerator.reduce(t, reduction="sum")
         return dict(zip(names, t.tolist()))
 
+    def save(self, step: int) -> None:
+        """A checkpoint at ``step`` (every process calls it: gathering state is collective); at the phase's
+        last step the final one, with the instrument snapshot and any LoRA adapter merged."""
+        model = self.accelerator.unwrap_model(self.model)
+        if step == self.train.steps:
+            save_final(self.files, step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                       scheduler=self.scheduler, suite=self.suite)
+        else:
+            self.files.save(step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                            scheduler=self.scheduler, instruments=self.suite.snapshot_state(), snapshot=False,
+                            **whole_states(model, self.optimizer))
+        self._saved_step = step
+
     def end_step(self, step: int, row: dict) -> None:
         """Log ``row`` (if not empty) and write a checkpoint when due."""
         if row:
             self.files.log({"phase": self.phase, **row}, step)
             self.result.metrics = {"step": step, **row}
             self.bar.set_postfix({short: f"{row[k]:.3g}" for k, short in POSTFIX.items() if k in row}, refresh=False)
-        if step == self.train.steps:
-            save_final(self.files, step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
-                       optimizer=self.optimizer, scheduler=self.scheduler, suite=self.suite)
-            self._saved_step = step
-        elif self.train.save_every and step % self.train.save_every == 0:
-            self.files.save(step, model=self.accelerator.unwrap_model(self.model), tokenizer=self.tokenizer,
-                            optimizer=self.optimizer, scheduler=self.scheduler,
-                            instruments=self.suite.snapshot_state(), snapshot=False)
-            self._saved_step = step
+        if step == self.train.steps or (self.train.save_every and step % self.train.save_every == 0):
+            self.save(step)
         self.accelerator.wait_for_everyone()

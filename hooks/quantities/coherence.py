@@ -11,11 +11,8 @@ from hooks.measurement import Measurement, Values
 class Coherence:
     def compute(self, m: Measurement) -> Values:
         out = Values()
-        names = list(m.upd.grad_sum)
+        names, numerators, denominators = m.upd.coherence_terms()
         if names:
-            numerators = torch.stack([m.upd.grad_sum[n].double().square().sum() for n in names])
-            denominators = torch.stack([torch.as_tensor(m.upd.grad_sq[n], dtype=torch.float64,
-                                                        device=numerators.device) for n in names])
             safe = torch.where(denominators > 0, denominators, torch.ones_like(denominators))
             out.add([f"coherence/{n}" for n in names], torch.where(denominators > 0, numerators / safe, 0.0))
         return out
