@@ -322,7 +322,7 @@ def coherence(sum_G: Tensor, sum_sq_norms: float | Tensor) -> float:
 # ----- prediction subspace ------------------------------------------------------------------------
 
 def prediction_subspace(W_U: Tensor, gain: Tensor | None = None, k: int = 8, layernorm: bool = False,
-                        centered: bool = False) -> tuple[Tensor, Tensor]:
+                        centered: bool = False, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
     """Top-k right singular vectors ``V`` (d, k) of ``M = W_U diag(g)`` and all singular values (d,).
 
     ``W_U`` is the (vocab, d) unembedding (tied embeddings are fine), ``gain`` the final norm's
@@ -334,23 +334,23 @@ def prediction_subspace(W_U: Tensor, gain: Tensor | None = None, k: int = 8, lay
     - ``centered``: softmax ignores a logit shift shared by all tokens, so subtract M's mean row
       over the vocab (``W_U^T (p - y)`` lies in the centred row space).
 
-    Computed from the (d, d) Gram ``M^T M`` in float64 (vocab >> d); singular values are returned
-    descending, with zeros past M's rank.
+    Computed from the (d, d) Gram ``M^T M`` (vocab >> d) in ``dtype`` (float64 by default); singular
+    values are returned descending, with zeros past M's rank.
     """
     _check_matrix(W_U, "W_U")
     vocab, d = W_U.shape
     _check_k(k, d, "W_U (k is capped by the model dim d)")
-    M = W_U.detach().double()
+    M = W_U.detach().to(dtype)
     if gain is not None:
         if tuple(gain.shape) != (d,):
             raise ValueError(f"gain must have shape ({d},) to match W_U {tuple(W_U.shape)}, got {tuple(gain.shape)}")
-        M = M * gain.detach().double()
+        M = M * gain.detach().to(dtype)
     if centered:
         M = M - M.mean(dim=0, keepdim=True)
     if layernorm:
         M = M - M.mean(dim=1, keepdim=True)
-    evals, evecs = sym_eigh(M.T @ M)
-    return evecs[:, :k], evals.sqrt()
+    evals, evecs = sym_eigh_batched((M.T @ M)[None])
+    return evecs[0, :, :k], evals[0].sqrt()
 
 
 # ----- helpers ------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ class Measurement:
 
     ``k``: the suite's subspace dimension (each quantity caps it at a matrix's dim - 1).
     ``zscores``: whether the RSF families report z-scores. ``dtype``: the dtype of the metric math
-    (float64, or float32 where it is measured to be accurate enough: see SuiteConfig.metric_dtype).
+    (``SuiteConfig.metric_dtype``: float32 by default, float64 for reference checks).
     """
 
     step: int
@@ -127,8 +127,8 @@ class Measurement:
 
     def prediction(self, k: int) -> tuple[Tensor, Tensor]:
         """Top-k prediction subspace ``V`` (d, k) of the model's unembedding at this step, and all
-        singular values of ``W_U diag(g)`` (float64: computed once per measurement)."""
+        singular values of ``W_U diag(g)`` (computed once per measurement, in the metric dtype)."""
         if k not in self._prediction:
             W_U, gain, layernorm = unembedding(self.model, self.arch)
-            self._prediction[k] = geo.prediction_subspace(W_U, gain, k=k, layernorm=layernorm)
+            self._prediction[k] = geo.prediction_subspace(W_U, gain, k=k, layernorm=layernorm, dtype=self.dtype)
         return self._prediction[k]

@@ -24,7 +24,7 @@ def write(tmp_path, text: str):
     ("model.arch=opt", "key 'model.arch' must be one of ['gpt2', 'gpt_neox', 'llama', 'mistral', 'qwen2', 'qwen3']"),
     ("instruments.k=0", "instruments.k must be >= 1, got 0"),
     ("instruments.n_random=20", "key 'instruments.n_random' is gone: z-scores are now exact"),
-    ("instruments.metric_dtype=float16", "key 'instruments.metric_dtype' must be one of ['auto', 'float32', 'float64']"),
+    ("instruments.metric_dtype=float16", "key 'instruments.metric_dtype' must be one of ['float32', 'float64']"),
     ("instruments.roles=[q,zz]", "instruments.roles has unknown roles ['zz']"),
     ("data.eval_fraction=1.5", "key 'data.eval_fraction' must be in [0, 1)"),
     ("align.objectives=[{name: a},{name: a}]", "key 'align.objectives' names must be unique"),
