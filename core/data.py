@@ -13,6 +13,7 @@ import json
 import re
 import warnings
 from bisect import bisect_right
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,8 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
-from core.tokenizer import stdlib_text_files
+from core.text_sources import TABLE_FORMATS, iter_documents, resolve_sources, source_list
 
-TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-TEXT_EXTENSIONS = (".txt", *TABLE_FORMATS)
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
@@ -33,70 +32,19 @@ PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def load_texts(source: str | list[str], text_field: str = "text", max_docs: int | None = None) -> list[str]:
-    """Documents from `"stdlib"` and/or local files and directories, in a deterministic order.
-
-    - `"stdlib"`: one document per stdlib `.py` file (see `stdlib_text_files`).
-    - `.txt`: one document per file (the whole file; blank lines are kept, since code and prose
-      both use them inside a document).
-    - `.jsonl` / `.json` / `.parquet`: one document per row, read from column `text_field`.
-    - a directory: every file above found under it (recursively, sorted by path).
-
+    """Documents from `"stdlib"` and/or local files and directories, in a deterministic order, in memory
+    (for the embedded preference set and text samples; pretraining corpora stream through core.shards).
+    The sources and document rules are `core.text_sources`': one document per `.txt` file, per row of a
+    `.jsonl` / `.json` / `.parquet` (column `text_field`), per stdlib `.py` file; directories recursively.
     Whitespace-only documents and missing values are dropped; `max_docs` keeps the first ones.
     """
     if max_docs is not None and max_docs < 1:
         raise ValueError(f"max_docs must be >= 1 (or None for all), got {max_docs}.")
-    items = [source] if isinstance(source, str) else list(source)
-    texts: list[str] = []
-    for item in items:
-        texts.extend(t for t in _texts_from(item, text_field) if t.strip())
-        if max_docs is not None and len(texts) >= max_docs:
-            break
+    texts = list(islice(iter_documents(resolve_sources(source), text_field), max_docs))
     if not texts:
         raise ValueError(
-            f"corpus {items} holds no non-empty text; check the files and text_field={text_field!r}."
+            f"corpus {source_list(source)} holds no non-empty text; check the files and text_field={text_field!r}."
         )
-    return texts[:max_docs]
-
-
-def _texts_from(item: str, text_field: str) -> list[str]:
-    if item == "stdlib":
-        return [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_text_files()]
-    path = Path(item)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"text source {item!r} does not exist; use 'stdlib', a local file or a directory."
-        )
-    if path.is_dir():
-        if (path / "index.json").is_file():
-            raise ValueError(f"{item!r} is a prepared token corpus (it has index.json), not text: its documents "
-                             "cannot be read back as text here; pass the text it was prepared from.")
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_EXTENSIONS)
-        if not files:
-            raise ValueError(f"directory {item!r} holds no {'/'.join(TEXT_EXTENSIONS)} files.")
-        return [text for f in files for text in _texts_from_file(f, text_field)]
-    return _texts_from_file(path, text_field)
-
-
-def _texts_from_file(path: Path, text_field: str) -> list[str]:
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8", errors="replace")]
-    if path.suffix not in TABLE_FORMATS:
-        raise ValueError(f"{path}: unknown extension {path.suffix!r}; supported: {', '.join(TEXT_EXTENSIONS)}.")
-    table = _read_table(path)
-    if text_field not in table.column_names:
-        raise ValueError(
-            f"{path}: no column {text_field!r}; available columns: {table.column_names}. Set text_field."
-        )
-    values = table[text_field]
-    texts = []
-    for row, value in enumerate(values):
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise ValueError(
-                f"{path}: column {text_field!r}, row {row}: expected a string, got {type(value).__name__}."
-            )
-        texts.append(value)
     return texts
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core.config import ConfigError, RunConfig
-from core.data import TABLE_FORMATS, TEXT_EXTENSIONS
+from core.text_sources import TABLE_FORMATS, TEXT_EXTENSIONS
 from core.models import check_local_model_dir, tiny_config
 from core.sinks import tracker_problems
 from core.tokenizer import check_tokenizer_dir

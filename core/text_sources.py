@@ -1,6 +1,7 @@
 """Local text sources streamed one document at a time, for corpora larger than memory.
 
-The same sources and document rules as `core.data.load_texts`, without holding the corpus:
+The sources and document rules of every text input (`core.data.load_texts` collects them in memory;
+`core.shards` streams them):
 
 - `"stdlib"`: one document per stdlib `.py` file (`core.tokenizer.stdlib_text_files`);
 - `.txt`: one document per file (the whole file, read with universal newlines);
@@ -26,8 +27,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.data import TEXT_EXTENSIONS
 from core.tokenizer import stdlib_text_files
+
+TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # -> the `datasets` builder
+TEXT_EXTENSIONS = (".txt", *TABLE_FORMATS)
 
 _NON_SPACE = re.compile(r"\S")
 _PARQUET_BATCH = 1024  # rows per parquet record batch: bounded memory, few Python round trips

@@ -372,12 +372,14 @@ ALIGN_STEPS = 6
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
     """The asymmetry_smoke pipeline with one TRL and one own-loop objective; geometry is computed at
-    step 4 (every_n) and forced at the last step 6, and a step-3 checkpoint keeps a mid-run snapshot."""
+    step 4 (every_n) and forced at the last step 6, and a step-3 checkpoint keeps a mid-run snapshot.
+    The live metrics run in float64 (the reference mode; compare's math is float64), so reproduction is
+    exact to round-off; the float32 default agrees to about 1e-5."""
     out = tmp_path_factory.mktemp("smoke")
     objectives = "[{name: dpo, loss: trl, loss_type: sigmoid}, {name: g1.00, loss: graded, grade: 1.0}]"
     assert main(["run", "asymmetry_smoke", f"output_dir={out}", "name=run", f"tokenizer.cache_dir={out / 'tok'}",
                  "stages=[pretrain, align]", f"align.objectives={objectives}", "instruments.every_n=4",
-                 "align.train.save_every=3", "--no-progress"]) == 0
+                 "instruments.metric_dtype=float64", "align.train.save_every=3", "--no-progress"]) == 0
     return out / "run"
 
 
