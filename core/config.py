@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hooks.roles import ARCHITECTURES
+from hooks.roles import ARCHITECTURES, ROLES
 from hooks.suite import SuiteConfig
 
 
@@ -227,13 +228,21 @@ class AlignConfig:
 
 
 @dataclass
-class Rank1Settings:
-    """The pipeline's ``rank1`` stage: closed-form rank-1 edits of the pretrained model along tested
-    directions and matched controls (docs/rank1.md; the rules are checked by harness.rank1.Rank1Config).
-    ``max_pairs``: training pairs that give the mean gradient ``G``; the held-out pairs are the
-    alignment runs' (``align.eval_fraction``); ``text_blocks``: held-out pretraining blocks for CE and KL."""
+class Rank1Edits:
+    """What a rank-1 experiment edits and how (docs/rank1.md); shared by the recipe's ``rank1:`` section
+    and ``harness.rank1.Rank1Config``, validated on construction.
 
-    roles: list[str] = field(default_factory=lambda: ["q", "k", "o", "down"])
+    ``roles``/``layers``: the matrices edited (``layers`` None: all; statistics are always taken in every
+    layer, the ``layer`` control family needs them). ``eps``: Frobenius norm of every edit (absolute;
+    compare with the ``weight_norm`` the result reports per matrix). ``eps_small``: the norm at which
+    per-unit-norm changes ``(m(eps_small) - m0) / eps_small`` are measured (default ``eps / 10``).
+    ``n_top``: tested directions per source. ``n_random``: Haar controls per (layer, role);
+    ``n_matched``: variance-matched controls per tested direction; ``n_lower``: lower principal
+    directions per source; ``tol``: relative band of the matching. ``pred_centered``: prediction
+    subspace of the vocab-centred unembedding. ``batch_size``: pairs / text blocks per forward.
+    """
+
+    roles: list[str] = field(default_factory=lambda: ["q", "k", "o", "down"])  # the read and write pathways
     layers: list[int] | None = None
     eps: float = 0.5
     eps_small: float | None = None
@@ -243,12 +252,41 @@ class Rank1Settings:
     n_lower: int = 4
     tol: float = 0.1
     pred_centered: bool = False
-    max_pairs: int | None = 128
-    text_blocks: int = 16
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        _positive(self, "text_blocks", "batch_size")
+        unknown = [r for r in self.roles if r not in ROLES]
+        _require(bool(self.roles) and not unknown, "roles",
+                 f"needs at least one of {list(ROLES)}; got {list(self.roles)} (unknown: {unknown})")
+        _require(math.isfinite(self.eps) and self.eps > 0, "eps",
+                 f"(the edit's Frobenius norm) must be a finite number > 0, got {self.eps}")
+        _require(self.eps_small is None or (math.isfinite(self.eps_small) and self.eps_small > 0), "eps_small",
+                 f"must be a finite number > 0 (or null for eps / 10), got {self.eps_small}")
+        _positive(self, "n_top", "batch_size")
+        _require(self.n_random >= 2, "n_random", f"must be >= 2 (a z-score needs a spread), got {self.n_random}")
+        _require(self.n_matched >= 2, "n_matched", f"must be >= 2 (a z-score needs a spread), got {self.n_matched}")
+        _non_negative(self, "n_lower")
+        _require(0 <= self.tol < 1, "tol", f"(relative matching band) must be in [0, 1), got {self.tol}")
+
+    @property
+    def small(self) -> float:
+        """The norm of the small edits (``eps_small``, default ``eps / 10``)."""
+        return self.eps_small if self.eps_small is not None else self.eps / 10
+
+
+@dataclass
+class Rank1Settings(Rank1Edits):
+    """The pipeline's ``rank1`` stage: rank-1 edits of the run's pretrained model (the seed is the run's,
+    ``beta`` is ``align.beta``). ``max_pairs``: training pairs that give the mean gradient ``G``; the
+    held-out pairs are the alignment runs' (``align.eval_fraction``); ``text_blocks``: held-out
+    pretraining blocks for CE and KL."""
+
+    max_pairs: int | None = 128
+    text_blocks: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, "text_blocks")
         _require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", f"must be >= 1 or null, got {self.max_pairs}")
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core.config import Rank1Edits
 from core.data import tokenize_pairs
 from core.models import load_local_model
 from core.tokenizer import load_tokenizer
@@ -45,62 +45,26 @@ from harness.rank1_edits import (Rank1Edit, first_order, input_side_edit, kfac_s
                                  edited_weight)
 from harness.rank1_measure import HeldOut, Statistics, evaluate, measure_statistics, prepare_heldout
 from hooks import geometry as geo
-from hooks.roles import GROUP_OF_ROLE, ROLES, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
+from hooks.roles import GROUP_OF_ROLE, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
 
-DEFAULT_ROLES = ("q", "k", "o", "down")  # the paper's read pathway and write pathway
 FAMILIES = ("haar", "matched", "lower", "layer")
 # Metrics that get a z-score against every control family.
 Z_METRICS = ("dpo_loss_unit", "dpo_loss", "margin_unit", "ce_unit", "kl_unit", "pred1_unit")
 RESULT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class Rank1Config:
-    """Settings of one rank-1 experiment (validated on construction).
+@dataclass
+class Rank1Config(Rank1Edits):
+    """Settings of one rank-1 experiment: what is edited and how (:class:`core.config.Rank1Edits`, whose
+    fields and checks these are), the sampling ``seed`` of the controls and the DPO ``beta`` of ``G``."""
 
-    ``eps``: Frobenius norm of every edit (absolute; compare with the ``weight_norm`` the result
-    reports per matrix). ``eps_small``: the norm at which per-unit-norm changes ``(m(eps_small) - m0)
-    / eps_small`` are measured (default ``eps / 10``). ``n_top``: tested directions per source.
-    ``n_random``: Haar controls per (layer, role); ``n_matched``: variance-matched controls per
-    tested direction. ``n_lower``: lower principal directions per source. ``tol``: relative band of the matching.
-    ``layers``: layers to edit (None: all); statistics are always taken in every layer (the
-    ``layer`` family needs them). ``pred_centered``: prediction subspace of the vocab-centred
-    unembedding (see :func:`prediction_form`).
-    """
-
-    roles: tuple[str, ...] = DEFAULT_ROLES
-    layers: tuple[int, ...] | None = None
-    eps: float = 0.5
-    eps_small: float | None = None
-    n_top: int = 1
-    n_random: int = 20
-    n_matched: int = 10
-    n_lower: int = 4
-    tol: float = 0.1
-    pred_centered: bool = False
     seed: int = 0
     beta: float = 0.1
-    batch_size: int = 32
 
     def __post_init__(self) -> None:
-        unknown = [r for r in self.roles if r not in ROLES]
-        if unknown or not self.roles:
-            raise ValueError(f"roles {list(self.roles)}: need at least one of {list(ROLES)} (unknown: {unknown})")
-        if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"eps (the edit's Frobenius norm) must be a finite number > 0, got {self.eps}")
-        if self.eps_small is not None and not (math.isfinite(self.eps_small) and 0 < self.eps_small):
-            raise ValueError(f"eps_small must be a finite number > 0 (or None for eps / 10), got {self.eps_small}")
-        if self.n_top < 1 or self.n_random < 2 or self.n_matched < 2 or self.n_lower < 0:
-            raise ValueError(f"need n_top >= 1, n_random >= 2 and n_matched >= 2 (a z-score needs a spread), "
-                             f"n_lower >= 0; got {self.n_top}, {self.n_random}, {self.n_matched}, {self.n_lower}")
-        if not 0 <= self.tol < 1:
-            raise ValueError(f"tol (relative matching band) must be in [0, 1), got {self.tol}")
-        if not self.beta > 0 or self.batch_size < 1:
-            raise ValueError(f"need beta > 0 and batch_size >= 1, got {self.beta}, {self.batch_size}")
-
-    @property
-    def small(self) -> float:
-        return self.eps_small if self.eps_small is not None else self.eps / 10
+        super().__post_init__()
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
 
 
 @dataclass
@@ -184,23 +148,19 @@ def _json_default(value):
 # ----- entry points ----------------------------------------------------------------------------------
 
 def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict], text_blocks: Tensor,
-              layers: Sequence[int] | None = None, roles: Sequence[str] = DEFAULT_ROLES, eps: float = 0.5,
-              eps_small: float | None = None, n_random: int = 20, n_matched: int = 10, n_top: int = 1,
-              n_lower: int = 4, tol: float = 0.1, pred_centered: bool = False, seed: int = 0, beta: float = 0.1,
-              max_len: int = 128, batch_size: int = 32,
-              tokenizer=None, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+              config: Rank1Config | None = None, max_len: int = 128, tokenizer=None,
+              dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
               progress: bool = False) -> Rank1Result:
     """Rank-1 interventions on the model saved in ``base_dir`` (a local HF directory).
 
     ``pairs``: preference pairs (``prompt``/``chosen``/``rejected`` strings) whose mean DPO gradient
     ``G`` picks each edit and whose pass measures ``C_a`` and ``C_delta``; ``eval_pairs``: held-out
     pairs the edits are measured on; ``text_blocks``: (B, T) held-out token blocks of pretraining
-    text (CE and KL), in the model's tokenizer. ``tokenizer``: default the one saved in ``base_dir``.
-    ``max_len``: tokens per pair sequence (as ``align.max_len``). See :class:`Rank1Config` for the rest.
+    text (CE and KL), in the model's tokenizer. ``config``: what to edit and how (default
+    ``Rank1Config()``). ``tokenizer``: default the one saved in ``base_dir``. ``max_len``: tokens per
+    pair sequence (as ``align.max_len``).
     """
-    cfg = Rank1Config(roles=tuple(roles), layers=None if layers is None else tuple(layers), eps=eps,
-                      eps_small=eps_small, n_top=n_top, n_random=n_random, n_matched=n_matched, n_lower=n_lower,
-                      tol=tol, pred_centered=pred_centered, seed=seed, beta=beta, batch_size=batch_size)
+    cfg = config if config is not None else Rank1Config()
     if not pairs or not eval_pairs:
         raise ValueError(f"need training pairs (for G) and held-out eval_pairs (to measure on); got {len(pairs)} "
                          f"and {len(eval_pairs)}")
@@ -478,4 +438,4 @@ def zscore(value: float, controls: list[float]) -> tuple[float | None, float | N
     return (value - mean) / std, mean, std
 
 __all__ = ["Rank1Config", "Rank1Result", "run_rank1", "rank1_experiment",
-           "DEFAULT_ROLES", "FAMILIES", "Z_METRICS"]
+           "FAMILIES", "Z_METRICS"]

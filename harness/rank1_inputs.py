@@ -4,6 +4,7 @@ and the run itself; the command-line parser is in harness/rank1_cli.py."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -15,9 +16,12 @@ from core.shards import load_corpus
 from core.tokenizer import load_tokenizer
 from harness.asymmetry import write_asymmetry_report
 from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
-from harness.rank1 import run_rank1
+from harness.rank1 import Rank1Config, run_rank1
 from harness.rank1_report import write_rank1_report
+from harness.rank1_stage import rank1_config
 from trainers.ce import corpus_cache
+
+DEFAULT_TEXT_BLOCKS = 16  # with a checkpoint directory (a run directory takes its recipe's rank1.text_blocks)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -28,21 +32,18 @@ def run_from_args(args: argparse.Namespace) -> int:
                                 "checkpoint directory (with config.json)")
     if args.eval_fraction is not None and not 0 < args.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
-    if args.text_blocks < 1:
+    if args.text_blocks is not None and args.text_blocks < 1:
         raise ValueError(f"--text-blocks must be >= 1, got {args.text_blocks}")
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")
     inputs = _run_inputs(path, args) if (path / "config.yaml").is_file() else _checkpoint_inputs(path, args)
-    train, held = inputs["pairs"], inputs["eval_pairs"]
-    if args.max_pairs is not None:
-        train = train[: args.max_pairs]
+    train, held, max_pairs = inputs["pairs"], inputs["eval_pairs"], inputs["max_pairs"]
+    if max_pairs is not None:
+        train = train[:max_pairs]
     print(f"[rank1] base {inputs['base']}: {len(train)} pairs for G, {len(held)} held-out pairs, "
           f"{inputs['text_blocks'].shape[0]} text blocks of {inputs['text_blocks'].shape[1]} tokens")
     result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=inputs["text_blocks"],
-                       layers=args.layers, roles=args.roles, eps=args.eps, eps_small=args.eps_small,
-                       n_random=args.n_random, n_matched=args.n_matched, n_top=args.n_top, n_lower=args.n_lower,
-                       tol=args.tol, pred_centered=args.pred_centered, seed=args.seed,
-                       beta=inputs["beta"], max_len=inputs["max_len"], batch_size=args.batch_size,
+                       config=config_from_args(args, inputs["config"]), max_len=inputs["max_len"],
                        tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
     result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=inputs["eval_fraction"])
     report = write_rank1_report(result, inputs["out"])
@@ -77,8 +78,11 @@ def _run_inputs(run_dir: Path, args) -> dict:
     if len(eval_blocks) == 0:
         raise ValueError(f"the recipe's pretraining corpus has no eval split (data.eval_fraction = "
                          f"{cfg.data.eval_fraction}); there is no held-out text to measure CE and KL on")
-    return {"base": base, "pairs": train, "eval_pairs": held, "text_blocks": eval_blocks[: args.text_blocks],
-            "tokenizer": tokenizer, "beta": args.beta or cfg.align.beta, "max_len": args.max_len or cfg.align.max_len,
+    # the defaults are the recipe's rank1 section (the pipeline's rank1 stage): same flags, same result
+    return {"base": base, "pairs": train, "eval_pairs": held, "config": rank1_config(cfg),
+            "max_pairs": args.max_pairs or cfg.rank1.max_pairs,
+            "text_blocks": eval_blocks[: args.text_blocks or cfg.rank1.text_blocks],
+            "tokenizer": tokenizer, "max_len": args.max_len or cfg.align.max_len,
             "out": Path(args.out) if args.out else run_dir / "rank1",
             "eval_fraction": args.eval_fraction or cfg.align.eval_fraction,
             "text_source": f"held-out split of the recipe's corpus ({cfg.data.source})"}
@@ -94,11 +98,11 @@ def _checkpoint_inputs(ckpt: Path, args) -> dict:
         raise ValueError("with a checkpoint directory, pass an output directory: --out DIR (nothing is written "
                          "into the checkpoint)")
     tokenizer = load_tokenizer(str(ckpt), 0, Path("."))
-    train, held = _split(_pairs_file(args.pairs), args.eval_fraction or 0.2, args.seed)
+    train, held = _split(_pairs_file(args.pairs), args.eval_fraction or 0.2, args.seed or 0)
     seq_len = args.seq_len or 128
-    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks)
-    return {"base": ckpt, "pairs": train, "eval_pairs": held, "text_blocks": blocks,
-            "tokenizer": tokenizer, "beta": args.beta or 0.1, "max_len": args.max_len or 128, "out": Path(args.out),
+    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks or DEFAULT_TEXT_BLOCKS)
+    return {"base": ckpt, "pairs": train, "eval_pairs": held, "config": Rank1Config(), "max_pairs": args.max_pairs,
+            "text_blocks": blocks, "tokenizer": tokenizer, "max_len": args.max_len or 128, "out": Path(args.out),
             "eval_fraction": args.eval_fraction or 0.2,
             "text_source": f"{args.text or 'stdlib'} (held out only if the checkpoint never trained on it)"}
 
@@ -127,3 +131,9 @@ def text_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int) -> tor
             return torch.tensor(stream[:need], dtype=torch.long).view(n_blocks, seq_len)
     raise ValueError(f"the text holds {len(stream)} tokens, fewer than --text-blocks x seq_len = {need}; "
                      "pass more text (--text) or fewer/shorter blocks")
+
+
+def config_from_args(args: argparse.Namespace, defaults: Rank1Config) -> Rank1Config:
+    """``defaults`` with the flags that were given (``--roles``, ``--eps``, ``--seed``, ...) in their place."""
+    given = {f.name: getattr(args, f.name) for f in fields(Rank1Config) if getattr(args, f.name, None) not in (None, False)}
+    return replace(defaults, **given)

@@ -4,11 +4,12 @@ held-out split of its pretraining corpus; writes ``RUN/rank1/`` for the asymmetr
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
-from core.config import RunConfig
+from core.config import Rank1Edits, RunConfig
 from core.shards import load_corpus
 from harness.rank1 import Rank1Config, run_rank1
 from harness.rank1_report import write_rank1_report
@@ -18,12 +19,9 @@ RANK1_DIR = "rank1"
 
 
 def rank1_config(cfg: RunConfig) -> Rank1Config:
-    """The recipe's ``rank1:`` section as the experiment's validated settings (raises ValueError)."""
-    s = cfg.rank1
-    return Rank1Config(roles=tuple(s.roles), layers=None if s.layers is None else tuple(s.layers), eps=s.eps,
-                       eps_small=s.eps_small, n_top=s.n_top, n_random=s.n_random, n_matched=s.n_matched,
-                       n_lower=s.n_lower, tol=s.tol, pred_centered=s.pred_centered, seed=cfg.seed, beta=cfg.align.beta,
-                       batch_size=s.batch_size)
+    """The recipe's ``rank1:`` section with the run's seed and ``align.beta``: the experiment's settings."""
+    edits = {f.name: getattr(cfg.rank1, f.name) for f in fields(Rank1Edits)}
+    return Rank1Config(**edits, seed=cfg.seed, beta=cfg.align.beta)
 
 
 def run_rank1_stage(cfg: RunConfig, run_dir: Path, base: Path, *, tokenizer, pairs: list[dict],
@@ -36,11 +34,8 @@ def run_rank1_stage(cfg: RunConfig, run_dir: Path, base: Path, *, tokenizer, pai
     if len(held_text) == 0:
         raise ValueError("the rank1 stage measures CE and KL on held-out text: set data.eval_fraction > 0")
     train = pairs[: s.max_pairs] if s.max_pairs else pairs
-    result = run_rank1(base, pairs=train, eval_pairs=eval_pairs, text_blocks=held_text[: s.text_blocks],
-                       layers=c.layers, roles=c.roles, eps=c.eps, eps_small=c.eps_small, n_random=c.n_random,
-                       n_matched=c.n_matched, n_top=c.n_top, n_lower=c.n_lower, tol=c.tol,
-                       pred_centered=c.pred_centered, seed=c.seed, beta=c.beta, max_len=cfg.align.max_len,
-                       batch_size=c.batch_size, tokenizer=tokenizer, dtype=torch.float32, progress=progress)
+    result = run_rank1(base, pairs=train, eval_pairs=eval_pairs, text_blocks=held_text[: s.text_blocks], config=c,
+                       max_len=cfg.align.max_len, tokenizer=tokenizer, dtype=torch.float32, progress=progress)
     result.config.update(source=str(run_dir), text_source=f"held-out split of the recipe's corpus ({cfg.data.source})",
                          eval_fraction=cfg.align.eval_fraction)
     return write_rank1_report(result, Path(run_dir) / RANK1_DIR)

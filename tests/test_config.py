@@ -28,6 +28,10 @@ def write(tmp_path, text: str):
     ("instruments.roles=[q,zz]", "instruments.roles has unknown roles ['zz']"),
     ("data.eval_fraction=1.5", "key 'data.eval_fraction' must be in [0, 1)"),
     ("align.objectives=[{name: a},{name: a}]", "key 'align.objectives' names must be unique"),
+    ("rank1.n_random=1", "key 'rank1.n_random' must be >= 2 (a z-score needs a spread), got 1"),
+    ("rank1.roles=[q,zz]", "key 'rank1.roles' needs at least one of"),
+    ("rank1.eps=-0.5", "key 'rank1.eps' (the edit's Frobenius norm) must be a finite number > 0"),
+    ("rank1.text_blocks=0", "key 'rank1.text_blocks' must be > 0, got 0"),
 ])
 def test_a_bad_value_names_its_key_and_where_it_came_from(tmp_path, override, message):
     """From the command line: the error names the override, not the recipe file. In the file: the file."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -464,18 +465,48 @@ def test_report_files_and_section(tiny_result, tmp_path):
 
 # ----- end to end: a tiny pipeline run, then `harness rank1` -------------------------------------------------
 
+STAGE = "rank1={layers: [1], roles: [q, o], n_top: 1, n_random: 3, n_matched: 2, n_lower: 2, text_blocks: 4}"
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    """The asymmetry_smoke pipeline with one DPO-like objective (pretrain 30 steps, align 6 steps)."""
+    """The asymmetry_smoke pipeline with one DPO-like objective (pretrain 30 steps, align 6 steps) and a small
+    rank1 stage, whose output is kept in ``stage_rank1/`` beside the run (the command tests rewrite RUN/rank1)."""
 
     root = tmp_path_factory.mktemp("rank1_smoke")
     assert main(["run", "asymmetry_smoke", f"output_dir={root}", "name=run", f"tokenizer.cache_dir={root / 'tok'}",
-                 "align.objectives=[{name: g1.00, loss: graded, grade: 1.0}]", "--no-progress"]) == 0
+                 "align.objectives=[{name: g1.00, loss: graded, grade: 1.0}]", "stages=[pretrain, align, rank1, report]",
+                 STAGE, "--no-progress"]) == 0
+    shutil.copytree(root / "run" / "rank1", root / "stage_rank1")
+    shutil.copy(root / "run" / "report" / "report.md", root / "stage_rank1" / "report.md")
     return root / "run"
 
 
 SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3", "--n-matched", "2", "--n-lower", "2",
          "--text-blocks", "4", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_rank1_stage_runs_in_the_pipeline_and_the_command_reproduces_it(smoke_run, tmp_path):
+    stage = smoke_run.parent / "stage_rank1"
+    result = Rank1Result.from_json((stage / "rank1.json").read_text())
+    # the recipe's rank1 section, the run's seed and align.beta; G from the training pairs, measured on the held out
+    assert (result.config["roles"], result.config["layers"], result.config["n_random"]) == (["q", "o"], [1], 3)
+    assert result.config["seed"] == 0 and result.config["beta"] == 0.1
+    assert result.config["n_train_pairs"] + result.config["n_eval_pairs"] == 48
+    assert result.config["text_blocks"] == [4, 32]
+    assert sorted((d["role"], d["source"]) for d in result.tested()) == [("o", "C_delta"), ("o", "pred"), ("q", "C_a")]
+    assert "## Causal test: closed-form rank-1 interventions" in (stage / "report.md").read_text()
+
+    # with no flags, the command takes the recipe's rank1 section: the same experiment, number for number
+    assert main(["rank1", str(smoke_run), "--out", str(tmp_path / "cmd"), "--no-progress"]) == 0
+    again = Rank1Result.from_json((tmp_path / "cmd" / "rank1.json").read_text())
+    assert again.directions == result.directions and again.zscores == result.zscores
+    # a flag replaces its setting and nothing else
+    assert main(["rank1", str(smoke_run), "--out", str(tmp_path / "seed1"), "--seed", "1", "--no-progress"]) == 0
+    other = Rank1Result.from_json((tmp_path / "seed1" / "rank1.json").read_text())
+    assert (other.config["seed"], other.config["roles"], other.config["n_random"]) == (1, ["q", "o"], 3)
+    assert other.zscores != result.zscores
 
 
 @pytest.mark.slow
