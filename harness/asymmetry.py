@@ -119,6 +119,8 @@ def phase_health(run_dir: Path, cfg: dict, phases: list[Phase]):
 
 
 def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
+    """RUN/report/: report.md (summary, health, verdicts, tables, curves, trajectories, the rank-1 section),
+    verdicts.json, health.json and the PNGs, from the files a pipeline run saved."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,52 +129,77 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     found = verdicts(phases)
     warnings, notes = phase_health(run_dir, cfg, phases)
     k = (cfg.get("instruments") or {}).get("k")
-    lines = [f"# Where pretraining writes and alignment reads: {run_dir.name}", "",
-             "Relative RSF = RSF / (k / dim); 1.0 is isotropic. Input side against the top-k eigenvectors of the "
-             "objective's own `C_a`; output side against the prediction subspace (top-k right singular vectors "
-             "of `W_U diag(g)`, with `W_U` and `g` taken at each phase's last step) and against the top-k of the "
-             "objective's own `C_delta`. Values are the cumulative weight delta of each phase at its last step, "
-             "averaged over layers; exact z-scores against Haar-random k-subspaces; `gap` is the eigengap "
-             f"(l_k - l_{{k+1}}) / l_k of the subspace used; k = {k if k else 'not recorded'}. Definitions: "
-             f"{metrics_doc_link(out_dir)}.", ""]
+    lines = _intro(run_dir, out_dir, k)
     lines += summary_section(run_dir, cfg, [PhaseFiles(p.name, p.path or run_dir, p.rows, p.kind != "ce")
                                             for p in phases])
     lines += health_block(warnings, notes)
-    lines += ["## Verdicts", ""]
+    lines += _verdict_section(found, warnings)
+    lines += _tables(phases, k)
+    pretrain = PRETRAIN if any(p.name == PRETRAIN for p in phases) else None
+    lines += _curves_section(phases, out_dir, pretrain)
+    lines += _trajectory_section(phases, out_dir, pretrain)
+    lines += rank1_section(run_dir)  # present once the rank1 stage or `harness rank1 RUN` wrote RUN/rank1/rank1.json
+    (out_dir / "report.md").write_text("\n".join(lines))
+    (out_dir / "verdicts.json").write_text(json.dumps([asdict(v) for v in found], indent=2))
+    (out_dir / "health.json").write_text(health_json(warnings, notes))
+    return out_dir / "report.md"
+
+
+def _intro(run_dir: Path, out_dir: Path, k: int | None) -> list[str]:
+    return [f"# Where pretraining writes and alignment reads: {run_dir.name}", "",
+            "Relative RSF = RSF / (k / dim); 1.0 is isotropic. Input side against the top-k eigenvectors of the "
+            "objective's own `C_a`; output side against the prediction subspace (top-k right singular vectors "
+            "of `W_U diag(g)`, with `W_U` and `g` taken at each phase's last step) and against the top-k of the "
+            "objective's own `C_delta`. Values are the cumulative weight delta of each phase at its last step, "
+            "averaged over layers; exact z-scores against Haar-random k-subspaces; `gap` is the eigengap "
+            f"(l_k - l_{{k+1}}) / l_k of the subspace used; k = {k if k else 'not recorded'}. Definitions: "
+            f"{metrics_doc_link(out_dir)}.", ""]
+
+
+def _verdict_section(found: list, warnings: list) -> list[str]:
+    lines = ["## Verdicts", ""]
     if warnings:
         lines += [f"Read these with the health warning{'s' if len(warnings) > 1 else ''} above (phases: "
                   f"{', '.join(dict.fromkeys(w.phase for w in warnings))}).", ""]
     for v in found:
         lines += [f"- **{v.status}**: {v.claim}. {v.evidence}. Rule: {v.rule}."]
-    lines += ["", f"Thresholds: concentrated = relative RSF > {CONCENTRATED} and z > {Z_MIN}; near-isotropic = "
-              f"relative RSF < {NEAR_ISOTROPIC}; specific = read-pathway mean above the controls' mean by more than "
-              f"{SPECIFIC_EXCESS} and by more than {SPECIFIC_SPREAD:g} x the controls' sd; grade dependence = "
-              f"Spearman rho <= {GRADE_RHO} and a drop >= {GRADE_DROP} from g=0 to g=1. A claim whose numbers or "
-              "comparison are missing or non-finite is NOT MEASURED.", "",
-              "## The asymmetry table (mean over layers)", "", asymmetry_table(phases), "",
-              "## Read pathway against its controls (relative RSF_in, mean over layers)", "",
-              "The controls read the same input as q and k (v) or the MLP's input (gate, up). The read-side "
-              "concentration is specific to the read pathway only if q and k stand above them.", "",
-              specificity_table(phases), "",
-              "## Per layer: relative RSF_in", "", per_layer_table(phases, "rsf_in"), "",
-              "## Per layer: relative RSF_out against the prediction subspace", "",
-              per_layer_table(phases, "rsf_out_pred"), "",
-              "## Spikiness of the covariances (mean over layers)", "", spikiness_table(phases, k), ""]
+    return lines + ["", f"Thresholds: concentrated = relative RSF > {CONCENTRATED} and z > {Z_MIN}; near-isotropic = "
+                    f"relative RSF < {NEAR_ISOTROPIC}; specific = read-pathway mean above the controls' mean by more "
+                    f"than {SPECIFIC_EXCESS} and by more than {SPECIFIC_SPREAD:g} x the controls' sd; grade "
+                    f"dependence = Spearman rho <= {GRADE_RHO} and a drop >= {GRADE_DROP} from g=0 to g=1. A claim "
+                    "whose numbers or comparison are missing or non-finite is NOT MEASURED.", ""]
 
-    pretrain = PRETRAIN if any(p.name == PRETRAIN for p in phases) else None
+
+def _tables(phases: list, k: int | None) -> list[str]:
+    return ["## The asymmetry table (mean over layers)", "", asymmetry_table(phases), "",
+            "## Read pathway against its controls (relative RSF_in, mean over layers)", "",
+            "The controls read the same input as q and k (v) or the MLP's input (gate, up). The read-side "
+            "concentration is specific to the read pathway only if q and k stand above them.", "",
+            specificity_table(phases), "",
+            "## Per layer: relative RSF_in", "", per_layer_table(phases, "rsf_in"), "",
+            "## Per layer: relative RSF_out against the prediction subspace", "",
+            per_layer_table(phases, "rsf_out_pred"), "",
+            "## Spikiness of the covariances (mean over layers)", "", spikiness_table(phases, k), ""]
+
+
+def _curves_section(phases: list, out_dir: Path, pretrain: str | None) -> list[str]:
     curves = plot_training_curves([(p.name, p.rows) for p in phases], out_dir / "training.png",
                                   "loss and preference accuracy of every phase", pretrain=pretrain)
-    if curves:
-        lines += ["## Training curves", "", "![training curves](training.png)", ""]
-        for p in phases:
-            table = training_table(p.rows, throughput=False)  # the same files give the same report
-            if table:
-                lines += [f"### {p.name}", "", table, ""]
+    if not curves:
+        return []
+    lines = ["## Training curves", "", "![training curves](training.png)", ""]
+    for p in phases:
+        table = training_table(p.rows, throughput=False)  # the same files give the same report
+        if table:
+            lines += [f"### {p.name}", "", table, ""]
+    return lines
 
-    lines += ["## Trajectories (cumulative delta vs step)", "",
-              "The within-checkpoint trajectory: pretraining (black, left panel) and every alignment run from its "
-              "final checkpoint (right panel, its own steps), each measured against its own phase-start weights. "
-              "Dashed gray: isotropic (1.0); dotted red: the verdicts' threshold.", ""]
+
+def _trajectory_section(phases: list, out_dir: Path, pretrain: str | None) -> list[str]:
+    lines = ["## Trajectories (cumulative delta vs step)", "",
+             "The within-checkpoint trajectory: pretraining (black, left panel) and every alignment run from its "
+             "final checkpoint (right panel, its own steps), each measured against its own phase-start weights. "
+             "Dashed gray: isotropic (1.0); dotted red: the verdicts' threshold.", ""]
     for prefix, lines_of, label in (
             ("rsf_in", {"q, k (read)": READ_ROLES, "v, gate, up (controls)": CONTROL_ROLES},
              "read pathway (solid) and controls (dashed): relative RSF_in vs C_a"),
@@ -193,10 +220,5 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
             path = plot_rsf_over_steps(p.rows, prefix=prefix, out_path=out_dir / f"{prefix}_{safe}.png",
                                        title=f"{prefix} over steps: {p.name}", thresholds=THRESHOLDS[prefix])
             lines.append(f"![{prefix} {p.name}]({Path(path).name})")
-    lines.append("")
-    lines += rank1_section(run_dir)  # present once `harness rank1 RUN` has written RUN/rank1/rank1.json
-    (out_dir / "report.md").write_text("\n".join(lines))
-    (out_dir / "verdicts.json").write_text(json.dumps([asdict(v) for v in found], indent=2))
-    (out_dir / "health.json").write_text(health_json(warnings, notes))
-    return out_dir / "report.md"
+    return lines + [""]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -140,9 +141,7 @@ def _set_threads(explicit: int | None) -> None:
 def _stop_on_sigterm(interrupted: type):
     """Outside a training phase (loading, tokenizing, reports) SIGTERM ends the run with a message
     and exit code 143 instead of silently; inside one, the phase's handler saves a checkpoint first.
-    Returns the previous handler (main() puts it back)."""
-    import signal  # noqa: PLC0415
-
+    Returns the previous handler (the caller puts it back), or None off the main thread."""
     def stop(signum, frame):
         raise interrupted(signum, None, None, "run",
                           note=" outside a training phase (nothing new to save; finished checkpoints are kept)")
@@ -168,14 +167,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    # overrides may follow options too: `harness run asymmetry --overwrite train.steps=10`
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    args = _parse_args(argv)
     if args.command == "recipes":
         for name, line in bundled_recipes():
             print(f"{name:<20} {line}")
@@ -184,41 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         _set_threads(args.threads)
     # Imported after parsing so that `harness --help` answers in a blink: the pipeline imports torch,
     # transformers and TRL (seconds).
-    import yaml  # noqa: PLC0415
-
-    from core.config import ConfigError, load_config, to_dict  # noqa: PLC0415
-    from core.processes import main_print  # noqa: PLC0415
-    from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
+    from core.config import ConfigError  # noqa: PLC0415
     from trainers.guard import DivergenceError  # noqa: PLC0415
     from trainers.interrupt import Interrupted  # noqa: PLC0415
 
-    previous_handler = None
     try:
-        if args.command == "keys":
-            from harness.config_keys import format_keys  # noqa: PLC0415
-
-            print(format_keys(args.filter))
-            return 0
-        if args.command == "compare":
-            return compare_command(args)
-        if args.command == "report":
-            print(write_report(Path(args.run_dir)))
-            return 0
-        if args.command == "prepare-data":
-            return prepare_data_command(args)
-        if args.command == "rank1":
-            return rank1_command(args)
-        cfg = load_config(resolve_recipe(args.recipe), args.overrides)
-        if args.command == "validate":
-            validate_recipe(cfg)
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            return 0
-        if args.no_progress:
-            _quiet_libraries()
-        previous_handler = _stop_on_sigterm(Interrupted)
-        out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        main_print(f"done: {out}")
-        return 0
+        return _command(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"harness: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -236,11 +199,59 @@ def main(argv: list[str] | None = None) -> int:
         print("harness: interrupted (no checkpoint was written at this point)", file=sys.stderr)
         return 130
     finally:
-        if previous_handler is not None:
-            import signal  # noqa: PLC0415
-
-            signal.signal(signal.SIGTERM, previous_handler)
         _close_process_group()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options too: `harness run asymmetry --overwrite train.steps=10`
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run one subcommand (not `recipes`); errors propagate to `main`, which turns them into exit codes."""
+    import yaml  # noqa: PLC0415
+
+    from core.config import load_config, to_dict  # noqa: PLC0415
+    from core.processes import main_print  # noqa: PLC0415
+    from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
+    from trainers.interrupt import Interrupted  # noqa: PLC0415
+
+    if args.command == "keys":
+        from harness.config_keys import format_keys  # noqa: PLC0415
+
+        print(format_keys(args.filter))
+        return 0
+    if args.command == "compare":
+        return compare_command(args)
+    if args.command == "report":
+        print(write_report(Path(args.run_dir)))
+        return 0
+    if args.command == "prepare-data":
+        return prepare_data_command(args)
+    if args.command == "rank1":
+        return rank1_command(args)
+    cfg = load_config(resolve_recipe(args.recipe), args.overrides)
+    if args.command == "validate":
+        validate_recipe(cfg)
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    if args.no_progress:
+        _quiet_libraries()
+    previous_handler = _stop_on_sigterm(Interrupted)
+    try:
+        out = run_recipe(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    main_print(f"done: {out}")
+    return 0
 
 
 def _close_process_group() -> None:
