@@ -220,6 +220,7 @@ def _command(args: argparse.Namespace) -> int:
 
     from core.config import load_config, to_dict  # noqa: PLC0415
     from core.processes import main_print  # noqa: PLC0415
+    from harness.health import console_lines  # noqa: PLC0415
     from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
     from trainers.interrupt import Interrupted  # noqa: PLC0415
 
@@ -251,6 +252,8 @@ def _command(args: argparse.Namespace) -> int:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
     main_print(f"done: {out}")
+    for line in console_lines(Path(out) / "report"):
+        main_print(f"harness: {line}", file=sys.stderr)
     return 0
 
 

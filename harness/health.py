@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -280,3 +281,17 @@ def health_json(warnings: list[HealthWarning], notes: list[HealthNote]) -> str:
     """``health.json``: the rules, the warnings with their numbers, and the notes (non-finite as null)."""
     return json.dumps({"rules": RULES, "warnings": [_json_safe(asdict(w)) for w in warnings],
                        "notes": [asdict(n) for n in notes]}, indent=2)
+
+
+def console_lines(report_dir: Path) -> list[str]:
+    """One line per warning of ``report_dir/health.json`` for the end of a run's console output
+    (the numbers stay in the report); none when the report has no health file or no warnings."""
+    path = Path(report_dir) / "health.json"
+    if not path.is_file():
+        return []
+    warnings = json.loads(path.read_text())["warnings"]
+    lines = [f"WARNING ({TITLES[w['check']]}, {w['phase']}): {w['message'].split('. ')[0].rstrip('.')}."
+             for w in warnings]
+    if lines:
+        lines.append(f"details: {Path(report_dir) / 'report.md'} (Health)")
+    return lines

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from harness.health import (chance_band, check_phase, health_block, health_json, memorisation, non_finite,
+from harness.health import (chance_band, check_phase, console_lines, health_block, health_json, memorisation, non_finite,
                             preference_at_chance, snapshot_non_finite)
 from tests.synthetic_runs import MEMORISING_EVAL, pretrain_rows
 
@@ -116,3 +116,16 @@ def test_health_block_and_json_carry_the_numbers():
     assert data["warnings"][1]["values"]["eval_last"] == 3.40
     assert set(data["rules"]) == {"memorisation", "preference_at_chance", "non_finite"}
     assert "## Health: no warnings" in "\n".join(health_block([], []))
+
+
+def test_console_lines_give_each_warning_its_headline(tmp_path):
+    rows = pretrain_rows(memorising=True, geo={})
+    warnings, notes = check_phase(rows, "pretrain", alignment=False)
+    assert console_lines(tmp_path) == []  # no report yet
+    (tmp_path / "health.json").write_text(health_json([], notes))
+    assert console_lines(tmp_path) == []
+    (tmp_path / "health.json").write_text(health_json(warnings, notes))
+    lines = console_lines(tmp_path)
+    assert len(lines) == 2 and lines[0].startswith("WARNING (memorisation, pretrain): eval/loss rose from its minimum")
+    assert lines[0].endswith("(memorisation).") and "step" in lines[0]
+    assert lines[1] == f"details: {tmp_path / 'report.md'} (Health)"
