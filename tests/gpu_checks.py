@@ -196,16 +196,23 @@ def check_graded_loop_bf16(tmp_path: Path, init_dir: Path, steps: int = 6) -> di
     assert len(losses) == steps and all(math.isfinite(x) for x in losses)
     geometry = [r for r in rows if "rsf_out_pred/all/o" in r]
     assert geometry and all(math.isfinite(v) for k, v in geometry[-1].items() if k.startswith(("rsf_", "z_")))
+    expected = assert_policy_tokens_counted(cfg, pairs, tokenizer, result.run_dir)
+    return {"loss_first": losses[0], "loss_last": losses[-1], "tokens": float(expected)}
+
+
+def assert_policy_tokens_counted(cfg, pairs: list[dict], tokenizer, run_dir: Path) -> int:
+    """The final snapshot of a preference run counted exactly the policy's non-pad tokens of chosen +
+    rejected over every step's batch (no reference or eval pass); returns that count."""
     t = cfg.align.train
     data = tokenize_pairs(pairs, tokenizer, cfg.align.max_len)
     expected = 0
     for step in range(t.steps):
         idx = batch_indices(len(pairs), t.batch_size * t.grad_accum, step, cfg.seed)
         expected += int(data["chosen_attention_mask"][idx].sum() + data["rejected_attention_mask"][idx].sum())
-    snap = load_file(str(result.run_dir / "instruments" / f"step_{t.steps:07d}.safetensors"))
+    snap = load_file(str(run_dir / "instruments" / f"step_{t.steps:07d}.safetensors"))
     assert int(snap["cov_in/L0/attn_in/count"]) == expected
     assert int(snap["cov_out/L1/o/count"]) == expected
-    return {"loss_first": losses[0], "loss_last": losses[-1], "tokens": float(expected)}
+    return expected
 
 
 def check_trl_dpo_lora_bf16(tmp_path: Path, steps: int = 4) -> dict[str, float]:

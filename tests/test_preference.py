@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from core.config import GradedObjective, LoraConfig, load_config
-from core.data import batch_indices, tokenize_pairs
 from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
 from hooks.suite import InstrumentSuite
 from tests.conftest import make_model
+from tests.gpu_checks import assert_policy_tokens_counted
 from tests.test_trl_dpo import ListSink, constant_pairs, tiny_tokenizer
 from trainers.ce import pretrain
 from trainers.preference import align
@@ -51,15 +51,7 @@ def test_graded_dpo_learns_the_embedded_set_and_counts_policy_tokens_only(pretra
 
     # The reference log-probs (and the eval passes) run under no_grad: the instruments count the
     # policy's non-pad tokens of chosen + rejected, step by step, and nothing else.
-    t = cfg.align.train
-    data = tokenize_pairs(pairs, tokenizer, cfg.align.max_len)
-    expected = 0
-    for step in range(t.steps):
-        idx = batch_indices(len(pairs), t.batch_size * t.grad_accum, step, cfg.seed)
-        expected += int(data["chosen_attention_mask"][idx].sum() + data["rejected_attention_mask"][idx].sum())
-    snap = load_file(str(result.run_dir / "instruments" / f"step_{t.steps:07d}.safetensors"))
-    assert int(snap["cov_in/L0/attn_in/count"]) == expected
-    assert int(snap["cov_out/L1/o/count"]) == expected
+    assert_policy_tokens_counted(cfg, pairs, tokenizer, result.run_dir)
 
 
 def test_trl_dpo_with_lora_and_real_instruments_ignores_the_reference_pass(tmp_path):
