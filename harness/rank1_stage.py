@@ -30,7 +30,7 @@ def run_rank1_stage(cfg: RunConfig, run_dir: Path, base: Path, *, tokenizer, pai
     if not eval_pairs:
         raise ValueError("the rank1 stage needs held-out preference pairs: set align.eval_fraction > 0")
     s, c = cfg.rank1, rank1_config(cfg)
-    _, held_text = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=False)
+    _, held_text = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=False, announce=False)
     if len(held_text) == 0:
         raise ValueError("the rank1 stage measures CE and KL on held-out text: set data.eval_fraction > 0")
     train = pairs[: s.max_pairs] if s.max_pairs else pairs

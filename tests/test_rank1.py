@@ -7,6 +7,8 @@ edit (``torch.func.functional_call`` with a scalar step).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import random
@@ -474,9 +476,12 @@ def smoke_run(tmp_path_factory):
     rank1 stage, whose output is kept in ``stage_rank1/`` beside the run (the command tests rewrite RUN/rank1)."""
 
     root = tmp_path_factory.mktemp("rank1_smoke")
-    assert main(["run", "asymmetry_smoke", f"output_dir={root}", "name=run", f"tokenizer.cache_dir={root / 'tok'}",
-                 "align.objectives=[{name: g1.00, loss: graded, grade: 1.0}]", "stages=[pretrain, align, rank1, report]",
-                 STAGE, "--no-progress"]) == 0
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert main(["run", "asymmetry_smoke", f"output_dir={root}", "name=run", f"tokenizer.cache_dir={root / 'tok'}",
+                     "align.objectives=[{name: g1.00, loss: graded, grade: 1.0}]",
+                     "stages=[pretrain, align, rank1, report]", STAGE, "--no-progress"]) == 0
+    (root / "console.txt").write_text(console.getvalue())
     shutil.copytree(root / "run" / "rank1", root / "stage_rank1")
     shutil.copy(root / "run" / "report" / "report.md", root / "stage_rank1" / "report.md")
     return root / "run"
@@ -497,6 +502,7 @@ def test_rank1_stage_runs_in_the_pipeline_and_the_command_reproduces_it(smoke_ru
     assert result.config["text_blocks"] == [4, 32]
     assert sorted((d["role"], d["source"]) for d in result.tested()) == [("o", "C_delta"), ("o", "pred"), ("q", "C_a")]
     assert "## Causal test: closed-form rank-1 interventions" in (stage / "report.md").read_text()
+    assert (smoke_run.parent / "console.txt").read_text().count("[data]") == 1  # the stage reloads the corpus quietly
 
     # with no flags, the command takes the recipe's rank1 section: the same experiment, number for number
     assert main(["rank1", str(smoke_run), "--out", str(tmp_path / "cmd"), "--no-progress"]) == 0
