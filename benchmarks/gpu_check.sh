@@ -95,11 +95,13 @@ if [[ $DRY -eq 1 ]]; then
     JOB=(model.hidden_size=32 model.num_layers=2 model.num_heads=4 tokenizer.vocab_size=512 data.seq_len=32
          data.max_tokens=60000 train.steps=12 train.batch_size=8 train.eval_every=6 train.log_every=3
          instruments.every_n=4 align.n_pairs=40 align.max_len=48 align.train.steps=4
-         align.train.batch_size=4 align.train.log_every=2)
+         align.train.batch_size=4 align.train.log_every=2
+         "rank1.layers=[1]" rank1.n_random=3 rank1.n_matched=2 rank1.n_lower=1 rank1.text_blocks=2)
 else
     # fp32 as the recipe is (TRL's stage runs fp32, and accelerate allows one precision per process)
+    # the rank1 stage edits layer 2 (the recipe's choice): 182 edits on 25 held-out pairs and 8 text blocks
     JOB=(model.hidden_size=512 model.num_layers=8 model.num_heads=8 train.steps=200 train.eval_every=100
-         align.n_pairs=256 align.train.steps=30)
+         align.n_pairs=256 align.train.steps=30 rank1.text_blocks=8)
 fi
 stage main_job 150 "$PY" -m harness.cli run --no-progress --overwrite asymmetry name=gpu_check "output_dir=$WORK" \
     "tokenizer.cache_dir=$WORK/tok" "${JOB[@]}"
