@@ -34,7 +34,7 @@ class JsonlSink:
         self._file = self.path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any], step: int) -> None:
-        clean = {"step": int(step), **{k: _json_value(v) for k, v in row.items()}}
+        clean = {"step": int(step), **{k: json_safe(v) for k, v in row.items()}}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 
@@ -175,11 +175,16 @@ def read_tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _json_value(value: Any) -> Any:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
+def json_safe(value: Any) -> Any:
+    """``value`` ready for strict JSON: non-finite floats become ``null`` (read back as NaN by
+    ``read_metrics``), 0-d tensors and numpy scalars their Python value; dicts, lists and tuples
+    recursively; everything else as it is (so ``json.dumps`` still refuses an array)."""
+    if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if hasattr(value, "item"):  # 0-d tensors / numpy scalars
-        return _json_value(value.item())
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # 0-d tensors / numpy scalars
+        return json_safe(value.item())
     return value

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from core.sinks import json_safe
 from hooks import keys
 
 MEMORISE_RISE = 0.05  # held-out loss above its minimum by more than 5% of the minimum
@@ -267,19 +268,9 @@ def health_block(warnings: list[HealthWarning], notes: list[HealthNote]) -> list
     return lines
 
 
-def _json_safe(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def health_json(warnings: list[HealthWarning], notes: list[HealthNote]) -> str:
     """``health.json``: the rules, the warnings with their numbers, and the notes (non-finite as null)."""
-    return json.dumps({"rules": RULES, "warnings": [_json_safe(asdict(w)) for w in warnings],
+    return json.dumps({"rules": RULES, "warnings": [json_safe(asdict(w)) for w in warnings],
                        "notes": [asdict(n) for n in notes]}, indent=2)
 
 

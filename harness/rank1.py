@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from core.config import Rank1Edits
 from core.data import tokenize_pairs
 from core.models import load_local_model
+from core.sinks import json_safe
 from core.tokenizer import load_tokenizer
 from harness.rank1_directions import family_generator, haar_directions, lower_ranks, variance_matched
 from harness.rank1_edits import (Rank1Edit, first_order, input_side_edit, kfac_second_order, output_side_edit,
@@ -120,7 +121,7 @@ class Rank1Result:
 
     def to_json(self) -> str:
         """JSON text; a non-finite number (a diverged measurement) is written as null."""
-        return json.dumps(_finite(asdict(self)), indent=1, allow_nan=False, default=_json_default)
+        return json.dumps(json_safe(asdict(self)), indent=1, allow_nan=False, default=_json_default)
 
     @classmethod
     def from_json(cls, text: str) -> Rank1Result:
@@ -129,16 +130,6 @@ class Rank1Result:
             raise ValueError(f"rank-1 result version {data.get('version')!r}, this harness reads {RESULT_VERSION}; "
                              "re-run `harness rank1` to regenerate it")
         return cls(**data)
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _json_default(value):

@@ -215,11 +215,11 @@ def assert_policy_tokens_counted(cfg, pairs: list[dict], tokenizer, run_dir: Pat
     return expected
 
 
-def check_trl_dpo_lora_bf16(tmp_path: Path, steps: int = 4) -> dict[str, float]:
-    """TRL's DPOTrainer with a LoRA adapter (q, v) and bf16 autocast (``DPOConfig(bf16=True)``), the
-    real instruments as a callback: counts equal the policy's grad-enabled non-pad tokens (the
+def check_trl_dpo_lora(tmp_path: Path, steps: int = 4, bf16: bool = True) -> dict[str, float]:
+    """TRL's DPOTrainer with a LoRA adapter (q, v), under bf16 autocast (``DPOConfig(bf16=True)``) or in
+    fp32, the real instruments as a callback: counts equal the policy's grad-enabled non-pad tokens (the
     adapter-disabled reference pass runs under no_grad and is not counted), LoRA's effective q delta
-    has finite geometry, frozen roles report none."""
+    has finite geometry, frozen roles (k, gate) report none."""
     model = make_model("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
@@ -236,7 +236,7 @@ def check_trl_dpo_lora_bf16(tmp_path: Path, steps: int = 4) -> dict[str, float]:
         with fresh_accelerate_state():
             trainer = run_trl_dpo(model, tiny_tokenizer(), constant_pairs(8), tmp_path / "trl", steps=steps,
                                   lr=1e-2, beta=0.5, batch_size=2, max_length=16, seed=0,
-                                  callbacks=[InstrumentCallback(suite, sink)], extra_args={"bf16": True})
+                                  callbacks=[InstrumentCallback(suite, sink)], extra_args={"bf16": bf16})
     finally:
         handle.remove()
     assert trainer.state.global_step == steps
@@ -246,7 +246,7 @@ def check_trl_dpo_lora_bf16(tmp_path: Path, steps: int = 4) -> dict[str, float]:
     assert int(state["cov_out/L1/o/count"]) == seen["grad"]
     geometry = [row for _, row in sink.rows if "rsf_in/L0/q" in row]
     assert geometry and math.isfinite(geometry[-1]["rsf_in/L0/q"])
-    assert "rsf_in/L0/k" not in geometry[-1]
+    assert "rsf_in/L0/k" not in geometry[-1] and "rsf_in/L0/gate" not in geometry[-1]
     losses = [row["pref/loss"] for _, row in sink.rows if "pref/loss" in row]
     assert losses and all(math.isfinite(x) for x in losses)
     return {"tokens": float(seen["grad"]), "rsf_in_q": geometry[-1]["rsf_in/L0/q"]}

@@ -40,4 +40,4 @@ def test_graded_loop_under_bf16_autocast(pretrained_bf16, tmp_path):
 
 
 def test_trl_dpo_with_lora_under_bf16(tmp_path):
-    gpu_checks.check_trl_dpo_lora_bf16(tmp_path, steps=4)
+    gpu_checks.check_trl_dpo_lora(tmp_path, steps=4)

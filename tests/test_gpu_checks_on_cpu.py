@@ -25,4 +25,4 @@ def test_gram_precision_check_on_cpu():
 def test_bf16_pipeline_checks_on_cpu(tmp_path):
     ckpt = gpu_checks.check_ce_pretraining_bf16(tmp_path / "ce", steps=6)
     gpu_checks.check_graded_loop_bf16(tmp_path / "graded", ckpt, steps=2)
-    gpu_checks.check_trl_dpo_lora_bf16(tmp_path / "trl", steps=2)
+    gpu_checks.check_trl_dpo_lora(tmp_path / "trl", steps=2)
