@@ -134,7 +134,7 @@ def text_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int) -> tor
 
 
 def config_from_args(args: argparse.Namespace, defaults: Rank1Config) -> Rank1Config:
-    """``defaults`` with the flags that were given (``--roles``, ``--eps``, ``--seed``, ...) in their place."""
-    given = {f.name: getattr(args, f.name) for f in fields(Rank1Config)
-             if getattr(args, f.name, None) not in (None, False)}
+    """``defaults`` with the flags that were given (``--roles``, ``--eps``, ``--seed``, ...) in their place;
+    a flag left out is None (``--seed 0`` and ``--n-lower 0`` are given)."""
+    given = {f.name: getattr(args, f.name) for f in fields(Rank1Config) if getattr(args, f.name, None) is not None}
     return replace(defaults, **given)

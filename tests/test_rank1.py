@@ -7,6 +7,7 @@ edit (``torch.func.functional_call`` with a scalar step).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -489,6 +490,20 @@ def smoke_run(tmp_path_factory):
 
 SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3", "--n-matched", "2", "--n-lower", "2",
          "--text-blocks", "4", "--no-progress"]
+
+
+def test_flags_given_replace_the_defaults_and_zero_counts_as_given():
+    from harness.rank1_cli import add_rank1_parser  # noqa: PLC0415
+    from harness.rank1_inputs import config_from_args  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    add_rank1_parser(parser.add_subparsers(dest="command"))
+    recipe = Rank1Config(roles=["q", "o"], layers=[1], n_lower=2, seed=5, beta=0.2, pred_centered=True)
+    args = parser.parse_args(["rank1", "RUN", "--seed", "0", "--n-lower", "0", "--tol", "0", "--eps", "0.25"])
+    assert config_from_args(args, recipe) == Rank1Config(roles=["q", "o"], layers=[1], n_lower=0, seed=0, beta=0.2,
+                                                         tol=0.0, eps=0.25, pred_centered=True)
+    assert config_from_args(parser.parse_args(["rank1", "RUN"]), recipe) == recipe
+    assert config_from_args(parser.parse_args(["rank1", "RUN", "--pred-centered"]), Rank1Config()).pred_centered
 
 
 @pytest.mark.slow
