@@ -187,6 +187,12 @@ class InstrumentSuite:
         return None
 
     # ----- divergence guard (trainers/guard.py) ------------------------------------------------------
+    def statistics_finite(self) -> torch.Tensor | None:
+        """A 0-d bool tensor on the statistics' device, without a host sync: every covariance sum is
+        finite (None when nothing is accumulated). ``nonfinite_statistics`` names the offenders."""
+        sums = [t for s in self.cov.sums_in.values() for t in s[:2]] + [s[0] for s in self.cov.sums_out.values()]
+        return torch.stack([torch.isfinite(t).all() for t in sums]).all() if sums else None
+
     def nonfinite_statistics(self) -> list[str]:
         """Keys of the covariance sums holding NaN or inf (empty when all are finite). One pass over
         the accumulators, ``n^2`` per sum: about 1/N of a step's accumulation for N tokens."""
@@ -284,6 +290,9 @@ class NullSuite:
 
     def compute(self, step: int) -> dict[str, float]:
         return {}
+
+    def statistics_finite(self) -> None:
+        return None
 
     def nonfinite_statistics(self) -> list[str]:
         return []

@@ -4,6 +4,7 @@ step) and never reach the weights, the statistics or a checkpoint; a dead model 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,65 @@ def test_skip_mode_drops_the_step_and_its_statistics(tmp_path, tokenizer_cache, 
     assert all_finite(state) and all_finite(load_file(str(result.checkpoint / "model.safetensors")))
     assert int(state["cov_in/L0/attn_in/count"]) == 5 * 4 * 32  # 5 applied steps x 4 blocks x 32 tokens
     assert int(state["weights/steps"]) == 5
+
+
+@pytest.mark.slow
+def test_nonfinite_statistics_stop_the_run_with_finite_loss_and_gradients(tmp_path, tokenizer_cache, monkeypatch):
+    """Covariance sums can overflow while the loss and the gradients stay finite: the run stops at that
+    step, names the sum, and no metric or checkpoint holds it."""
+    from hooks.covariance import CovarianceInstrument  # noqa: PLC0415
+
+    add_output, calls = CovarianceInstrument._add_output, []
+
+    def overflowing(self, key, d, count):
+        add_output(self, key, d, count)
+        calls.append(key)
+        if key == "L1/down" and calls.count(key) == 3:  # the third micro-batch: step 3 (grad_accum 1)
+            self.sums_out[key][0][0, 0] = math.inf
+
+    monkeypatch.setattr(CovarianceInstrument, "_add_output", overflowing)
+    cfg = load_config("recipes/ce_tiny.yaml", overrides(tmp_path, tokenizer_cache, "name=stats", "train.steps=6",
+                                                          "train.save_every=1"))
+    with pytest.raises(DivergenceError, match=r"diverged at step 3: the instruments' statistics are not finite "
+                                              r"\(cov_out/L1/down\)") as err:
+        pretrain(cfg, progress=False)
+    assert err.value.step == 3
+    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"]) for r in rows)
+    ckpts = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    assert ckpts == ["step_0000001", "step_0000002"]
+    assert all_finite(load_file(str(cfg.run_dir / "checkpoints" / ckpts[-1] / "instruments.safetensors")))
+
+
+@pytest.mark.slow
+def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_row(tmp_path, tokenizer_cache, monkeypatch):
+    """On a GPU every read of a tensor's value on the host (``item``, ``tolist``, ``float``, ``bool``)
+    drains the launch queue. The training loop needs one per optimizer step (the guard's decision:
+    gradient norm, loss and statistics finite, in one read), one per logged loss and one per held-out
+    evaluation; none per micro-batch. Counted here on the CPU by the caller's file."""
+    reads = {"trainers/session.py": 0, "trainers/ce.py": 0}
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            for path in reads:
+                if caller.endswith(path):
+                    reads[path] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    steps = 6
+    cfg = load_config("recipes/ce_tiny.yaml", overrides(tmp_path, tokenizer_cache, "name=reads", f"train.steps={steps}",
+                                                          "train.grad_accum=2", "train.log_every=3"))
+    pretrain(cfg, progress=False)
+    monkeypatch.undo()
+    rows = read_metrics(cfg.run_dir / "metrics.jsonl")
+    logged, evaluated = [r for r in rows if "train/loss" in r], [r for r in rows if "eval/loss" in r]
+    assert 0 < len(logged) < steps and len(evaluated) == 1  # eval_every=0: the last step only
+    assert reads == {"trainers/session.py": steps, "trainers/ce.py": len(logged) + len(evaluated)}

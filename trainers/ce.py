@@ -47,24 +47,25 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, n_batches: int, devic
     total, count = 0.0, 0
     for start in range(0, min(len(blocks), batch_size * n_batches), batch_size):
         loss, n = lm_loss_sum(model, blocks[start:start + batch_size].to(device))
-        total, count = total + float(loss), count + n
+        total, count = total + loss.double(), count + n  # summed on the device: one read at the end
     model.train(was_training)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 class LossWindow:
-    """Token loss and throughput since the last logged step, over all processes."""
+    """Token loss and throughput since the last logged step, over all processes. The loss sums stay on
+    the device (in float64) until ``flush``: no host sync per micro-batch."""
 
     def __init__(self) -> None:
         self.loss, self.tokens, self.start = 0.0, 0, time.perf_counter()
 
-    def add(self, loss_sum: float, tokens: int) -> None:
-        self.loss, self.tokens = self.loss + loss_sum, self.tokens + tokens
+    def add(self, loss_sum: torch.Tensor, tokens: int) -> None:
+        self.loss, self.tokens = self.loss + loss_sum.detach().double(), self.tokens + tokens
 
     def flush(self, session: TrainingSession) -> tuple[float, float]:
         """(mean loss per token, tokens/s), both global; then start a new window."""
         elapsed = time.perf_counter() - self.start
-        totals = session.reduce_sum({"loss": self.loss, "tokens": float(self.tokens)})
+        totals = session.reduce_sum({"loss": float(self.loss), "tokens": float(self.tokens)})
         out = totals["loss"] / max(totals["tokens"], 1), self.tokens * session.world / max(elapsed, 1e-9)
         self.__init__()
         return out
@@ -101,7 +102,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
                 with session.autocast():
                     loss_sum, _ = lm_loss_sum(session.model, ids)
                 session.backward(loss_sum * session.world / n_predicted)
-                window.add(float(loss_sum.detach()), n_predicted // session.world)
+                window.add(loss_sum, n_predicted // session.world)
             grad_norm, geometry = session.optimizer_step(step)
             row = {}
             if session.log_due(step) or geometry:

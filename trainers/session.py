@@ -123,7 +123,7 @@ class TrainingSession:
         self._suite_ctx = None
         self.guard = DivergenceGuard(train.on_nonfinite, train.stall_patience, phase=phase)
         self.signals = StopSignals(phase)
-        self._loss_finite = True  # all micro-batch losses of the step in flight were finite
+        self._loss_bad: torch.Tensor | None = None  # on the device: a micro-batch loss of this step was not finite
         self._stash = None  # covariance sums before the step in flight (on_nonfinite: skip only)
         self._saved_step = self.start_step if resume is not None else None
 
@@ -157,7 +157,7 @@ class TrainingSession:
         """Optimizer steps ``start + 1 .. train.steps``. After each step, a stop signal (SIGTERM,
         SIGINT) writes a checkpoint and raises :class:`Interrupted` (all processes agree first)."""
         for step in range(self.start_step + 1, self.train.steps + 1):
-            self._loss_finite = True
+            self._loss_bad = None
             if self.train.on_nonfinite == "skip":
                 self._stash = self.suite.covariance_state()
             yield step
@@ -183,8 +183,8 @@ class TrainingSession:
         return self.accelerator.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._loss_finite = False
+        bad = ~torch.isfinite(loss.detach()).all()  # kept on the device: read once per step, in optimizer_step
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         self.accelerator.backward(loss)
 
     def optimizer_step(self, step: int) -> tuple[float, dict[str, float] | None]:
@@ -196,12 +196,8 @@ class TrainingSession:
         :class:`DivergenceError` before the optimizer sees it, or (``on_nonfinite: skip``) skips the
         update and restores the covariance sums from before the step (the schedule still advances,
         so the learning rate stays a function of the step)."""
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(),
-                                                           self.train.max_grad_norm or float("inf")))
-        loss_finite = self._loss_finite
-        if self.world > 1:  # every process must take the same decision
-            bad = torch.tensor([float(not loss_finite)], device=self.device)
-            loss_finite = bool(self.accelerator.reduce(bad, reduction="sum").item() == 0)
+        grad_norm, loss_finite, statistics_finite = self._step_health(
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm or float("inf")))
         apply = self.guard.check(step, grad_norm=grad_norm, loss_finite=loss_finite, model=self.model)
         if apply:
             self.optimizer.step()
@@ -210,12 +206,28 @@ class TrainingSession:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._stash = None
-        bad = self.suite.nonfinite_statistics()
-        if bad:
+        if apply and not statistics_finite:  # a skipped step's sums were restored to the last good ones
+            bad = ", ".join(self.suite.nonfinite_statistics()[:3]) or "on another process"
             raise DivergenceError(f"{self.phase} diverged at step {step}: the instruments' statistics are not "
-                                  f"finite ({', '.join(bad[:3])}); the run stopped before they reached a metric or "
+                                  f"finite ({bad}); the run stopped before they reached a metric or "
                                   "a checkpoint. Lower train.lr, or use instruments.dtype=float64.", step)
         return grad_norm, self.suite.after_optimizer_step(step, force=step == self.train.steps)
+
+    def _step_health(self, grad_norm) -> tuple[float, bool, bool]:
+        """(gradient norm, every loss of the step finite, every covariance sum finite), agreed by all
+        processes, in one read-back from the device per step: the divergence guard's decision needs
+        it on the host, nothing else in the step does."""
+        no = torch.zeros((), dtype=torch.bool, device=self.device)
+        stats_finite = self.suite.statistics_finite()
+        flags = torch.stack([(self._loss_bad if self._loss_bad is not None else no).to(self.device),
+                             ~stats_finite.to(self.device) if stats_finite is not None else no]).double()
+        if self.world > 1:  # every process must take the same decision
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        if isinstance(grad_norm, DTensor):  # the norm of sharded gradients (FSDP2): reduce it, on the device
+            grad_norm = grad_norm.full_tensor()
+        norm = torch.as_tensor(grad_norm, device=self.device).detach().double().reshape(1)
+        value, loss_bad, stats_bad = torch.cat([norm, flags]).tolist()
+        return value, loss_bad == 0, stats_bad == 0
 
     @property
     def skipped_steps(self) -> int:
