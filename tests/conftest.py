@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import sys
+
 import pytest
 import torch
 import transformers
@@ -70,3 +72,26 @@ def tiny_llama():
 def tokenizer_cache(tmp_path_factory):
     """One embedded-tokenizer cache for the whole session: training one costs ~15 s."""
     return tmp_path_factory.mktemp("tokenizer_cache")
+
+
+def count_host_reads(monkeypatch, *paths: str) -> dict[str, int]:
+    """Count, per calling file (``paths`` end a file name, e.g. ``"trainers/session.py"``), the reads
+    of a tensor's value on the host (``item``, ``tolist``, ``float``, ``bool``, ``int``): each is a host
+    sync on a GPU. The returned dict fills while the monkeypatch is active."""
+    reads = dict.fromkeys(paths, 0)
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            for path in reads:
+                if caller.endswith(path):
+                    reads[path] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    return reads

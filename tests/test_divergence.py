@@ -4,7 +4,6 @@ step) and never reach the weights, the statistics or a checkpoint; a dead model 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import trainers.ce
 from core.config import load_config
 from core.sinks import read_metrics
 from harness.cli import main
-from tests.conftest import make_model
+from tests.conftest import count_host_reads, make_model
 from trainers.ce import pretrain
 from trainers.guard import DivergenceError, DivergenceGuard, gradient_norm, nonfinite_grads
 from trainers.trl_dpo import GuardCallback
@@ -183,22 +182,7 @@ def test_the_loop_reads_the_device_once_per_step_and_once_per_logged_row(tmp_pat
     drains the launch queue. The training loop needs one per optimizer step (the guard's decision:
     gradient norm, loss and statistics finite, in one read), one per logged loss and one per held-out
     evaluation; none per micro-batch. Counted here on the CPU by the caller's file."""
-    reads = {"trainers/session.py": 0, "trainers/ce.py": 0}
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
-            for path in reads:
-                if caller.endswith(path):
-                    reads[path] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    reads = count_host_reads(monkeypatch, "trainers/session.py", "trainers/ce.py")
     steps = 6
     cfg = load_config("recipes/ce_tiny.yaml", overrides(tmp_path, tokenizer_cache, "name=reads", f"train.steps={steps}",
                                                           "train.grad_accum=2", "train.log_every=3"))

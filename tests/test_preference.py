@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from core.config import GradedObjective, LoraConfig, load_config
 from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
+from tests.conftest import count_host_reads
 from tests.gpu_checks import assert_policy_tokens_counted, check_trl_dpo_lora
 from trainers.ce import pretrain
 from trainers.preference import align
@@ -52,6 +53,25 @@ def test_graded_dpo_learns_the_embedded_set_and_counts_policy_tokens_only(pretra
 def test_trl_dpo_with_lora_and_real_instruments_ignores_the_reference_pass(tmp_path):
     """fp32 here; the same check under bf16 autocast runs in tests/test_gpu_checks_on_cpu.py and on GPUs."""
     check_trl_dpo_lora(tmp_path, steps=4, bf16=False)
+
+
+def test_the_preference_loop_reads_the_device_once_per_step_and_once_per_logged_row(pretrained, tmp_path,
+                                                                                      monkeypatch):
+    """As the CE loop (tests/test_divergence.py): the guard's one read per step, one per logged row
+    (the pair-weighted pref/* sums come back together), none per micro-batch."""
+    cfg, ckpt = pretrained
+    cfg = copy.deepcopy(cfg)
+    cfg.instruments.enabled = True
+    cfg.align.train.steps, cfg.align.train.grad_accum, cfg.align.train.log_every = 6, 2, 4
+    tokenizer = alignment_tokenizer(cfg, ckpt)
+    pairs, _ = split_pairs(load_pairs(cfg)[0], 0.1, cfg.seed)
+    reads = count_host_reads(monkeypatch, "trainers/session.py", "trainers/preference.py", "trainers/losses.py")
+    result = align(cfg, GradedObjective(name="g05", grade=0.5), ckpt, tmp_path / "g05", tokenizer=tokenizer,
+                   pairs=pairs, eval_pairs=[], progress=False)
+    monkeypatch.undo()
+    logged = [r for r in _rows(result.run_dir) if "pref/loss" in r]
+    assert 0 < len(logged) < 6
+    assert reads == {"trainers/session.py": 6, "trainers/preference.py": 0, "trainers/losses.py": len(logged)}
 
 
 def _rows(run_dir):

@@ -33,10 +33,23 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LossOutput:
-    """``loss``: scalar to backpropagate; ``metrics``: ``pref/*`` floats (see :func:`preference_metrics`)."""
+    """``loss``: scalar to backpropagate; ``values``: the ``pref/*`` statistics (see
+    :func:`preference_metrics`) as detached 0-d tensors on the loss's device, read by nobody until
+    needed (a training loop sums them over micro-batches on the device); ``metrics``: the same as floats."""
 
     loss: Tensor
-    metrics: dict[str, float]
+    values: dict[str, Tensor]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return host_floats(self.values)
+
+
+def host_floats(values: dict[str, Tensor]) -> dict[str, float]:
+    """``{name: 0-d tensor}`` as Python floats, in one read-back from the device (one host sync)."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().double() for v in values.values()]).tolist()))
 
 
 # ----- pure functions --------------------------------------------------------------------------------
@@ -86,16 +99,17 @@ def chosen_nll(policy_chosen_logps: Tensor, chosen_token_counts: Tensor) -> Tens
 
 
 @torch.no_grad()
-def preference_metrics(d_w: Tensor, d_l: Tensor, beta: float, loss: Tensor) -> dict[str, float]:
+def preference_metrics(d_w: Tensor, d_l: Tensor, beta: float, loss: Tensor) -> dict[str, Tensor]:
     """Implicit-reward statistics, named and defined as TRL logs them (``rewards/*``):
-    rewards ``beta * D``, margin their difference, accuracy the fraction with ``D_w > D_l``."""
+    rewards ``beta * D``, margin their difference, accuracy the fraction with ``D_w > D_l``.
+    0-d tensors on the inputs' device (:func:`host_floats` reads them)."""
     chosen, rejected = beta * d_w, beta * d_l
     return {
-        "pref/loss": float(loss),
-        "pref/reward_chosen": float(chosen.mean()),
-        "pref/reward_rejected": float(rejected.mean()),
-        "pref/margin": float((chosen - rejected).mean()),
-        "pref/accuracy": float((chosen > rejected).float().mean()),
+        "pref/loss": loss.detach(),
+        "pref/reward_chosen": chosen.mean(),
+        "pref/reward_rejected": rejected.mean(),
+        "pref/margin": (chosen - rejected).mean(),
+        "pref/accuracy": (chosen > rejected).float().mean(),
     }
 
 

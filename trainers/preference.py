@@ -28,7 +28,7 @@ from core.config import RunConfig
 from core.data import batch_indices, tokenize_pairs
 from core.models import apply_lora, build_model
 from core.processes import process_state
-from trainers.losses import build_loss
+from trainers.losses import build_loss, host_floats
 from trainers.pairs import pair_logps, preference_eval, reference_logps
 from trainers.session import RunResult, TrainingSession
 
@@ -65,19 +65,19 @@ def align(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, tokenizer
         for step in session.steps():
             idx = batch_indices(len(ref[0]), per_step, step - 1, cfg.seed)
             session.suite.set_loss_normalizer(len(idx) / session.world)  # pair-mean loss, * world per process
-            metrics: dict[str, float] = {}
+            metrics: dict[str, torch.Tensor] = {}  # on the device until a row is logged
             for micro in idx.chunk(t.grad_accum):
                 mine = micro[session.rank::session.world]
                 with session.autocast():
                     c, r, n = pair_logps(session.model, data, mine, session.device)
                 out = loss_fn(c, r, ref[0][mine].to(session.device), ref[1][mine].to(session.device), n)
                 session.backward(out.loss * len(mine) * session.world / len(idx))
-                for k, v in out.metrics.items():  # pair-weighted means, summed over processes below
-                    metrics[k] = metrics.get(k, 0.0) + v * len(mine) / len(idx)
+                for k, v in out.values.items():  # pair-weighted means, summed over processes below
+                    metrics[k] = metrics.get(k, 0.0) + v.double() * len(mine) / len(idx)
             grad_norm, geometry = session.optimizer_step(step)
             row = {}
             if session.log_due(step) or geometry:
-                row = {**session.reduce_sum(metrics), "train/lr": session.lr, "train/grad_norm": grad_norm}
+                row = {**session.reduce_sum(host_floats(metrics)), "train/lr": session.lr, "train/grad_norm": grad_norm}
             if eval_data is not None and session.eval_due(step):
                 row.update(preference_eval(session.model, eval_data, eval_ref, loss_fn, t.batch_size, session.device))
             session.end_step(step, {**row, **(geometry or {})})
