@@ -8,7 +8,7 @@ about 10 M tokens each, documents of 50-1500 words drawn from a fixed 4096-word 
 stdlib's most frequent words) with Zipf frequencies. A corpus of N M tokens is the first N/10 files. For each size and num_proc it
 runs, each in a fresh child process:
 
-- prepare: `core.shards.prepare_corpus` with the embedded stdlib BPE (vocab 4096); wall time,
+- prepare: `weightgeom.core.shards.prepare_corpus` with the embedded stdlib BPE (vocab 4096); wall time,
   tokens/s, peak RSS of the process (ru_maxrss) and of its tokenizer worker processes;
 - reader: `load`-style read of the train split as `PackedBlocks(seq_len=128)` and 200 training
   batches of 16 blocks drawn as trainers/ce.py draws them (`batch_indices`, then
@@ -47,7 +47,7 @@ def _rss_kb(field: str) -> int:
 
 
 def _tokenizer(cache: str):
-    from core.tokenizer import train_stdlib_tokenizer  # noqa: PLC0415
+    from weightgeom.core.tokenizer import train_stdlib_tokenizer  # noqa: PLC0415
 
     return train_stdlib_tokenizer(4096, Path(cache).expanduser())
 
@@ -61,7 +61,7 @@ def _vocabulary(size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     by rank: text the stdlib BPE tokenizes at a realistic ~3-4 characters per token."""
     from collections import Counter  # noqa: PLC0415
 
-    from core.tokenizer import stdlib_text_files  # noqa: PLC0415
+    from weightgeom.core.tokenizer import stdlib_text_files  # noqa: PLC0415
 
     counts: Counter[str] = Counter()
     for path in stdlib_text_files():
@@ -111,7 +111,7 @@ def make_corpus(work: Path, n_files: int, cache: str) -> list[Path]:
 
 
 def child_prepare(args: argparse.Namespace) -> None:
-    from core.shards import prepare_corpus, read_index  # noqa: PLC0415
+    from weightgeom.core.shards import prepare_corpus, read_index  # noqa: PLC0415
 
     tokenizer = _tokenizer(args.tokenizer_cache)
     rss_start = _rss_kb("VmRSS")
@@ -130,8 +130,8 @@ def child_prepare(args: argparse.Namespace) -> None:
 def child_read(args: argparse.Namespace) -> None:
     import torch  # noqa: PLC0415
 
-    from core.data import batch_indices  # noqa: PLC0415
-    from core.shards import PackedBlocks, TokenShards  # noqa: PLC0415
+    from weightgeom.core.data import batch_indices  # noqa: PLC0415
+    from weightgeom.core.shards import PackedBlocks, TokenShards  # noqa: PLC0415
 
     torch.set_num_threads(1)
     rss_imports = _rss_kb("VmRSS")

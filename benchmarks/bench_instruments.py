@@ -2,7 +2,7 @@
 
 A step is forward + backward + AdamW step on a batch of random tokens (no padding, as the CE
 pretraining loop feeds packed blocks), fp32 or under bf16 autocast (``--bf16``), on the CPU or a GPU
-(``--device cuda``). The instrumented model carries the default roles (``hooks.suite.SuiteConfig``):
+(``--device cuda``). The instrumented model carries the default roles (``weightgeom.hooks.suite.SuiteConfig``):
 ``C_a`` per input group, ``C_delta`` for the write roles and the update instrument on the optimizer,
 accumulated on *every* step (``every_n`` huge, so the scheduled metric compute never fires inside
 the timed steps; it is timed on its own afterwards).
@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from core.models import build_tiny_model  # noqa: E402
-from hooks.gram import Gram  # noqa: E402
-from hooks.roles import resolve_tracked  # noqa: E402
-from hooks.suite import InstrumentSuite, SuiteConfig  # noqa: E402
+from weightgeom.core.models import build_tiny_model  # noqa: E402
+from weightgeom.hooks.gram import Gram  # noqa: E402
+from weightgeom.hooks.roles import resolve_tracked  # noqa: E402
+from weightgeom.hooks.suite import InstrumentSuite, SuiteConfig  # noqa: E402
 
 TARGETS = {"cpu": "<= 1.05x (default tiny model, hidden 128)",
            "cuda": "<= 1.05x full-rate default sides, <= 1.02x with max_tokens = 1/4 (hidden 1024, L12, 16 x 1024)"}
@@ -332,7 +332,7 @@ def gram_error_table(hidden: int, shape: Shape) -> list[tuple[str, int, int, str
     mid, last = shape.layers // 2, shape.layers - 1
     captured: dict[str, torch.Tensor] = {}
     handles = []
-    for label, key in ((f"C_a L0 attn_in", "L0/q"), (f"C_a L{mid} mlp_in", f"L{mid}/gate")):
+    for label, key in (("C_a L0 attn_in", "L0/q"), (f"C_a L{mid} mlp_in", f"L{mid}/gate")):
         handles.append(tracked[key].module.register_forward_pre_hook(
             lambda m, args, label=label: captured.__setitem__(label, args[0].detach())))
     for label, key in ((f"C_delta L{last} o", f"L{last}/o"), (f"C_delta L{last} down", f"L{last}/down")):
@@ -495,8 +495,8 @@ def main(argv: list[str] | None = None) -> None:
             plain_mb, inst_mb = r["memory"]
             print(f"  {what}: plain {plain_mb:.0f} MiB, instrumented {inst_mb:.0f} MiB (+{inst_mb - plain_mb:.0f} MiB)")
         if r["gram_error"]:
-            print(f"  gram precision error vs fp32 (relative Frobenius) next to the sampling error "
-                  f"||C(half 1) - C(half 2)|| / ||C||:")
+            print("  gram precision error vs fp32 (relative Frobenius) next to the sampling error "
+                  "||C(half 1) - C(half 2)|| / ||C||:")
             for label, dim, n_tok, precision, err, sampling in r["gram_error"]:
                 print(f"    {label:<20} dim {dim:>5} N {n_tok:>6} {precision}: {err:.2e}   sampling {sampling:.2e}")
     print(f"\nratio = median variant step / median plain step, wall clock (synchronised on CUDA); cpu ratio = the same "

@@ -18,6 +18,7 @@ finishes it when only the final rename was missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -158,10 +159,8 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; the rename is still atomic
         _fsync(path)
-    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
-        pass
 
 
 def link_or_copy(source: Path, target: Path) -> Path:

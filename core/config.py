@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-from hooks.roles import ARCHITECTURES, ROLES
-from hooks.suite import SuiteConfig
+from weightgeom.hooks.roles import ARCHITECTURES, ROLES
+from weightgeom.hooks.suite import SuiteConfig
 
 
 class ConfigError(ValueError):
@@ -56,7 +56,7 @@ def _non_negative(obj: Any, *names: str) -> None:
 @dataclass
 class ModelConfig:
     source: str = "tiny"  # "tiny" (built from this config) or a local HF model directory
-    arch: str = "llama"  # a row of hooks.roles.ARCHITECTURES
+    arch: str = "llama"  # a row of weightgeom.hooks.roles.ARCHITECTURES
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -213,7 +213,7 @@ class AlignConfig:
     data: str = "embedded"  # "embedded" (built from the local corpus) or a local .jsonl/.json/.parquet
     n_pairs: int = 512
     max_len: int = 128
-    beta: float = 0.1  # checked where it is used (trainers.losses.check_beta)
+    beta: float = 0.1  # checked where it is used (weightgeom.trainers.losses.check_beta)
     eval_fraction: float = 0.1  # pairs held out for eval/pref_* (whole pairs, seeded; at least 1 of >= 10)
     objectives: list[Objective] = field(default_factory=lambda: [TrlObjective(name="dpo")])
     lora: LoraConfig | None = None
@@ -230,7 +230,7 @@ class AlignConfig:
 @dataclass
 class Rank1Edits:
     """What a rank-1 experiment edits and how (docs/rank1.md); shared by the recipe's ``rank1:`` section
-    and ``harness.rank1.Rank1Config``, validated on construction.
+    and ``weightgeom.harness.rank1.experiment.Rank1Config``, validated on construction.
 
     ``roles``/``layers``: the matrices edited (``layers`` None: all; statistics are always taken in every
     layer, the ``layer`` control family needs them). ``eps``: Frobenius norm of every edit (absolute;

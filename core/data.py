@@ -1,4 +1,4 @@
-"""Data: text corpora, resumable batch order, and preference pairs (LM blocks: `harness.shards`).
+"""Data: text corpora, resumable batch order, and preference pairs (LM blocks: `weightgeom.core.shards`).
 
 Everything reads local files or the embedded stdlib corpus; nothing is downloaded. Every random
 choice uses its own seeded `torch.Generator`, never the global RNG, so data order does not depend
@@ -13,8 +13,8 @@ import json
 import re
 import warnings
 from bisect import bisect_right
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
-from core.text_sources import TABLE_FORMATS, iter_documents, resolve_sources, source_list
+from weightgeom.core.text_sources import TABLE_FORMATS, iter_documents, resolve_sources, source_list
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -33,8 +33,8 @@ PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 def load_texts(source: str | list[str], text_field: str = "text", max_docs: int | None = None) -> list[str]:
     """Documents from `"stdlib"` and/or local files and directories, in a deterministic order, in memory
-    (for the embedded preference set and text samples; pretraining corpora stream through core.shards).
-    The sources and document rules are `core.text_sources`': one document per `.txt` file, per row of a
+    (for the embedded preference set and text samples; pretraining corpora stream through weightgeom.core.shards).
+    The sources and document rules are `weightgeom.core.text_sources`': one document per `.txt` file, per row of a
     `.jsonl` / `.json` / `.parquet` (column `text_field`), per stdlib `.py` file; directories recursively.
     Whitespace-only documents and missing values are dropped; `max_docs` keeps the first ones.
     """
@@ -61,7 +61,7 @@ def _read_table(path: Path) -> Dataset:
 
         try:
             pq.read_schema(path)
-        except Exception as err:  # pyarrow's own error types
+        except Exception as err:  # noqa: BLE001 (pyarrow's own error types, re-raised as ValueError)
             raise ValueError(f"{path}: could not read as parquet ({err})") from None
     try:
         return load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from core.config import LoraConfig, ModelConfig
-from hooks.roles import ARCHITECTURES
+from weightgeom.core.config import LoraConfig, ModelConfig
+from weightgeom.hooks.roles import ARCHITECTURES
 
 ATTN_IMPLEMENTATION = "sdpa"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,7 +69,7 @@ def build_tiny_model(
     tie_word_embeddings: bool = False,
     seed: int = 0,
 ) -> PreTrainedModel:
-    """A randomly initialised causal LM of architecture `arch` (a key of `hooks.roles.ARCHITECTURES`), fp32.
+    """A randomly initialised causal LM of architecture `arch` (a key of `weightgeom.hooks.roles.ARCHITECTURES`), fp32.
 
     Defaults: `num_kv_heads = num_heads` (no grouped-query attention; GPT-2 and GPT-NeoX support
     only that), `intermediate_size = 4 * hidden_size`. Initialisation is seeded by `seed` inside
@@ -134,7 +134,7 @@ def check_local_model_dir(path: str | Path) -> Path:
         try:  # reads the header only: an empty or truncated file fails here, not mid-run
             with safe_open(str(weights), framework="pt") as handle:
                 handle.keys()
-        except Exception as err:  # safetensors raises its own error type for a bad header
+        except Exception as err:  # noqa: BLE001 (safetensors' own error type for a bad header, re-raised)
             raise ValueError(f"model dir {str(path)!r}: {weights.name} is not a readable safetensors file "
                              f"({err}); copy the weights again") from None
     return path

@@ -5,7 +5,7 @@ Everything here is cheap (file system look-ups and a weightless model skeleton o
 role table, a tracker whose package is missing or an ``instruments.k`` the model cannot honour
 fails in about a second, before the tokenizer is trained and before the run directory exists.
 
-``preflight(cfg)`` raises :class:`core.config.ConfigError` (or ``FileNotFoundError`` for a missing
+``preflight(cfg)`` raises :class:`weightgeom.core.config.ConfigError` (or ``FileNotFoundError`` for a missing
 path) and returns warnings: settings that run, but not as the recipe reads.
 """
 
@@ -18,13 +18,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from core.config import ConfigError, RunConfig
-from core.text_sources import TABLE_FORMATS, TEXT_EXTENSIONS
-from core.models import check_local_model_dir, tiny_config
-from core.sinks import tracker_problems
-from core.tokenizer import check_tokenizer_dir
-from hooks.roles import ARCHITECTURES, WRITE_ROLES, resolve_tracked
-from hooks.suite import SuiteConfig
+from weightgeom.core.config import ConfigError, RunConfig
+from weightgeom.core.models import check_local_model_dir, tiny_config
+from weightgeom.core.sinks import tracker_problems
+from weightgeom.core.text_sources import TABLE_FORMATS, TEXT_EXTENSIONS
+from weightgeom.core.tokenizer import check_tokenizer_dir
+from weightgeom.hooks.roles import ARCHITECTURES, WRITE_ROLES, resolve_tracked
+from weightgeom.hooks.suite import SuiteConfig
 
 
 def preflight(cfg: RunConfig) -> list[str]:
@@ -70,7 +70,7 @@ def tokenizer_size(cfg: RunConfig, model_dir: str | None) -> int:
         return cfg.tokenizer.vocab_size
     try:
         return len(AutoTokenizer.from_pretrained(source, local_files_only=True))
-    except Exception as err:  # whatever the tokenizer files' reader raises
+    except Exception as err:  # noqa: BLE001 (whatever the tokenizer files' reader raises, re-raised)
         raise ConfigError(f"the tokenizer in {source} cannot be loaded: {err}") from None
 
 
@@ -135,7 +135,7 @@ def skeleton_model(cfg: RunConfig, model_dir: str | None = None, key: str = "ini
         if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"{key}: {model_dir} holds a {model_type!r} model, which has no role table; supported: "
-                f"{sorted(ARCHITECTURES)}. Add an ArchSpec row to hooks.roles.ARCHITECTURES (block list, final "
+                f"{sorted(ARCHITECTURES)}. Add an ArchSpec row to weightgeom.hooks.roles.ARCHITECTURES (block list, final "
                 "norm, unembedding, each role's module path), or run with instruments.enabled=false")
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)

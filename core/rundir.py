@@ -17,11 +17,17 @@ from pathlib import Path
 import torch
 import yaml
 
-from core.checkpoint import INSTRUMENTS_FILE, checkpoint_dir, clean_stale, link_or_copy, prune_checkpoints, \
-    save_checkpoint
-from core.config import ConfigError, RunConfig, from_dict, save_config, to_dict
-from core.processes import on_main, process_state
-from core.sinks import MultiSink, build_sinks, truncate_after
+from weightgeom.core.checkpoint import (
+    INSTRUMENTS_FILE,
+    checkpoint_dir,
+    clean_stale,
+    link_or_copy,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from weightgeom.core.config import ConfigError, RunConfig, from_dict, save_config, to_dict
+from weightgeom.core.processes import on_main, process_state
+from weightgeom.core.sinks import MultiSink, build_sinks, truncate_after
 
 SNAPSHOT_DIR = "instruments"
 RUN_INFO = "run_info.json"

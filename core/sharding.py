@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from hooks.roles import arch_spec_for, unwrap_model
+from weightgeom.hooks.roles import arch_spec_for, unwrap_model
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -49,8 +49,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.processes import main_print
-from core.text_sources import SourceFile, iter_documents, resolve_sources, source_list, source_signature
+from weightgeom.core.processes import main_print
+from weightgeom.core.text_sources import SourceFile, iter_documents, resolve_sources, source_list, source_signature
 
 FORMAT = "weightgeom-token-shards"
 FORMAT_VERSION = 1
@@ -111,7 +111,7 @@ def prepare_corpus(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
 ) -> Path:
-    """Tokenize `sources` (see `core.text_sources`) into token shards under `out_dir`; returns it.
+    """Tokenize `sources` (see `weightgeom.core.text_sources`) into token shards under `out_dir`; returns it.
 
     `max_tokens` caps the tokens read (documents in order, each with its eos; the last one read
     may be cut), as `data.max_tokens` always did. `num_proc` > 1 tokenizes each window in that

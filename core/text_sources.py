@@ -1,9 +1,9 @@
 """Local text sources streamed one document at a time, for corpora larger than memory.
 
-The sources and document rules of every text input (`core.data.load_texts` collects them in memory;
-`core.shards` streams them):
+The sources and document rules of every text input (`weightgeom.core.data.load_texts` collects them in memory;
+`weightgeom.core.shards` streams them):
 
-- `"stdlib"`: one document per stdlib `.py` file (`core.tokenizer.stdlib_text_files`);
+- `"stdlib"`: one document per stdlib `.py` file (`weightgeom.core.tokenizer.stdlib_text_files`);
 - `.txt`: one document per file (the whole file, read with universal newlines);
 - `.jsonl`: one document per line, from key `text_field` (read line by line);
 - `.json`: a list of objects (read whole: prefer .jsonl for large corpora) or JSON lines;
@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.tokenizer import stdlib_text_files
+from weightgeom.core.tokenizer import stdlib_text_files
 
 TABLE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # -> the `datasets` builder
 TEXT_EXTENSIONS = (".txt", *TABLE_FORMATS)

@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from core.config import TokenizerConfig
+from weightgeom.core.config import TokenizerConfig
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|eos|>"

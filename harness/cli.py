@@ -26,23 +26,22 @@ import sys
 import threading
 from pathlib import Path
 
-from harness.compare_cli import add_compare_parser, compare_command
-from harness.prepare_data_cli import add_prepare_data_parser, prepare_data_command
-from harness.rank1_cli import add_rank1_parser, rank1_command
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+from weightgeom import recipes
+from weightgeom.harness.compare.cli import add_compare_parser, compare_command
+from weightgeom.harness.prepare_data_cli import add_prepare_data_parser, prepare_data_command
+from weightgeom.harness.rank1.cli import add_rank1_parser, rank1_command
 
 
 def resolve_recipe(name: str) -> Path:
-    """A path to a YAML file, or the name of a bundled recipe (``asymmetry`` -> recipes/asymmetry.yaml)."""
+    """A path to a YAML file, or the name of a bundled recipe (``asymmetry`` -> weightgeom/recipes/asymmetry.yaml)."""
     path = Path(name)
     if path.is_file():
         return path
-    bundled = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
-    if bundled.is_file():
-        return bundled
-    available = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    raise FileNotFoundError(f"recipe {name!r} not found: not a file, and not a bundled recipe ({available})")
+    found = recipes.bundled().get(name.removesuffix(".yaml"))
+    if found is not None:
+        return found
+    raise FileNotFoundError(f"recipe {name!r} not found: not a file, and not a bundled recipe "
+                            f"({sorted(recipes.bundled())})")
 
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
@@ -50,23 +49,16 @@ MAX_DEFAULT_THREADS = 8
 
 
 def version() -> str:
-    """The installed package's version (the source tree's pyproject when not installed)."""
-    from importlib.metadata import PackageNotFoundError  # noqa: PLC0415
-    from importlib.metadata import version as dist_version  # noqa: PLC0415
+    """The installed package's version."""
+    import weightgeom  # noqa: PLC0415 (the package root is light: its names load on first use)
 
-    try:
-        return dist_version("weightgeom-harness")
-    except PackageNotFoundError:
-        import tomllib  # noqa: PLC0415
-
-        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    return weightgeom.__version__
 
 
 def bundled_recipes() -> list[tuple[str, str]]:
     """``[(name, first comment line)]`` of every recipe in recipes/."""
     out = []
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    for path in recipes.bundled().values():
         words: list[str] = []
         for line in path.read_text().splitlines():
             if not line.startswith("# ") or line.startswith("#  "):  # the opening sentence, not an example
@@ -176,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         _set_threads(args.threads)
     # Imported after parsing so that `harness --help` answers in a blink: the pipeline imports torch,
     # transformers and TRL (seconds).
-    from core.config import ConfigError  # noqa: PLC0415
-    from trainers.guard import DivergenceError  # noqa: PLC0415
-    from trainers.interrupt import Interrupted  # noqa: PLC0415
+    from weightgeom.core.config import ConfigError  # noqa: PLC0415
+    from weightgeom.trainers.guard import DivergenceError  # noqa: PLC0415
+    from weightgeom.trainers.interrupt import Interrupted  # noqa: PLC0415
 
     try:
         return _command(args)
@@ -218,14 +210,14 @@ def _command(args: argparse.Namespace) -> int:
     """Run one subcommand (not `recipes`); errors propagate to `main`, which turns them into exit codes."""
     import yaml  # noqa: PLC0415
 
-    from core.config import load_config, to_dict  # noqa: PLC0415
-    from core.processes import main_print  # noqa: PLC0415
-    from harness.health import console_lines  # noqa: PLC0415
-    from harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
-    from trainers.interrupt import Interrupted  # noqa: PLC0415
+    from weightgeom.core.config import load_config, to_dict  # noqa: PLC0415
+    from weightgeom.core.processes import main_print  # noqa: PLC0415
+    from weightgeom.harness.pipeline import run_recipe, validate_recipe, write_report  # noqa: PLC0415
+    from weightgeom.harness.reports.health import console_lines  # noqa: PLC0415
+    from weightgeom.trainers.interrupt import Interrupted  # noqa: PLC0415
 
     if args.command == "keys":
-        from harness.config_keys import format_keys  # noqa: PLC0415
+        from weightgeom.harness.config_keys import format_keys  # noqa: PLC0415
 
         print(format_keys(args.filter))
         return 0

@@ -1,6 +1,6 @@
 """``harness keys``: every recipe key with its type, default and the comment beside its field.
 
-Built from the config dataclasses themselves (``core.config``, ``hooks.suite.SuiteConfig``), so the
+Built from the config dataclasses themselves (``weightgeom.core.config``, ``weightgeom.hooks.suite.SuiteConfig``), so the
 list cannot drift from what the loader accepts. Alignment objectives are listed per ``loss``.
 """
 
@@ -12,7 +12,7 @@ import re
 import typing
 from typing import Any
 
-from core.config import OBJECTIVES, RunConfig
+from weightgeom.core.config import OBJECTIVES, RunConfig
 
 _FIELD_COMMENT = re.compile(r"^\s+(\w+):[^#\n]*#\s*(.+)$")
 

@@ -13,28 +13,28 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 import sys
 from pathlib import Path
 
 import yaml
 
-from core.checkpoint import checkpoint_dir, checkpoint_step, clean_stale, is_complete, latest_checkpoint
-from core.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
-from core.data import build_embedded_preferences, load_preference_pairs, load_texts
-from core.preflight import preflight
-from core.processes import main_print, on_main
-from core.rundir import check_resume_config, prepare_run_dir
-from core.tokenizer import load_tokenizer, tokenizer_from_config
-from harness.asymmetry import write_asymmetry_report
-from harness.report import write_run_report
-from harness.rank1_stage import RANK1_DIR, rank1_config, run_rank1_stage
-from harness.scale import write_scale_report
-from trainers.ce import pretrain
-from trainers.losses import check_objectives
-from trainers.preference import align
-from trainers.session import RunResult
-from trainers.trl_dpo import align_with_trl
+from weightgeom.core.checkpoint import checkpoint_dir, checkpoint_step, clean_stale, is_complete, latest_checkpoint
+from weightgeom.core.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
+from weightgeom.core.preflight import preflight
+from weightgeom.core.processes import main_print, on_main
+from weightgeom.core.rundir import check_resume_config, prepare_run_dir
+from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
+from weightgeom.core.tokenizer import tokenizer_from_config
+from weightgeom.harness.rank1.report import rank1_section
+from weightgeom.harness.rank1.stage import RANK1_DIR, rank1_config, run_rank1_stage
+from weightgeom.harness.reports.asymmetry import write_asymmetry_report
+from weightgeom.harness.reports.run_report import write_run_report
+from weightgeom.harness.reports.scale import write_scale_report
+from weightgeom.trainers.ce import pretrain
+from weightgeom.trainers.losses import check_objectives
+from weightgeom.trainers.preference import align
+from weightgeom.trainers.session import RunResult
+from weightgeom.trainers.trl_dpo import align_with_trl
 
 
 def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
@@ -61,7 +61,7 @@ def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = F
 
 
 def check_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False) -> None:
-    """Everything that can be checked before training: inputs and model (core.preflight), the
+    """Everything that can be checked before training: inputs and model (weightgeom.core.preflight), the
     objectives' settings, and whether the run directory may be written (it exists and neither
     --overwrite nor --resume was given; or --resume with a changed recipe). Warnings go to stderr."""
     for warning in preflight(cfg):
@@ -160,39 +160,6 @@ def run_objective(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, **kw
 DATA_STATS = "data.json"  # RUN/data.json: what the preference data held and what was dropped
 
 
-def load_pairs(cfg: RunConfig) -> tuple[list[dict], dict]:
-    """The preference pairs (the embedded set built from the local corpus, or a local file) and
-    what was read: ``{"source", "rows", "used", "identical_dropped", "conversational"}``."""
-    if cfg.align.data == "embedded":
-        texts = load_texts(cfg.data.source, text_field=cfg.data.text_field)
-        pairs = build_embedded_preferences(texts, n_pairs=cfg.align.n_pairs, seed=cfg.seed)
-        return pairs, {"source": "embedded", "rows": len(pairs), "used": len(pairs), "identical_dropped": 0,
-                       "conversational": False}
-    pairs, stats = load_preference_pairs(cfg.align.data)
-    main_print(f"[data] {cfg.align.data}: {stats.n_valid} of {stats.n_rows} rows used"
-          f"{f', {stats.n_identical_dropped} dropped (chosen == rejected)' if stats.n_identical_dropped else ''} "
-          f"({'conversational' if stats.conversational else 'plain'})")
-    return pairs, {"source": str(cfg.align.data), "rows": stats.n_rows, "used": stats.n_valid,
-                   "identical_dropped": stats.n_identical_dropped, "conversational": stats.conversational}
-
-
-def split_pairs(pairs: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split into training and held-out pairs: ``round(eval_fraction * n)`` held out, at least one
-    and at most n - 1 when ``eval_fraction > 0`` and there are two pairs or more."""
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(pairs) - 1, max(1, round(len(pairs) * eval_fraction))) if eval_fraction > 0 and len(pairs) >= 2 \
-        else 0
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
-
-
-def alignment_tokenizer(cfg: RunConfig, init_dir: Path):
-    """The tokenizer saved with the starting model, else the recipe's."""
-    if any((Path(init_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return load_tokenizer(str(init_dir), cfg.tokenizer.vocab_size, Path(cfg.tokenizer.cache_dir).expanduser())
-    return tokenizer_from_config(cfg.tokenizer)
-
-
 def _resume_path(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
@@ -251,7 +218,8 @@ def write_report(run_dir: Path) -> Path:
     if (run_dir / "metrics.jsonl").is_file():
         return write_run_report(run_dir)
     if (run_dir / "align").is_dir():
-        return write_asymmetry_report(run_dir)
+        # the rank-1 section is there once the rank1 stage or `harness rank1 RUN` wrote RUN/rank1/rank1.json
+        return write_asymmetry_report(run_dir, sections=rank1_section(run_dir))
     if any((p / "align").is_dir() for p in run_dir.iterdir() if p.is_dir()):
         return write_scale_report(run_dir)
     raise FileNotFoundError(f"{run_dir} holds no metrics.jsonl, align/ or sweep runs; produce one with "

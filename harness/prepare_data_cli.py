@@ -42,8 +42,8 @@ def add_prepare_data_parser(subparsers: argparse._SubParsersAction) -> argparse.
 def prepare_data_command(args: argparse.Namespace) -> int:
     """Run ``prepare-data`` for parsed `args`; prints a one-line summary and returns 0.
     Bad input raises (FileNotFoundError / FileExistsError / ValueError) for the CLI to report."""
-    from core.shards import DEFAULT_SHARD_TOKENS, prepare_corpus, read_index  # noqa: PLC0415
-    from core.tokenizer import load_tokenizer  # noqa: PLC0415
+    from weightgeom.core.shards import DEFAULT_SHARD_TOKENS, prepare_corpus, read_index  # noqa: PLC0415
+    from weightgeom.core.tokenizer import load_tokenizer  # noqa: PLC0415
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer, args.vocab_size, Path(args.tokenizer_cache).expanduser())

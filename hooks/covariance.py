@@ -36,7 +36,7 @@ How the hooks count (each point is a measured pitfall, see DESIGN.md section 3):
 Cost (what keeps full-rate statistics cheap; ``benchmarks/bench_instruments.py`` measures it):
 one ``n x n`` Gram matrix over the kept tokens per input group (shared by the roles that read the
 same tensor) and one ``m x m`` per output-side role. A Gram matrix is symmetric, so only its upper
-block triangle is computed (:class:`hooks.gram.Gram`, about 0.6x the flops of ``a.T @ a``) and the
+block triangle is computed (:class:`weightgeom.hooks.gram.Gram`, about 0.6x the flops of ``a.T @ a``) and the
 accumulators hold the upper triangle; :meth:`state_dict` mirrors it. Without padding no token is
 gathered (no ``index_select`` copy); fp32 inputs are not copied; ``C_delta`` is accumulated in
 place (``addmm_``). Measured on 2 CPU cores (default tiny llama, batch 16 x 128), these GEMMs are
@@ -63,11 +63,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointFunction
 
-from hooks.base import Instrument
-from hooks.distributed import all_reduce_sums
-from hooks.geometry import covariance_from_sums
-from hooks.gram import Gram, symmetric
-from hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, unwrap_model
+from weightgeom.hooks.base import Instrument
+from weightgeom.hooks.distributed import all_reduce_sums
+from weightgeom.hooks.geometry import covariance_from_sums
+from weightgeom.hooks.gram import Gram, symmetric
+from weightgeom.hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, unwrap_model
 
 # State of the token-subsampling generator (``max_tokens``), so that a resumed run draws the same
 # token subsets as an uninterrupted one. Not a sum: never reduced across processes.
@@ -111,7 +111,7 @@ class CovarianceInstrument(Instrument):
     State keys (docs/architecture.md): ``cov_in/L{i}/{g}/{sum_outer,sum,count}`` and
     ``cov_out/L{i}/{r}/{sum_outer,count}``. ``input_roles``: roles whose input group gets a
     ``C_a`` (a group is computed once, at a trainable member); ``output_roles``: roles with ``C_delta``.
-    ``gram_precision``: ``"fp32"`` (exact), ``"tf32"`` or ``"bf16"`` (:mod:`hooks.gram`).
+    ``gram_precision``: ``"fp32"`` (exact), ``"tf32"`` or ``"bf16"`` (:mod:`weightgeom.hooks.gram`).
     """
 
     def __init__(self, tracked: list[TrackedMatrix], *, input_roles: tuple[str, ...] = ROLES,

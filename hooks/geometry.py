@@ -15,7 +15,6 @@ Definitions: docs/metrics.md. Conventions:
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch

@@ -99,7 +99,7 @@ class Gram:
         except (RuntimeError, TypeError) as err:  # a torch without it: same numbers, fp32 speed
             if not self._warned:
                 warnings.warn(f"gram_precision='bf16': torch.mm(..., out_dtype=float32) failed ({err}); "
-                              "computing the bf16-rounded products in fp32 instead (same values, no speed-up)")
+                              "computing the bf16-rounded products in fp32 instead (same values, no speed-up)", stacklevel=2)
                 self._warned = True
             return left.to(out_dtype) @ right.to(out_dtype)
 

@@ -17,11 +17,11 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from hooks import geometry as geo
-from hooks import keys
-from hooks.covariance import CovarianceInstrument
-from hooks.roles import TrackedMatrix, unembedding
-from hooks.updates import UpdateInstrument
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.covariance import CovarianceInstrument
+from weightgeom.hooks.roles import TrackedMatrix, unembedding
+from weightgeom.hooks.updates import UpdateInstrument
 
 
 class Values:

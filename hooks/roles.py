@@ -64,7 +64,7 @@ class RoleSpec:
     transposed: bool = False  # Conv1D stores (in, out)
 
 
-# How a family's HF config names the sizes that `model:` recipes set (core.models builds tiny models
+# How a family's HF config names the sizes that `model:` recipes set (weightgeom.core.models builds tiny models
 # from these); a family without `num_kv_heads` has no grouped-query attention.
 LLAMA_CONFIG_NAMES = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                       "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
@@ -110,7 +110,7 @@ _NEOX = ArchSpec(
     config_names={k: v for k, v in LLAMA_CONFIG_NAMES.items() if k != "num_kv_heads"},
 )
 # The one list of supported architectures, keyed by ``config.model_type``: the instruments' role
-# tables, the model builder (core.models) and the recipe check (model.arch) all read it.
+# tables, the model builder (weightgeom.core.models) and the recipe check (model.arch) all read it.
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA, "qwen2": _LLAMA, "mistral": _LLAMA, "qwen3": _LLAMA,
     "gpt2": _GPT2, "gpt_neox": _NEOX,
@@ -233,7 +233,7 @@ def arch_spec_for(model: nn.Module, arch: ArchSpec | str | None = None) -> ArchS
     if model_type not in ARCHITECTURES:
         raise ValueError(
             f"no role table for architecture {model_type!r}; known: {sorted(ARCHITECTURES)}. "
-            "Add a row to hooks.roles.ARCHITECTURES (an ArchSpec naming the block list, final norm, "
+            "Add a row to weightgeom.hooks.roles.ARCHITECTURES (an ArchSpec naming the block list, final norm, "
             "unembedding and each role's module path inside a block), or pass arch=ArchSpec(...)."
         )
     return ARCHITECTURES[model_type]

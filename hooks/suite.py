@@ -25,16 +25,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from hooks import geometry as geo
-from hooks import keys
-from hooks.covariance import CovarianceInstrument
-from hooks.distributed import rank, world_size
-from hooks.gram import GRAM_PRECISIONS
-from hooks.measurement import Measurement, Values
-from hooks.quantities import DEFAULT_QUANTITIES, Quantity
-from hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
-from hooks.schedule import Schedule
-from hooks.updates import UpdateInstrument
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.covariance import CovarianceInstrument
+from weightgeom.hooks.distributed import rank, world_size
+from weightgeom.hooks.gram import GRAM_PRECISIONS
+from weightgeom.hooks.measurement import Measurement, Values
+from weightgeom.hooks.quantities import DEFAULT_QUANTITIES, Quantity
+from weightgeom.hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
+from weightgeom.hooks.schedule import Schedule
+from weightgeom.hooks.updates import UpdateInstrument
 
 # Present in a snapshot whose cov_* sums were summed over this many processes (see load_state_dict).
 REDUCED_KEY = "meta/cov_reduced_over"
@@ -107,7 +107,7 @@ class InstrumentSuite:
 
     Build with a :class:`SuiteConfig` or its fields as keywords
     (``InstrumentSuite(model, k=4, every_n=10)``); ``quantities`` replaces the default metric set
-    (``hooks.quantities.DEFAULT_QUANTITIES``). Build it after any wrapping that replaces modules
+    (``weightgeom.hooks.quantities.DEFAULT_QUANTITIES``). Build it after any wrapping that replaces modules
     (PEFT): :meth:`attach` refuses a model whose tracked modules changed.
     """
 

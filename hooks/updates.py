@@ -29,10 +29,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hooks.base import Instrument
-from hooks.distributed import all_reduce_sums
-from hooks.distributed import rank as _rank
-from hooks.roles import TrackedMatrix, local
+from weightgeom.hooks.base import Instrument
+from weightgeom.hooks.distributed import all_reduce_sums
+from weightgeom.hooks.distributed import rank as _rank
+from weightgeom.hooks.roles import TrackedMatrix, local
 
 
 class UpdateInstrument(Instrument):

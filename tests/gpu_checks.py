@@ -17,19 +17,19 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from core.config import GradedObjective, load_config
-from core.data import batch_indices, tokenize_pairs
-from core.sinks import read_metrics
-from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
-from hooks.gram import Gram, symmetric
-from hooks.roles import ROLES
-from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
 from tests.test_gram import gram_precision_errors
 from tests.test_trl_dpo import ListSink, constant_pairs, tiny_tokenizer
-from trainers.ce import pretrain
-from trainers.preference import align
-from trainers.trl_dpo import InstrumentCallback, run_trl_dpo
+from weightgeom.core.config import GradedObjective, load_config
+from weightgeom.core.data import batch_indices, tokenize_pairs
+from weightgeom.core.sinks import read_metrics
+from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
+from weightgeom.hooks.gram import Gram, symmetric
+from weightgeom.hooks.roles import ROLES
+from weightgeom.hooks.suite import InstrumentSuite
+from weightgeom.trainers.ce import pretrain
+from weightgeom.trainers.preference import align
+from weightgeom.trainers.trl_dpo import InstrumentCallback, run_trl_dpo
 
 TOKENS_PER_BATCH = 27  # make_batch(): 3 x 10 tokens, 3 of them padding
 
@@ -100,9 +100,9 @@ def check_no_host_sync(device: str) -> None:
     (no padding mask: nothing to look up) and an optimizer step with the update instrument, under
     ``torch.cuda.set_sync_debug_mode("error")`` (any sync raises). On the CPU the mode does not exist
     and this only exercises the code."""
-    from hooks.covariance import CovarianceInstrument  # noqa: PLC0415
-    from hooks.roles import TrackedMatrix  # noqa: PLC0415
-    from hooks.updates import UpdateInstrument  # noqa: PLC0415
+    from weightgeom.hooks.covariance import CovarianceInstrument  # noqa: PLC0415
+    from weightgeom.hooks.roles import TrackedMatrix  # noqa: PLC0415
+    from weightgeom.hooks.updates import UpdateInstrument  # noqa: PLC0415
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(device)

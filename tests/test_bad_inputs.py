@@ -12,16 +12,16 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from core.models import build_tiny_model
-from core.tokenizer import train_stdlib_tokenizer
-from harness.cli import main
+from weightgeom.core.models import build_tiny_model
+from weightgeom.core.tokenizer import train_stdlib_tokenizer
+from weightgeom.harness.cli import main
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 def safetensors_bytes() -> bytes:
     """A readable (if meaningless) safetensors file: these cases are about the config, not the weights."""
-    return save(({"w": torch.zeros(2)}))
+    return save({"w": torch.zeros(2)})
 
 
 @pytest.fixture(scope="module")

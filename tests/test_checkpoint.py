@@ -9,9 +9,19 @@ import stat
 
 import torch
 
-from core.checkpoint import (MANIFEST_FILE, STATE_FILE, checkpoint_dir, clean_stale, is_complete, latest_checkpoint,
-                             load_trainer_state, manifest_problem, prune_checkpoints, save_checkpoint)
 from tests.conftest import make_model
+from weightgeom.core.checkpoint import (
+    MANIFEST_FILE,
+    STATE_FILE,
+    checkpoint_dir,
+    clean_stale,
+    is_complete,
+    latest_checkpoint,
+    load_trainer_state,
+    manifest_problem,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 
 def _save(run, step, model=None):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-from harness.claims import CLAIMS, SPECIFIC_EXCESS, Specificity, verdicts
-from harness.phases import Phase
 from tests.synthetic_runs import geometry
+from weightgeom.harness.reports.claims import CLAIMS, SPECIFIC_EXCESS, Specificity, verdicts
+from weightgeom.harness.reports.phases import Phase
 
 CONTROLS = {"v": 2.0, "gate": 2.2, "up": 1.8}
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import load_config, save_config
-from harness.cli import RECIPES_DIR, default_threads, main
-from trainers.ce import pretrain
+from weightgeom.core.config import load_config, save_config
+from weightgeom import recipes
+from weightgeom.harness.cli import default_threads, main
+from weightgeom.trainers.ce import pretrain
 
 
 def test_version_recipes_and_keys(capsys):
@@ -21,7 +22,7 @@ def test_version_recipes_and_keys(capsys):
     assert done.value.code == 0 and capsys.readouterr().out.startswith("harness 0.")
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert [line.split()[0] for line in lines] == sorted(recipes.bundled())
     assert all(len(line.split(maxsplit=1)) == 2 for line in lines)  # each with its description
     assert main(["keys"]) == 0
     keys = capsys.readouterr().out
@@ -46,7 +47,7 @@ def test_resume_with_a_changed_recipe_is_refused(tmp_path, capsys):
     args = [f"output_dir={tmp_path}", "name=r", "train.steps=12", "model.hidden_size=32", "tokenizer.vocab_size=512"]
     run = tmp_path / "r"
     run.mkdir()
-    save_config(load_config(RECIPES_DIR / "ce_tiny.yaml", args), run / "config.yaml")
+    save_config(load_config(recipes.bundled()["ce_tiny"], args), run / "config.yaml")
     saved = (run / "config.yaml").read_text()
     changed = [*args[:2], "train.steps=20", *args[3:], "train.lr=1e-3"]
     assert main(["run", "ce_tiny", *changed, "--resume", "latest", "--no-progress"]) == 2
@@ -61,7 +62,7 @@ def test_disk_keep_last_checkpoints_one_snapshot_copy_and_readable_files(tmp_pat
     corpus.mkdir()
     for name in ("textwrap.py", "bisect.py", "colorsys.py", "shlex.py"):
         (corpus / f"{name}.txt").write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
-    cfg = load_config(RECIPES_DIR / "ce_tiny.yaml", [
+    cfg = load_config(recipes.bundled()["ce_tiny"], [
         f"output_dir={tmp_path}", f"tokenizer.cache_dir={tokenizer_cache}", "tokenizer.vocab_size=512",
         f"data.source={corpus}", "model.hidden_size=32", "data.seq_len=32", "train.batch_size=4", "train.steps=6",
         "train.save_every=2", "train.keep_checkpoints=2", "train.eval_every=0", "instruments.zscores=false"])

@@ -19,19 +19,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.cli import main
-from harness.compare import compare
-from core.data import load_texts
-from harness.input_covariance import sample_token_batches
-from core.models import build_tiny_model, load_local_model
-from core.sinks import read_metrics
-from core.tokenizer import stdlib_text_files, train_stdlib_tokenizer
+from weightgeom.core.data import load_texts
+from weightgeom.core.models import build_tiny_model, load_local_model
+from weightgeom.core.sinks import read_metrics
+from weightgeom.core.tokenizer import stdlib_text_files, train_stdlib_tokenizer
+from weightgeom.harness.cli import main
+from weightgeom.harness.compare.analysis import compare
+from weightgeom.harness.compare.input_covariance import sample_token_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 D, HEADS = 32, 4
 SAMPLE = dict(n_tokens=600, seq_len=48, batch_size=4)
 
-# Where each architecture keeps what the reference needs, written out independently of hooks.roles.
+# Where each architecture keeps what the reference needs, written out independently of weightgeom.hooks.roles.
 PATHS = {
     "llama": dict(block="model.layers.{i}.", head="lm_head", norm="model.norm", layernorm=False,
                   inputs={"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
@@ -234,7 +234,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     out = tmp_path / "report"
     args = ["--text", str(text_file), "--k", "4", "--n-tokens", "600", "--seq-len", "48", "--batch-size", "4",
             "--device", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "compare", str(base_dir), str(after_dir), *args,
+    proc = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "compare", str(base_dir), str(after_dir), *args,
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| role | ‖dW‖/‖W‖ | RSF_in |" in proc.stdout and f"report: {out / 'report.md'}" in proc.stdout
@@ -248,7 +248,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     assert saved["metrics"] == pytest.approx(in_process.metrics(), rel=1e-12)
 
     # the measured C_a, saved in snapshot format, passes back through --c-a with the same result
-    proc = subprocess.run([sys.executable, "-m", "harness.cli", "compare", str(base_dir), str(after_dir), "--k", "4",
+    proc = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "compare", str(base_dir), str(after_dir), "--k", "4",
                            "--device", "cpu", "--c-a", str(out / "c_a.safetensors"),
                            "--unembed", "base", "--out", str(tmp_path / "again")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -299,7 +299,7 @@ def test_error_unsupported_architecture_is_the_role_table_error(tmp_path):
     config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)
     opt = save_model(transformers.AutoModelForCausalLM.from_config(config), None, tmp_path / "opt")
-    with pytest.raises(ValueError, match=r"no role table for architecture 'opt'.*hooks.roles.ARCHITECTURES"):
+    with pytest.raises(ValueError, match=r"no role table for architecture 'opt'.*weightgeom.hooks.roles.ARCHITECTURES"):
         compare(opt, opt)
 
 
@@ -407,7 +407,7 @@ def test_reproduces_the_live_final_metrics_of_an_alignment_run(smoke_run, object
     # what the live metric used: W0 = the phase-start fp32 weights = BASE; W_U at the final compute = AFTER's
     state = load_file(str(snapshot))
     base_model, after_model = load_local_model(base), load_local_model(after)
-    from hooks.roles import resolve_tracked  # noqa: PLC0415
+    from weightgeom.hooks.roles import resolve_tracked  # noqa: PLC0415
 
     for tm in resolve_tracked(base_model):
         assert torch.equal(state[f"weights/{tm.key}/W0"], tm.weight()), tm.key

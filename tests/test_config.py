@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from core.config import (ConfigError, GradedObjective, MixtureObjective, TrlObjective, load_config,
-                         saved_objective)
-from harness.pipeline import validate_recipe
+from weightgeom.core.config import (
+    ConfigError,
+    GradedObjective,
+    MixtureObjective,
+    TrlObjective,
+    load_config,
+    saved_objective,
+)
+from weightgeom.harness.pipeline import validate_recipe
 
 
 def write(tmp_path, text: str):

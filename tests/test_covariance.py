@@ -12,9 +12,9 @@ import contextlib
 import pytest
 import torch
 
-from hooks.covariance import CovarianceInstrument
-from hooks.roles import TrackedMatrix, resolve_tracked
 from tests.conftest import make_batch, make_model, token_loss_sum
+from weightgeom.hooks.covariance import CovarianceInstrument
+from weightgeom.hooks.roles import TrackedMatrix, resolve_tracked
 
 
 class Reference:
@@ -294,10 +294,9 @@ def test_token_subsampling_is_unbiased_size_and_seeded():
 def test_hooks_removed_and_state_round_trip():
     model = make_model("llama")
     inst = CovarianceInstrument(resolve_tracked(model))
-    with pytest.raises(RuntimeError, match="boom"):
-        with inst.attached(model):
-            token_loss_sum(model, make_batch())[0].backward()
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), inst.attached(model):
+        token_loss_sum(model, make_batch())[0].backward()
+        raise RuntimeError("boom")
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     clone = CovarianceInstrument(resolve_tracked(model))
     clone.load_state_dict(inst.state_dict())

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.checkpoint import checkpoint_dir, is_complete
-from core.sinks import read_metrics, read_tensorboard_scalars
+from weightgeom.core.checkpoint import checkpoint_dir, is_complete
+from weightgeom.core.sinks import read_metrics, read_tensorboard_scalars
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,20 +36,20 @@ def save(obj, f, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *args, **kwargs)
 torch.save = save
-from harness.cli import main
+from weightgeom.harness.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 # A run that receives a real SIGTERM while it logs step $TERM_AT_STEP (deterministic, unlike a timer).
 TERM_AT_STEP = """
 import os, signal, sys
-import core.rundir
-real_log = core.rundir.RunDirectory.log
+import weightgeom.core.rundir
+real_log = weightgeom.core.rundir.RunDirectory.log
 def log(self, row, step):
     if step == int(os.environ["TERM_AT_STEP"]):
         os.kill(os.getpid(), signal.SIGTERM)
     return real_log(self, row, step)
-core.rundir.RunDirectory.log = log
-from harness.cli import main
+weightgeom.core.rundir.RunDirectory.log = log
+from weightgeom.harness.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -76,7 +76,7 @@ def cli_args(out: Path, cache: Path, name: str) -> list[str]:
 
 
 def run(code: str | None, args: list[str], **env) -> subprocess.CompletedProcess:
-    prefix = [sys.executable, "-c", code] if code else [sys.executable, "-m", "harness.cli"]
+    prefix = [sys.executable, "-c", code] if code else [sys.executable, "-m", "weightgeom.harness.cli"]
     import os  # noqa: PLC0415
 
     return subprocess.run([*prefix, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -153,13 +153,13 @@ def test_sigterm_saves_a_checkpoint_and_resumes_exactly(tmp_path, tokenizer_cach
 # SIGTERM while the corpus is read, before any training phase has started.
 TERM_WHILE_LOADING = """
 import os, signal, sys
-import trainers.ce
-real_load = trainers.ce.load_corpus
+import weightgeom.trainers.ce
+real_load = weightgeom.trainers.ce.load_corpus
 def load(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return real_load(*args, **kwargs)
-trainers.ce.load_corpus = load
-from harness.cli import main
+weightgeom.trainers.ce.load_corpus = load
+from weightgeom.harness.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
-from core.data import (
+from weightgeom.core.data import (
     PreferenceStats,
     batch_indices,
     build_embedded_preferences,
@@ -16,8 +16,8 @@ from core.data import (
     load_texts,
     tokenize_pairs,
 )
-from core.shards import load_corpus
-from core.tokenizer import train_stdlib_tokenizer
+from weightgeom.core.shards import load_corpus
+from weightgeom.core.tokenizer import train_stdlib_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_load_texts_errors(tmp_path):
         load_texts(str(tmp_path / "broken.jsonl"))
 
 
-# --- LM blocks (core.shards; more in test_shards.py) ---------------------------------------
+# --- LM blocks (weightgeom.core.shards; more in test_shards.py) ---------------------------------------
 
 
 def corpus_cfg(source, seq_len, eval_fraction=0.05, max_tokens=None):

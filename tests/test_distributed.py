@@ -15,13 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from hooks.roles import full as whole
-from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
+from weightgeom.hooks.roles import full as whole
+from weightgeom.hooks.suite import InstrumentSuite
 
 WORLD = 2
 K = 4
@@ -102,9 +101,7 @@ def test_global_state_equals_single_process(results):
     for r, res in enumerate(ranks):
         assert res["global"].keys() == single["local"].keys()
         for key, value in single["local"].items():
-            if key.startswith("meta/"):  # the subsampling generator's state: the same seed on every rank
-                assert torch.equal(res["global"][key], value), (r, key)
-            elif key.endswith("count"):
+            if key.startswith("meta/") or key.endswith("count"):  # the subsampling generator's state: the same seed on every rank
                 assert torch.equal(res["global"][key], value), (r, key)
             else:  # shards and the full batch round differently in fp32 (measured: ~1e-7 relative)
                 rel = float((res["global"][key] - value).norm() / value.norm())

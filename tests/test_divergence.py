@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainers.ce
-from core.config import load_config
-from core.sinks import read_metrics
-from harness.cli import main
+import weightgeom.trainers.ce
 from tests.conftest import count_host_reads, make_model
-from trainers.ce import pretrain
-from trainers.guard import DivergenceError, DivergenceGuard, gradient_norm, nonfinite_grads
-from trainers.trl_dpo import GuardCallback
+from weightgeom.core.config import load_config
+from weightgeom.core.sinks import read_metrics
+from weightgeom.harness.cli import main
+from weightgeom.trainers.ce import pretrain
+from weightgeom.trainers.guard import DivergenceError, DivergenceGuard, gradient_norm, nonfinite_grads
+from weightgeom.trainers.trl_dpo import GuardCallback
 
 
 def corpus(directory: Path) -> Path:
@@ -123,7 +123,7 @@ def test_dead_model_is_stopped(tmp_path, tokenizer_cache):
 def test_skip_mode_drops_the_step_and_its_statistics(tmp_path, tokenizer_cache, monkeypatch, capsys):
     """on_nonfinite=skip: a NaN loss at step 3 skips that update, and the covariance sums that the
     step's backward had already accumulated are rolled back (else they would be NaN)."""
-    real = trainers.ce.lm_loss_sum
+    real = weightgeom.trainers.ce.lm_loss_sum
     calls = {"train": 0}
 
     def nan_at_step_3(model, ids):
@@ -134,7 +134,7 @@ def test_skip_mode_drops_the_step_and_its_statistics(tmp_path, tokenizer_cache, 
                 loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(trainers.ce, "lm_loss_sum", nan_at_step_3)
+    monkeypatch.setattr(weightgeom.trainers.ce, "lm_loss_sum", nan_at_step_3)
     cfg = load_config("recipes/ce_tiny.yaml", overrides(tmp_path, tokenizer_cache, "name=skip", "train.steps=6",
                                                           "train.on_nonfinite=skip"))
     result = pretrain(cfg, progress=False)
@@ -151,7 +151,7 @@ def test_skip_mode_drops_the_step_and_its_statistics(tmp_path, tokenizer_cache, 
 def test_nonfinite_statistics_stop_the_run_with_finite_loss_and_gradients(tmp_path, tokenizer_cache, monkeypatch):
     """Covariance sums can overflow while the loss and the gradients stay finite: the run stops at that
     step, names the sum, and no metric or checkpoint holds it."""
-    from hooks.covariance import CovarianceInstrument  # noqa: PLC0415
+    from weightgeom.hooks.covariance import CovarianceInstrument  # noqa: PLC0415
 
     add_output, calls = CovarianceInstrument._add_output, []
 

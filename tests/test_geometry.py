@@ -1,4 +1,4 @@
-"""hooks.geometry on planted problems and brute-force references (tiny float64 tensors)."""
+"""weightgeom.hooks.geometry on planted problems and brute-force references (tiny float64 tensors)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hooks import geometry as geo
+from weightgeom.hooks import geometry as geo
 
 
 def gen(seed: int) -> torch.Generator:

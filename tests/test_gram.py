@@ -1,4 +1,4 @@
-"""hooks.gram: upper-block-triangle Gram products in fp32 / tf32 / bf16, against dense float64 math,
+"""weightgeom.hooks.gram: upper-block-triangle Gram products in fp32 / tf32 / bf16, against dense float64 math,
 and the suite's ``gram_precision`` option end to end (on CPU; tests/test_gpu.py repeats it on CUDA)."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooks.gram import Gram, _tf32_matmuls, gram_bounds, symmetric
-from hooks.suite import InstrumentSuite, SuiteConfig
 from tests.conftest import make_batch, make_model, token_loss_sum
+from weightgeom.hooks.gram import Gram, _tf32_matmuls, gram_bounds, symmetric
+from weightgeom.hooks.suite import InstrumentSuite, SuiteConfig
 
 BF16_UNIT = 2.0 ** -8  # bf16 unit roundoff: 8 significand bits (7 stored), rounding to nearest
 

@@ -9,9 +9,18 @@ import math
 
 import torch
 
-from harness.health import (chance_band, check_phase, console_lines, health_block, health_json, memorisation, non_finite,
-                            preference_at_chance, snapshot_non_finite)
 from tests.synthetic_runs import MEMORISING_EVAL, pretrain_rows
+from weightgeom.harness.reports.health import (
+    chance_band,
+    check_phase,
+    console_lines,
+    health_block,
+    health_json,
+    memorisation,
+    non_finite,
+    preference_at_chance,
+    snapshot_non_finite,
+)
 
 
 def test_memorisation_fires_on_the_measured_memorising_run():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hooks import keys
+from weightgeom.hooks import keys
 
 
 @pytest.mark.parametrize("key, expected", [

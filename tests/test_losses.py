@@ -13,9 +13,17 @@ from trl import DPOConfig, DPOTrainer
 
 from tests.conftest import make_model
 from tests.test_trl_dpo import PROMPTS, tiny_tokenizer
-from core.config import DpoObjective, GradedObjective, LikelihoodObjective, MixtureObjective, TrlObjective
-from trainers.losses import (LOSSES, DPOLoss, GradedLoss, LikelihoodLoss, MixtureLoss, build_loss, check_objectives,
-                             sequence_logps)
+from weightgeom.core.config import DpoObjective, GradedObjective, LikelihoodObjective, MixtureObjective, TrlObjective
+from weightgeom.trainers.losses import (
+    LOSSES,
+    DPOLoss,
+    GradedLoss,
+    LikelihoodLoss,
+    MixtureLoss,
+    build_loss,
+    check_objectives,
+    sequence_logps,
+)
 
 BETA = 0.5
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.models import build_tiny_model, count_parameters, load_local_model
-from hooks.roles import ARCHITECTURES
+from weightgeom.core.models import build_tiny_model, count_parameters, load_local_model
+from weightgeom.hooks.roles import ARCHITECTURES
 
 VOCAB = 97
 

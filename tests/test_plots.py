@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from harness import plots
+from weightgeom.harness.reports import plots
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.config import GradedObjective, LoraConfig, load_config
-from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
 from tests.conftest import count_host_reads
 from tests.gpu_checks import assert_policy_tokens_counted, check_trl_dpo_lora
-from trainers.ce import pretrain
-from trainers.preference import align
+from weightgeom.core.config import GradedObjective, LoraConfig, load_config
+from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
+from weightgeom.trainers.ce import pretrain
+from weightgeom.trainers.preference import align
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_the_preference_loop_reads_the_device_once_per_step_and_once_per_logged_
 
 
 def _rows(run_dir):
-    from core.sinks import read_metrics  # noqa: PLC0415
+    from weightgeom.core.sinks import read_metrics  # noqa: PLC0415
 
     return read_metrics(run_dir / "metrics.jsonl")
 

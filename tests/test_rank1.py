@@ -18,26 +18,45 @@ import shutil
 import pytest
 import torch
 
-from core.data import tokenize_pairs
-from harness.cli import main
-from hooks import geometry as geo
-from harness.rank1 import (FAMILIES, Forms, Rank1Config, Rank1Result, build_directions, prediction_form,
-                           rank1_experiment, zscore)
-from harness.rank1_report import rank1_section, write_rank1_report
-from harness.rank1_directions import (family_generator, haar_directions, lower_ranks, variance_matched,
-                                      widest_angle_in_band)
-from harness.rank1_edits import (edited_weight, first_order, input_side_edit, kfac_second_order, output_side_edit,
-                                 role_shape)
-from harness.rank1_measure import evaluate, measure_statistics, prepare_heldout
-from hooks.roles import resolve_tracked
-from hooks.roles import unembedding as resolve_unembedding
 from tests.conftest import make_model
 from tests.test_trl_dpo import PROMPTS, tiny_tokenizer
-from trainers.losses import DPOLoss, sequence_logps
-from trainers.pairs import pair_logps
+from weightgeom.core.data import tokenize_pairs
+from weightgeom.harness.cli import main
+from weightgeom.harness.rank1.directions import (
+    family_generator,
+    haar_directions,
+    lower_ranks,
+    variance_matched,
+    widest_angle_in_band,
+)
+from weightgeom.harness.rank1.edits import (
+    edited_weight,
+    first_order,
+    input_side_edit,
+    kfac_second_order,
+    output_side_edit,
+    role_shape,
+)
+from weightgeom.harness.rank1.experiment import (
+    FAMILIES,
+    Forms,
+    Rank1Config,
+    Rank1Result,
+    build_directions,
+    prediction_form,
+    rank1_experiment,
+    zscore,
+)
+from weightgeom.harness.rank1.measure import evaluate, measure_statistics, prepare_heldout
+from weightgeom.harness.rank1.report import rank1_section, write_rank1_report
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks.roles import resolve_tracked
+from weightgeom.hooks.roles import unembedding as resolve_unembedding
+from weightgeom.trainers.losses import DPOLoss, sequence_logps
+from weightgeom.trainers.pairs import pair_logps
 
 CPU = torch.device("cpu")
-WORDS = "the a cat dog bird sat ran flew on under mat tree yes no good bad very".split()
+WORDS = ["the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "yes", "no", "good", "bad", "very"]
 
 
 def random_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -360,14 +379,12 @@ def test_weights_are_restored_bit_for_bit_also_when_the_measurement_raises():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tm = tracked_matrix(model, "L0/k")
     dW = torch.full(role_shape(tm), 0.3, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="measurement failed"):
-        with edited_weight(tm, dW):
-            assert not torch.equal(model.state_dict()[_param_name(model, tm)], state[_param_name(model, tm)])
-            raise RuntimeError("measurement failed")
+    with pytest.raises(RuntimeError, match="measurement failed"), edited_weight(tm, dW):
+        assert not torch.equal(model.state_dict()[_param_name(model, tm)], state[_param_name(model, tm)])
+        raise RuntimeError("measurement failed")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="shape"):
-        with edited_weight(tm, torch.zeros(3, 3)):
-            pass
+    with pytest.raises(ValueError, match="shape"), edited_weight(tm, torch.zeros(3, 3)):
+        pass
 
 
 def _param_name(model, tm) -> str:
@@ -493,8 +510,8 @@ SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3"
 
 
 def test_flags_given_replace_the_defaults_and_zero_counts_as_given():
-    from harness.rank1_cli import add_rank1_parser  # noqa: PLC0415
-    from harness.rank1_inputs import config_from_args  # noqa: PLC0415
+    from weightgeom.harness.rank1.cli import add_rank1_parser  # noqa: PLC0415
+    from weightgeom.harness.rank1.inputs import config_from_args  # noqa: PLC0415
 
     parser = argparse.ArgumentParser()
     add_rank1_parser(parser.add_subparsers(dest="command"))

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.cli import RECIPES_DIR, main
-from core.config import load_config
-from harness.pipeline import sweep_configs
-from core.sinks import read_metrics
+from weightgeom.core.config import load_config
+from weightgeom.core.sinks import read_metrics
+from weightgeom import recipes
+from weightgeom.harness.cli import main
+from weightgeom.harness.pipeline import sweep_configs
 
-RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+RECIPES = list(recipes.bundled().values())
 
 
 def test_recipes_are_bundled():
@@ -41,7 +42,7 @@ def _smoke(tmp_path: Path, name: str, *extra: str) -> list[str]:
 def test_smoke_pipeline_runs_end_to_end_and_reproduces(tmp_path):
     assert main(_smoke(tmp_path, "a")) == 0
     run = tmp_path / "a"
-    objectives = [o.name for o in load_config(RECIPES_DIR / "asymmetry_smoke.yaml").align.objectives]
+    objectives = [o.name for o in load_config(recipes.bundled()["asymmetry_smoke"]).align.objectives]
     assert sorted(p.name for p in (run / "align").iterdir()) == sorted(objectives)
     for name in objectives:
         rows = read_metrics(run / "align" / name / "metrics.jsonl")
@@ -105,7 +106,7 @@ def test_local_model_recipe_runs_on_a_checkpoint_and_a_preference_file(tmp_path)
 
 @pytest.mark.slow
 def test_tiny_sweep_writes_the_scale_report(tmp_path):
-    recipe = yaml.safe_load((RECIPES_DIR / "asymmetry_smoke.yaml").read_text())
+    recipe = yaml.safe_load((recipes.bundled()["asymmetry_smoke"]).read_text())
     recipe.update(name="sweep", output_dir=str(tmp_path), tokenizer={"vocab_size": 512, "cache_dir": str(tmp_path)})
     recipe["align"]["objectives"] = recipe["align"]["objectives"][1:]  # the graded family only
     recipe["sweep"] = [{"model.hidden_size": 32, "train.steps": 10}, {"model.hidden_size": 64, "train.steps": 20}]

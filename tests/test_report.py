@@ -12,11 +12,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from core.sinks import build_sinks
-from harness.asymmetry import write_asymmetry_report
-from harness.report import k_curves, markdown_table, write_run_report
-from hooks import geometry as geo
 from tests.synthetic_runs import pipeline
+from weightgeom.core.sinks import build_sinks
+from weightgeom.harness.reports.asymmetry import write_asymmetry_report
+from weightgeom.harness.reports.markdown import markdown_table
+from weightgeom.harness.reports.run_report import k_curves, write_run_report
+from weightgeom.hooks import geometry as geo
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

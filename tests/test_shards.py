@@ -14,10 +14,10 @@ import pytest
 import torch
 from datasets import Dataset
 
-import core.shards as shards
-from core.config import load_config
-from core.data import _epoch_permutation, _epoch_seed, batch_indices, load_texts
-from core.shards import (
+import weightgeom.core.shards as shards
+from weightgeom.core.config import load_config
+from weightgeom.core.data import _epoch_permutation, _epoch_seed, batch_indices, load_texts
+from weightgeom.core.shards import (
     PackedBlocks,
     TokenShards,
     load_corpus,
@@ -27,11 +27,11 @@ from core.shards import (
     select_eval_documents,
     tokenizer_fingerprint,
 )
-from core.tokenizer import train_stdlib_tokenizer
-from trainers.ce import corpus_cache
+from weightgeom.core.stage_inputs import corpus_cache
+from weightgeom.core.tokenizer import train_stdlib_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = "alpha beta gamma delta import return yield lambda class def self value".split()
+WORDS = ["alpha", "beta", "gamma", "delta", "import", "return", "yield", "lambda", "class", "def", "self", "value"]
 
 
 @pytest.fixture(scope="module")
@@ -524,7 +524,7 @@ def test_cli_prepare_data_end_to_end(tokenizer, corpus, tmp_path):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(hf_home / "datasets")}
     out = tmp_path / "prepared"
     local_tokenizer = str(tokenizer.name_or_path)  # the fixture's saved directory: a LOCAL_DIR tokenizer
-    cmd = [sys.executable, "-m", "harness.cli", "prepare-data", str(root), "stdlib", "--out", str(out),
+    cmd = [sys.executable, "-m", "weightgeom.harness.cli", "prepare-data", str(root), "stdlib", "--out", str(out),
            "--tokenizer", local_tokenizer, "--eval-fraction", "0.05", "--num-proc", "2", "--seed", "3",
            "--max-tokens", "60000", "--shard-tokens", "25000", "--no-progress"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

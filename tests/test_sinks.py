@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from core.sinks import (build_sinks, read_metrics, read_tensorboard_scalars,
-                           truncate_after)
+from weightgeom.core.sinks import build_sinks, read_metrics, read_tensorboard_scalars, truncate_after
 
 
 def test_jsonl_and_tensorboard_receive_the_same_rows(tmp_path):

@@ -3,7 +3,7 @@ effects on training, hook removal, PEFT LoRA, state round trip and mid-phase res
 
 References are independent of the suite's hooks: plain forward hooks store each watched module's
 input, and add a zero leaf ``eps`` (requires_grad) to its output, whose ``.grad`` after backward is
-the per-token ``delta = dL/dy``. Expected metrics are then recomputed with ``hooks.geometry``.
+the per-token ``delta = dL/dy``. Expected metrics are then recomputed with ``weightgeom.hooks.geometry``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections import defaultdict
 import pytest
 import torch
 
-from hooks import geometry as geo
-from hooks.roles import ROLES
-from hooks.suite import InstrumentSuite
 from tests.conftest import make_batch, make_model, token_loss_sum
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks.roles import ROLES
+from weightgeom.hooks.suite import InstrumentSuite
 
 K = 4  # suite subspace dimension in these tests (the tiny llama has d_model 32, d_ff 64)
 REL = 1e-5
@@ -188,7 +188,7 @@ def test_k_is_capped_at_dim_minus_one():
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with suite.attached(model, opt):
         metrics = step_once(model, opt, suite, make_batch(), 1)
-    for key, role, group, n in (("L0/q", "q", "L0/attn_in", 32), ("L1/down", "down", "L1/down_in", 64)):
+    for key, _role, group, n in (("L0/q", "q", "L0/attn_in", 32), ("L1/down", "down", "L1/down_in", 64)):
         tm = next(t for t in suite.tracked if t.key == key)
         U = geo.top_eigvecs(suite.cov.covariance_in(group), n - 1)[0]
         expected = geo.relative_rsf(geo.rsf_in(suite.upd.delta(tm), U), n - 1, n)
@@ -221,7 +221,7 @@ def test_metrics_returned_exactly_at_scheduled_steps(every_n, log_spaced, expect
 
 
 def test_schedule_predicate():
-    from hooks.schedule import Schedule
+    from weightgeom.hooks.schedule import Schedule
 
     assert [s for s in range(0, 40) if Schedule(every_n=1000, log_spaced=True)(s)] == [1, 2, 4, 8, 16, 32]
     assert [s for s in range(0, 20) if Schedule(every_n=7)(s)] == [7, 14]
@@ -279,12 +279,11 @@ def test_hooks_removed_when_training_raises():
     model = make_model("llama")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     suite = InstrumentSuite(model, k=K, every_n=1, zscores=False)
-    with pytest.raises(RuntimeError, match="boom"):
-        with suite.attached(model, opt):
-            step_once(model, opt, suite, make_batch(), 1)
-            assert not _no_hooks(model, opt)  # attached for real, so the check below can fail
-            token_loss_sum(model, make_batch(seed=2))  # mid-step: a forward whose backward never runs
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), suite.attached(model, opt):
+        step_once(model, opt, suite, make_batch(), 1)
+        assert not _no_hooks(model, opt)  # attached for real, so the check below can fail
+        token_loss_sum(model, make_batch(seed=2))  # mid-step: a forward whose backward never runs
+        raise RuntimeError("boom")
     assert _no_hooks(model, opt)
     assert not suite.cov.is_attached and not suite.upd.is_attached
     # nothing is measured any more: another plain training step leaves the suite's state alone
@@ -431,9 +430,9 @@ def test_attach_refuses_modules_replaced_after_construction():
     model = make_model("llama")
     suite = InstrumentSuite(model, k=K, every_n=1, zscores=False)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    with pytest.raises(RuntimeError, match="build the suite after wrapping"):
-        with suite.attached(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1)):
-            pass
+    with pytest.raises(RuntimeError, match="build the suite after wrapping"), \
+            suite.attached(wrapped, torch.optim.SGD(wrapped.parameters(), lr=0.1)):
+        pass
     assert not any(m._forward_hooks for m in wrapped.modules())
 
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-import core.tokenizer as tok_mod
-from core.tokenizer import load_tokenizer, stdlib_text_files, train_stdlib_tokenizer
+import weightgeom.core.tokenizer as tok_mod
+from weightgeom.core.tokenizer import load_tokenizer, stdlib_text_files, train_stdlib_tokenizer
 
 SMALL_BYTES = 300_000
 VOCAB = 400

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_config
-from core.sinks import read_metrics
-from harness.cli import RECIPES_DIR
-from trainers.ce import pretrain
+from weightgeom.core.config import load_config
+from weightgeom.core.sinks import read_metrics
+from weightgeom import recipes
+from weightgeom.trainers.ce import pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def tiny_run(tmp_path: Path, cache: Path, tracker: str):
     corpus.mkdir()
     for name in ("textwrap.py", "bisect.py", "colorsys.py", "shlex.py"):
         (corpus / f"{name}.txt").write_text((Path(sysconfig.get_paths()["stdlib"]) / name).read_text())
-    cfg = load_config(RECIPES_DIR / "ce_tiny.yaml", [
+    cfg = load_config(recipes.bundled()["ce_tiny"], [
         f"output_dir={tmp_path}", f"name=with_{tracker}", f"tokenizer.cache_dir={cache}", "tokenizer.vocab_size=512",
         f"data.source={corpus}", "model.hidden_size=32", "data.seq_len=32", "train.batch_size=4", "train.steps=4",
         "train.log_every=1", "train.eval_every=0", "instruments.every_n=2", "instruments.zscores=false",

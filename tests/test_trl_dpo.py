@@ -13,9 +13,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from tests.conftest import make_model
-from trainers.trl_dpo import InstrumentCallback, checkpointing_off, micro_batches_in_step, run_trl_dpo
+from weightgeom.trainers.trl_dpo import InstrumentCallback, checkpointing_off, micro_batches_in_step, run_trl_dpo
 
-WORDS = "<|pad|> <|eos|> <unk> the a cat dog bird sat ran flew on under mat tree yes no good bad very".split()
+WORDS = ["<|pad|>", "<|eos|>", "<unk>", "the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "yes", "no", "good", "bad", "very"]
 PROMPTS = ["the cat sat on", "a dog ran under", "the bird flew on", "a cat ran under", "the dog sat on", "a bird sat"]
 
 
@@ -39,7 +39,7 @@ def train(tmp_path, pairs, callbacks=(), **overrides):
 
 
 class RecordingSuite:
-    """Stands in for hooks.suite.InstrumentSuite: records the calls and what it could see."""
+    """Stands in for weightgeom.hooks.suite.InstrumentSuite: records the calls and what it could see."""
 
     def __init__(self, geometry_every: int = 2) -> None:
         self.events: list[str] = []

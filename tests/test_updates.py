@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hooks.roles import ARCHITECTURES, resolve_tracked
-from hooks.updates import UpdateInstrument
 from tests.conftest import make_batch, make_model, token_loss_sum
+from weightgeom.hooks.roles import ARCHITECTURES, resolve_tracked
+from weightgeom.hooks.updates import UpdateInstrument
 
 
 def sgd_step(model, batch, lr=0.1, optimizer=None):

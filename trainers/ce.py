@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.config import RunConfig
-from core.data import batch_indices
-from core.models import build_model, match_special_tokens
-from core.processes import on_main
-from core.shards import load_corpus
-from core.tokenizer import tokenizer_from_config
-from trainers.session import RunResult, TrainingSession
+from weightgeom.core.config import RunConfig
+from weightgeom.core.data import batch_indices
+from weightgeom.core.models import build_model, match_special_tokens
+from weightgeom.core.processes import on_main
+from weightgeom.core.shards import load_corpus
+from weightgeom.core.stage_inputs import corpus_cache
+from weightgeom.core.tokenizer import tokenizer_from_config
+from weightgeom.trainers.session import RunResult, TrainingSession
 
 
 def lm_loss_sum(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -69,11 +70,6 @@ class LossWindow:
         out = totals["loss"] / max(totals["tokens"], 1), self.tokens * session.world / max(elapsed, 1e-9)
         self.__init__()
         return out
-
-
-def corpus_cache(cfg: RunConfig) -> Path:
-    """Where prepared token shards of ``data.source`` are cached: beside the tokenizer's cache."""
-    return Path(cfg.tokenizer.cache_dir).expanduser() / "corpora"
 
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | None = None,

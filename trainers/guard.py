@@ -2,7 +2,7 @@
 weights, the instruments' statistics or a checkpoint; a model whose gradient stays exactly zero is
 stopped instead of being trained (and measured) for hundreds of dead steps.
 
-Used by the shared :class:`trainers.session.TrainingSession` (our CE and preference loops) and, as a
+Used by the shared :class:`weightgeom.trainers.session.TrainingSession` (our CE and preference loops) and, as a
 ``TrainerCallback``, by the TRL path. The policy comes from the phase's ``TrainConfig``:
 
 * ``on_nonfinite: stop`` (default): raise :class:`DivergenceError` naming the step and the first
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from hooks.distributed import all_reduce_sums
-from hooks.roles import local
+from weightgeom.hooks.distributed import all_reduce_sums
+from weightgeom.hooks.roles import local
 
 
 class DivergenceError(RuntimeError):

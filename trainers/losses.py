@@ -22,8 +22,8 @@ micro-batch's loss by its share of the step's pairs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -199,7 +199,7 @@ def check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
 
 
-# Each objective config (core.config.OBJECTIVES) -> its loss. ``loss: trl`` objectives are trained by
+# Each objective config (weightgeom.core.config.OBJECTIVES) -> its loss. ``loss: trl`` objectives are trained by
 # TRL (trainers/trl_dpo.py), which reports their held-out metrics with sigmoid DPO.
 LOSSES: dict[str, Callable[..., PreferenceLoss]] = {
     "graded": lambda objective, beta: GradedLoss(objective.grade, beta),
@@ -210,11 +210,11 @@ LOSSES: dict[str, Callable[..., PreferenceLoss]] = {
 
 
 def build_loss(objective, beta: float) -> PreferenceLoss:
-    """The loss of an objective config (``core.config.GradedObjective``, ``MixtureObjective``, ...);
+    """The loss of an objective config (``weightgeom.core.config.GradedObjective``, ``MixtureObjective``, ...);
     its parameters are checked here, by the loss that uses them."""
     if objective.loss not in LOSSES:
         raise ValueError(f"objective {objective.name!r}: loss {objective.loss!r} is not trained by our preference "
-                         f"loop (its losses: {', '.join(LOSSES)}; 'trl' runs through trainers.trl_dpo)")
+                         f"loop (its losses: {', '.join(LOSSES)}; 'trl' runs through weightgeom.trainers.trl_dpo)")
     return LOSSES[objective.loss](objective, beta)
 
 

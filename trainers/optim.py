@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from core.config import TrainConfig
+from weightgeom.core.config import TrainConfig
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

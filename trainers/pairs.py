@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from trainers.losses import PreferenceLoss, sequence_logps
+from weightgeom.trainers.losses import PreferenceLoss, sequence_logps
 
 
 def pair_logps(model, data: dict, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of chosen and rejected for pairs ``idx`` (one forward of 2B rows),
-    and the chosen completions' token counts; each (B,). ``data`` is :func:`core.data.tokenize_pairs`'s."""
+    and the chosen completions' token counts; each (B,). ``data`` is :func:`weightgeom.core.data.tokenize_pairs`'s."""
     ids = torch.cat([data["chosen_input_ids"][idx], data["rejected_input_ids"][idx]]).to(device)
     mask = torch.cat([data["chosen_attention_mask"][idx], data["rejected_attention_mask"][idx]]).to(device)
     loss_mask = torch.cat([data["chosen_loss_mask"][idx], data["rejected_loss_mask"][idx]]).to(device)

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from core.config import RunConfig
-from core.data import batch_indices, tokenize_pairs
-from core.models import apply_lora, build_model
-from core.processes import process_state
-from trainers.losses import build_loss, host_floats
-from trainers.pairs import pair_logps, preference_eval, reference_logps
-from trainers.session import RunResult, TrainingSession
+from weightgeom.core.config import RunConfig
+from weightgeom.core.data import batch_indices, tokenize_pairs
+from weightgeom.core.models import apply_lora, build_model
+from weightgeom.core.processes import process_state
+from weightgeom.trainers.losses import build_loss, host_floats
+from weightgeom.trainers.pairs import pair_logps, preference_eval, reference_logps
+from weightgeom.trainers.session import RunResult, TrainingSession
 
 
 def align(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, tokenizer, pairs: list[dict],

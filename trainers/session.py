@@ -38,15 +38,21 @@ from accelerate import Accelerator, DistributedType
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
-from core.config import RunConfig, TrainConfig
-from core.rundir import RunDirectory
-from core.sharding import is_sharded, local_optimizer_state, shard_model, whole_model_state, whole_optimizer_state
-from core.runinfo import model_facts, now, versions
-from hooks.suite import build_suite
-from trainers.guard import DivergenceError, DivergenceGuard
-from trainers.interrupt import Interrupted, StopSignals
-from trainers.optim import make_optimizer, make_scheduler
+from weightgeom.core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
+from weightgeom.core.config import RunConfig, TrainConfig
+from weightgeom.core.rundir import RunDirectory
+from weightgeom.core.runinfo import model_facts, now, versions
+from weightgeom.core.sharding import (
+    is_sharded,
+    local_optimizer_state,
+    shard_model,
+    whole_model_state,
+    whole_optimizer_state,
+)
+from weightgeom.hooks.suite import build_suite
+from weightgeom.trainers.guard import DivergenceError, DivergenceGuard
+from weightgeom.trainers.interrupt import Interrupted, StopSignals
+from weightgeom.trainers.optim import make_optimizer, make_scheduler
 
 # Progress-bar fields: metric key -> short label.
 POSTFIX = {"train/loss": "loss", "pref/loss": "loss", "pref/accuracy": "acc", "eval/loss": "eval",

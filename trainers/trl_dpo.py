@@ -37,18 +37,18 @@ import torch
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from core.config import RunConfig
-from core.data import prompt_budget, tokenize_pairs
-from core.models import apply_lora, build_model
-from core.processes import process_state
-from core.rundir import RunDirectory
-from core.runinfo import model_facts, now, versions
-from hooks.suite import build_suite
-from trainers.guard import DivergenceError, DivergenceGuard, gradient_norm
-from trainers.interrupt import Interrupted, StopSignals
-from trainers.losses import DPOLoss, check_beta
-from trainers.pairs import preference_eval, reference_logps
-from trainers.session import RunResult, save_final
+from weightgeom.core.config import RunConfig
+from weightgeom.core.data import prompt_budget, tokenize_pairs
+from weightgeom.core.models import apply_lora, build_model
+from weightgeom.core.processes import process_state
+from weightgeom.core.rundir import RunDirectory
+from weightgeom.core.runinfo import model_facts, now, versions
+from weightgeom.hooks.suite import build_suite
+from weightgeom.trainers.guard import DivergenceError, DivergenceGuard, gradient_norm
+from weightgeom.trainers.interrupt import Interrupted, StopSignals
+from weightgeom.trainers.losses import DPOLoss, check_beta
+from weightgeom.trainers.pairs import preference_eval, reference_logps
+from weightgeom.trainers.session import RunResult, save_final
 
 # TRL's logged key -> ours (docs/architecture.md). TRL 1.16 logs rewards/* as means over the pairs
 # of the logging window and ``loss`` as the mean of the optimizer steps' losses.
@@ -64,7 +64,7 @@ TRL_TO_HARNESS = {
 
 
 class Suite(Protocol):
-    """What the callback needs from the instruments (``hooks.suite.InstrumentSuite`` fits)."""
+    """What the callback needs from the instruments (``weightgeom.hooks.suite.InstrumentSuite`` fits)."""
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
     def detach(self) -> None: ...
@@ -336,7 +336,7 @@ def trainer_settings(train_cfg, progress: bool) -> dict:
 
 def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
     """Trim each prompt from the left so prompt + completion fits ``max_len`` tokens, by the rule
-    ``tokenize_pairs`` uses for our own loops (``core.data.prompt_budget``).
+    ``tokenize_pairs`` uses for our own loops (``weightgeom.core.data.prompt_budget``).
 
     TRL keeps the *start* of a too-long sequence and drops pairs whose prompt alone fills
     ``max_length``; long prompts (the embedded set's 200-character contexts under a small

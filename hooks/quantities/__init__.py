@@ -1,20 +1,20 @@
 """Metric quantities: one small class per family of streamed metrics (as Cockpit keeps one per quantity).
 
-A quantity reads a :class:`hooks.measurement.Measurement` and returns a :class:`hooks.measurement.Values`
+A quantity reads a :class:`weightgeom.hooks.measurement.Measurement` and returns a :class:`weightgeom.hooks.measurement.Values`
 (metric tensors on the instruments' device, synchronised with the host once per computation). To add a
 metric, write a class with ``compute(measurement) -> Values`` in a new file here, add it to
 :data:`DEFAULT_QUANTITIES` (or pass ``quantities=`` to the suite) and list its keys in
-docs/architecture.md. Keys are built with ``hooks.keys``.
+docs/architecture.md. Keys are built with ``weightgeom.hooks.keys``.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
-from hooks.measurement import Measurement, Values
-from hooks.quantities.coherence import Coherence
-from hooks.quantities.rsf import DeltaRSF, InputRSF, PredictionRSF
-from hooks.quantities.spikiness import Spikiness
+from weightgeom.hooks.measurement import Measurement, Values
+from weightgeom.hooks.quantities.coherence import Coherence
+from weightgeom.hooks.quantities.rsf import DeltaRSF, InputRSF, PredictionRSF
+from weightgeom.hooks.quantities.spikiness import Spikiness
 
 
 class Quantity(Protocol):

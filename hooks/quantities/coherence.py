@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from hooks.measurement import Measurement, Values
+from weightgeom.hooks.measurement import Measurement, Values
 
 
 class Coherence:

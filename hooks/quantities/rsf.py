@@ -20,10 +20,10 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from hooks import geometry as geo
-from hooks import keys
-from hooks.measurement import Measurement, Values, Written
-from hooks.roles import WRITE_ROLES
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.measurement import Measurement, Values, Written
+from weightgeom.hooks.roles import WRITE_ROLES
 
 
 def relative_rsf_family(m: Measurement, family: str, items: list[tuple[Written, Tensor, int]],

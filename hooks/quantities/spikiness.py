@@ -7,8 +7,8 @@ from collections import defaultdict
 
 import torch
 
-from hooks import geometry as geo
-from hooks.measurement import Measurement, Values
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks.measurement import Measurement, Values
 
 
 class Spikiness:

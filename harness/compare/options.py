@@ -1,4 +1,4 @@
-"""Choices and defaults shared by ``harness.compare`` and its CLI (kept import-free so that
+"""Choices and defaults shared by ``weightgeom.harness.compare.analysis`` and its CLI (kept import-free so that
 ``harness --help`` does not load torch)."""
 
 UNEMBED_CHOICES = ("after", "base")  # whose W_U spans the prediction subspace; the live metrics use AFTER's

@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from hooks import keys
-from hooks.roles import TrackedMatrix
+from weightgeom.hooks import keys
+from weightgeom.hooks.roles import TrackedMatrix
 
 # The tokenizer reads at most this many tokens' worth of documents per requested token: enough
 # chunks to draw a sample spread over many documents without tokenizing a whole corpus.

@@ -12,17 +12,17 @@ reference = base) over the training pairs:
   with the all-ones direction projected out) and along the top eigenvectors of ``C_delta``.
 
 Each edit is the steepest-descent rank-1 edit of Frobenius norm ``eps`` given its direction
-(:mod:`harness.rank1_edits`). Every tested direction is compared with control families
-(:mod:`harness.rank1_directions`): Haar-random directions, directions matched on the quadratic form
+(:mod:`weightgeom.harness.rank1.edits`). Every tested direction is compared with control families
+(:mod:`weightgeom.harness.rank1.directions`): Haar-random directions, directions matched on the quadratic form
 that picked it (``C_a`` variance; ``C_delta`` variance; squared prediction singular value), lower
 principal directions, and the same direction measured in another layer, each edited by the same
-rule. Measured on held-out data (:mod:`harness.rank1_measure`): the change of the DPO loss, reward
+rule. Measured on held-out data (:mod:`weightgeom.harness.rank1.measure`): the change of the DPO loss, reward
 margin and accuracy (reference = base), of CE on held-out pretraining text, and KL(base || edited).
 Next to them: the first-order prediction ``<G, dW>`` and the K-FAC second-order prediction.
 
 Entry points: :func:`run_rank1` (a checkpoint directory), :func:`rank1_experiment` (a model in
 memory and tokenized data), :func:`write_rank1_report` and :func:`rank1_section`
-(:mod:`harness.rank1_report`), and the ``harness rank1`` command (:mod:`harness.rank1_cli`).
+(:mod:`weightgeom.harness.rank1.report`), and the ``harness rank1`` command (:mod:`weightgeom.harness.rank1.cli`).
 """
 
 from __future__ import annotations
@@ -36,17 +36,23 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from core.config import Rank1Edits
-from core.data import tokenize_pairs
-from core.models import load_local_model
-from core.sinks import json_safe
-from core.tokenizer import load_tokenizer
-from harness.rank1_directions import family_generator, haar_directions, lower_ranks, variance_matched
-from harness.rank1_edits import (Rank1Edit, first_order, input_side_edit, kfac_second_order, output_side_edit,
-                                 edited_weight)
-from harness.rank1_measure import HeldOut, Statistics, evaluate, measure_statistics, prepare_heldout
-from hooks import geometry as geo
-from hooks.roles import GROUP_OF_ROLE, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
+from weightgeom.core.config import Rank1Edits
+from weightgeom.core.data import tokenize_pairs
+from weightgeom.core.models import load_local_model
+from weightgeom.core.sinks import json_safe
+from weightgeom.core.tokenizer import load_tokenizer
+from weightgeom.harness.rank1.directions import family_generator, haar_directions, lower_ranks, variance_matched
+from weightgeom.harness.rank1.edits import (
+    Rank1Edit,
+    edited_weight,
+    first_order,
+    input_side_edit,
+    kfac_second_order,
+    output_side_edit,
+)
+from weightgeom.harness.rank1.measure import HeldOut, Statistics, evaluate, measure_statistics, prepare_heldout
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks.roles import GROUP_OF_ROLE, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
 
 FAMILIES = ("haar", "matched", "lower", "layer")
 # Metrics that get a z-score against every control family.
@@ -56,7 +62,7 @@ RESULT_VERSION = 1
 
 @dataclass
 class Rank1Config(Rank1Edits):
-    """Settings of one rank-1 experiment: what is edited and how (:class:`core.config.Rank1Edits`, whose
+    """Settings of one rank-1 experiment: what is edited and how (:class:`weightgeom.core.config.Rank1Edits`, whose
     fields and checks these are), the sampling ``seed`` of the controls and the DPO ``beta`` of ``G``."""
 
     seed: int = 0
@@ -171,7 +177,7 @@ def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict]
 
 def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, text_blocks: Tensor,
                      config: Rank1Config, progress: bool = False) -> Rank1Result:
-    """The experiment on a model in memory; pair data as produced by ``core.data.tokenize_pairs``.
+    """The experiment on a model in memory; pair data as produced by ``weightgeom.core.data.tokenize_pairs``.
 
     The model is put in eval mode for the duration (its mode is restored after); its weights are
     edited in place one direction at a time and restored bit for bit after each (also on error).
@@ -340,7 +346,7 @@ def measure_direction(model: nn.Module, tm: TrackedMatrix, d: Direction, stats: 
                       base: dict[str, float], cfg: Rank1Config) -> dict[str, float]:
     """Edit along ``d`` at ``eps_small`` and ``eps`` (a tested direction also at ``-eps``, for the
     measured second-order term), restoring the weights after each; measure held-out metrics; add the
-    predictions from the statistics. Keys: see :mod:`harness.rank1_report`."""
+    predictions from the statistics. Keys: see :mod:`weightgeom.harness.rank1.report`."""
     edit = make_edit(stats.G[tm.key], d.side, d.vector)
     measured = {}
     for e in (cfg.small, cfg.eps, -cfg.eps) if d.family == "tested" else (cfg.small, cfg.eps):

@@ -20,8 +20,8 @@ import torch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter  # noqa: E402
 
-from hooks import keys  # noqa: E402
-from hooks.roles import ROLES  # noqa: E402
+from weightgeom.hooks import keys  # noqa: E402
+from weightgeom.hooks.roles import ROLES  # noqa: E402
 
 Threshold = tuple[float, str]  # (y value, legend label)
 ISOTROPIC: Threshold = (1.0, "isotropic (1.0)")

@@ -1,6 +1,6 @@
 """``compare``: the paper's static analysis of the weight delta between two local checkpoints.
 
-For every tracked (layer, role) matrix (``hooks.roles``: q k v o gate up down, fused matrices
+For every tracked (layer, role) matrix (``weightgeom.hooks.roles``: q k v o gate up down, fused matrices
 split, GPT-2's Conv1D transposed) of two checkpoints of one architecture, ``dW = W_after - W_base``
 (fp32, shape (out, in)) and
 
@@ -13,7 +13,7 @@ split, GPT-2's Conv1D transposed) of two checkpoints of one architecture, ``dW =
 * exact z-scores against Haar-random k-subspaces (closed form, as the live metrics), eigengaps, and the relative RSF for every k of
   ``k_curve``.
 
-The numbers are the live metrics' (``hooks.suite.InstrumentSuite.compute``): the same geometry
+The numbers are the live metrics' (``weightgeom.hooks.suite.InstrumentSuite.compute``): the same geometry
 functions, the same k cap (``min(k, dim - 1)``), the same key names (:meth:`CompareResult.metrics`).
 On a pipeline's own checkpoints (``RUN/pretrain/checkpoints/step_N`` as BASE,
 ``RUN/align/{obj}/checkpoints/step_M`` as AFTER) they reproduce the alignment run's final
@@ -34,20 +34,31 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from core.data import load_texts
-from core.models import load_local_model
-from core.tokenizer import load_tokenizer
+from weightgeom.core.data import load_texts
+from weightgeom.core.models import load_local_model
+from weightgeom.core.tokenizer import load_tokenizer
+from weightgeom.harness.compare.input_covariance import (
+    InputCovariances,
+    measure_input_covariances,
+    read_snapshot,
+    sample_token_batches,
+    snapshot_covariances,
+)
+from weightgeom.harness.compare.options import (
+    C_A_MODELS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_K,
+    DEFAULT_K_CURVE,
+    DEFAULT_N_TOKENS,
+    DEFAULT_SEQ_LEN,
+    UNEMBED_CHOICES,
+)
+from weightgeom.harness.compare.report import write_compare_report
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
 
-from hooks import geometry as geo
-from hooks import keys
-from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE, 
-                                     DEFAULT_N_TOKENS, DEFAULT_SEQ_LEN, UNEMBED_CHOICES)
-from harness.compare_report import write_compare_report
-from harness.input_covariance import (InputCovariances, measure_input_covariances, read_snapshot,
-                                      sample_token_batches, snapshot_covariances)
-from hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
-
-__all__ = ["CompareResult", "MatrixResult", "compare", "random_subspace_z", "write_compare_report"]
+__all__ = ["CompareResult", "MatrixResult", "compare", "write_compare_report"]
 
 # The families that get a mean over layers, named as the live metrics name them.
 _MEAN_FAMILIES = ("rsf_in", "z_in", "rsf_out_pred", "z_out_pred", "rsf_out_pred_alt")
@@ -352,7 +363,7 @@ def _tokenizer(path: str | Path, label: str):
 # ----- the two sides --------------------------------------------------------------------------------
 
 def _curve_ks(ks: tuple[int, ...], dim: int) -> list[int]:
-    """The curve's k below ``dim`` (as harness.report's k-curves: a k >= dim is the whole space,
+    """The curve's k below ``dim`` (as weightgeom.harness.reports.run_report's k-curves: a k >= dim is the whole space,
     relative RSF 1 by construction); the headline k is capped at ``dim - 1`` instead."""
     return sorted({k for k in ks if k < dim})
 

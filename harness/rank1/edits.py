@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hooks.roles import TrackedMatrix
+from weightgeom.hooks.roles import TrackedMatrix
 
 
 @dataclass(frozen=True)

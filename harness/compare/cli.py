@@ -5,7 +5,7 @@
     harness compare BASE AFTER --c-a RUN/align/g1.00/instruments/step_0000006.safetensors
 
 Prints the mean-over-layers table and writes report.md, compare.json and PNGs to --out.
-Python: harness.compare.compare(); the numbers and choices are explained in docs/compare.md.
+Python: weightgeom.harness.compare.analysis.compare(); the numbers and choices are explained in docs/compare.md.
 """
 
 from __future__ import annotations
@@ -13,8 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness.compare_options import (C_A_MODELS, DEFAULT_BATCH_SIZE, DEFAULT_K, DEFAULT_K_CURVE,
-                                     DEFAULT_N_TOKENS, DEFAULT_SEQ_LEN, UNEMBED_CHOICES)
+from weightgeom.harness.compare.options import (
+    C_A_MODELS,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_K,
+    DEFAULT_K_CURVE,
+    DEFAULT_N_TOKENS,
+    DEFAULT_SEQ_LEN,
+    UNEMBED_CHOICES,
+)
 
 DEFAULT_OUT = "compare"
 
@@ -60,9 +67,9 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    """Run :func:`harness.compare.compare` from parsed arguments; print the table and the report path."""
-    from harness.compare import compare  # noqa: PLC0415 (torch and transformers: not for --help)
-    from harness.compare_report import mean_table  # noqa: PLC0415
+    """Run :func:`weightgeom.harness.compare.analysis.compare` from parsed arguments; print the table and the report path."""
+    from weightgeom.harness.compare.analysis import compare  # noqa: PLC0415 (torch and transformers: not for --help)
+    from weightgeom.harness.compare.report import mean_table  # noqa: PLC0415
 
     result = compare(args.base, args.after, text=args.text, text_field=args.text_field, k=args.k,
                      k_curve=args.k_curve, unembed=args.unembed, c_a=args.c_a, c_a_model=args.c_a_model,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from core.config import Rank1Edits, RunConfig
-from core.shards import load_corpus
-from harness.rank1 import Rank1Config, run_rank1
-from harness.rank1_report import write_rank1_report
-from trainers.ce import corpus_cache
+from weightgeom.core.config import Rank1Edits, RunConfig
+from weightgeom.core.shards import load_corpus
+from weightgeom.core.stage_inputs import corpus_cache
+from weightgeom.harness.rank1.experiment import Rank1Config, run_rank1
+from weightgeom.harness.rank1.report import write_rank1_report
 
 RANK1_DIR = "rank1"
 

@@ -20,24 +20,36 @@ Definitions of every number: docs/metrics.md; the report's sections and rules: d
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from core.config import saved_objective
-from core.sinks import read_metrics
-from harness.claims import CONCENTRATED, NEAR_ISOTROPIC
-from harness.health import (check_phase, health_block, health_json, is_finite, snapshot_non_finite,
-                            snapshot_warning)
-from harness.phases import final_geometry, read_config
-from harness.plots import ISOTROPIC, plot_rsf_k_curve, plot_rsf_over_steps, plot_spectra, plot_training_curves
-from harness.run_summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
-from hooks import geometry as geo
-from hooks import keys
-from hooks.roles import GROUP_OF_ROLE, ROLES
+from weightgeom.core.config import saved_objective
+from weightgeom.core.sinks import read_metrics
+from weightgeom.harness.reports.claims import CONCENTRATED, NEAR_ISOTROPIC
+from weightgeom.harness.reports.health import (
+    check_phase,
+    health_block,
+    health_json,
+    is_finite,
+    snapshot_non_finite,
+    snapshot_warning,
+)
+from weightgeom.harness.reports.markdown import markdown_table, metrics_doc_link
+from weightgeom.harness.reports.phases import final_geometry, read_config
+from weightgeom.harness.reports.plots import (
+    ISOTROPIC,
+    plot_rsf_k_curve,
+    plot_rsf_over_steps,
+    plot_spectra,
+    plot_training_curves,
+)
+from weightgeom.harness.reports.summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.roles import GROUP_OF_ROLE, ROLES
 
 FAMILIES = (("rsf_in", "z_in", "input side vs top-k of C_a"),
             ("rsf_out_pred", "z_out_pred", "output side vs the prediction subspace"),
@@ -47,32 +59,6 @@ THRESHOLDS = {"rsf_in": (ISOTROPIC, (CONCENTRATED, f"concentrated above ({CONCEN
               "rsf_out_pred": (ISOTROPIC, (NEAR_ISOTROPIC, f"concentrated above / near-isotropic below "
                                                            f"({NEAR_ISOTROPIC:g})")),
               "rsf_out_delta": (ISOTROPIC,)}
-METRICS_DOC = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
-
-
-def fmt(value) -> str:
-    """3 significant figures; ``-`` for a missing value, ``NaN`` / ``inf`` / ``-inf`` for a non-finite one."""
-    if value is None:
-        return "-"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def metrics_doc_link(out_dir: Path) -> str:
-    """A Markdown link from ``out_dir`` to this repository's docs/metrics.md (relative, so the same
-    files give the same report), or the document's name when the sources are not installed beside."""
-    if METRICS_DOC.is_file():
-        return f"[docs/metrics.md]({Path(os.path.relpath(METRICS_DOC, Path(out_dir).resolve())).as_posix()})"
-    return "docs/metrics.md (in the harness's source repository)"
 
 
 def rsf_table(row: dict, prefix: str, zprefix: str) -> str:

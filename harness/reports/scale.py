@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.claims import CONCENTRATED, READ_ROLES, verdicts
-from harness.phases import load_phases, mean_over, read_config
-from harness.plots import ISOTROPIC, plot_scale
-from harness.report import markdown_table
-from hooks.roles import WRITE_ROLES
+from weightgeom.harness.reports.claims import CONCENTRATED, READ_ROLES, verdicts
+from weightgeom.harness.reports.markdown import markdown_table
+from weightgeom.harness.reports.phases import load_phases, mean_over, read_config
+from weightgeom.harness.reports.plots import ISOTROPIC, plot_scale
+from weightgeom.hooks.roles import WRITE_ROLES
 
 
 def sweep_rows(run_dir: Path) -> list[dict]:

@@ -15,12 +15,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.plots import plot_rsf_k_curve  # noqa: E402
-from harness.report import markdown_table  # noqa: E402
-from hooks.roles import WRITE_ROLES  # noqa: E402
+from weightgeom.harness.reports.markdown import markdown_table  # noqa: E402
+from weightgeom.harness.reports.plots import plot_rsf_k_curve  # noqa: E402
+from weightgeom.hooks.roles import WRITE_ROLES  # noqa: E402
 
 if TYPE_CHECKING:
-    from harness.compare import CompareResult
+    from weightgeom.harness.compare.analysis import CompareResult
 
 MEAN_COLUMNS = ["role", "‖dW‖/‖W‖", "RSF_in", "z_in", "gap_in", "RSF_out (pred)", "z_out_pred",
                 "RSF_out (pred, other W_U)"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from harness.health import is_finite
+from weightgeom.harness.reports.health import is_finite
 
 RUN_INFO = "run_info.json"
 NOT_RECORDED = "not recorded"

@@ -12,19 +12,31 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from harness.claims import (CONCENTRATED, CONTROL_ROLES, GRADE_DROP, GRADE_RHO, NEAR_ISOTROPIC, READ_ROLES,
-                            SPECIFIC_EXCESS, SPECIFIC_SPREAD, Z_MIN, specificity, verdicts)
-from harness.health import check_phase, health_block, health_json
-from harness.phases import PRETRAIN, Phase, load_phases, mean_over, read_config
-from harness.plots import plot_phase_trajectories, plot_rsf_over_steps, plot_training_curves
-from harness.rank1_report import rank1_section
-from harness.report import THRESHOLDS, markdown_table, metrics_doc_link, training_table
-from harness.run_summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
-from hooks import keys
-from hooks.roles import ROLES, WRITE_ROLES
+from weightgeom.harness.reports.claims import (
+    CONCENTRATED,
+    CONTROL_ROLES,
+    GRADE_DROP,
+    GRADE_RHO,
+    NEAR_ISOTROPIC,
+    READ_ROLES,
+    SPECIFIC_EXCESS,
+    SPECIFIC_SPREAD,
+    Z_MIN,
+    specificity,
+    verdicts,
+)
+from weightgeom.harness.reports.health import check_phase, health_block, health_json
+from weightgeom.harness.reports.markdown import markdown_table, metrics_doc_link
+from weightgeom.harness.reports.phases import PRETRAIN, Phase, load_phases, mean_over, read_config
+from weightgeom.harness.reports.plots import plot_phase_trajectories, plot_rsf_over_steps, plot_training_curves
+from weightgeom.harness.reports.run_report import THRESHOLDS, training_table
+from weightgeom.harness.reports.summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
+from weightgeom.hooks import keys
+from weightgeom.hooks.roles import ROLES, WRITE_ROLES
 
 
 def asymmetry_table(phases: list[Phase]) -> str:
@@ -118,8 +130,9 @@ def phase_health(run_dir: Path, cfg: dict, phases: list[Phase]):
     return warnings, notes
 
 
-def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
-    """RUN/report/: report.md (summary, health, verdicts, tables, curves, trajectories, the rank-1 section),
+def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None, sections: Sequence[str] = ()) -> Path:
+    """RUN/report/: report.md (summary, health, verdicts, tables, curves, trajectories, then ``sections``:
+    Markdown lines of later stages, e.g. the rank-1 section that ``harness.pipeline.write_report`` passes),
     verdicts.json, health.json and the PNGs, from the files a pipeline run saved."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir / "report")
@@ -138,7 +151,7 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     pretrain = PRETRAIN if any(p.name == PRETRAIN for p in phases) else None
     lines += _curves_section(phases, out_dir, pretrain)
     lines += _trajectory_section(phases, out_dir, pretrain)
-    lines += rank1_section(run_dir)  # present once the rank1 stage or `harness rank1 RUN` wrote RUN/rank1/rank1.json
+    lines += list(sections)
     (out_dir / "report.md").write_text("\n".join(lines))
     (out_dir / "verdicts.json").write_text(json.dumps([asdict(v) for v in found], indent=2))
     (out_dir / "health.json").write_text(health_json(warnings, notes))

@@ -3,7 +3,7 @@
 Statistics pass (:func:`measure_statistics`), at the base weights, over the *training* pairs: the
 sigmoid-DPO loss with the reference equal to the policy (so ``D_w = D_l = 0``), a mean over pairs,
 back-propagated batch by batch (each batch's mean loss weighted by its share of the pairs). During
-that same backward the :class:`hooks.covariance.CovarianceInstrument` accumulates ``C_a`` (per input
+that same backward the :class:`weightgeom.hooks.covariance.CovarianceInstrument` accumulates ``C_a`` (per input
 group) and ``C_delta`` (per role) with ``loss_normalizer = P`` (the number of pairs), so
 
     G       = (1/P) sum_p sum_{t in p} delta_t a_t^T         (the autograd gradient, out x in)
@@ -15,7 +15,7 @@ next to the held-out measurements: the DPO gradient on the held-out pairs and th
 the held-out text.
 
 Held-out evaluation (:func:`evaluate`): sigmoid-DPO loss, reward margin, rewards and preference
-accuracy on the held-out pairs against the base model as reference (``trainers.preference``), and
+accuracy on the held-out pairs against the base model as reference (``weightgeom.trainers.preference``), and
 the per-token CE of the held-out text blocks and ``KL(base || edited)`` of their next-token
 distributions (mean over predicted tokens).
 """
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hooks.covariance import CovarianceInstrument
-from hooks.roles import TrackedMatrix
-from trainers.ce import lm_loss_sum
-from trainers.losses import DPOLoss
-from trainers.pairs import pair_logps, preference_eval, reference_logps
+from weightgeom.hooks.covariance import CovarianceInstrument
+from weightgeom.hooks.roles import TrackedMatrix
+from weightgeom.trainers.ce import lm_loss_sum
+from weightgeom.trainers.losses import DPOLoss
+from weightgeom.trainers.pairs import pair_logps, preference_eval, reference_logps
 
 PREF_KEYS = {"eval/pref_loss": "dpo_loss", "eval/pref_margin": "margin", "eval/pref_reward_chosen": "reward_chosen",
              "eval/pref_reward_rejected": "reward_rejected", "eval/pref_accuracy": "accuracy"}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from harness.phases import Phase, mean_over, role_means
-from hooks.roles import WRITE_ROLES
+from weightgeom.harness.reports.phases import Phase, mean_over, role_means
+from weightgeom.hooks.roles import WRITE_ROLES
 
 READ_ROLES = ("q", "k")  # the paper's read pathway
 CONTROL_ROLES = ("v", "gate", "up")  # read the same inputs as q/k (v) or the MLP's (gate, up): the comparisons

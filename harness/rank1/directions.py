@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hooks import geometry as geo
+from weightgeom.hooks import geometry as geo
 
 
 def family_generator(seed: int, *labels: object) -> torch.Generator:
@@ -43,7 +43,7 @@ def family_generator(seed: int, *labels: object) -> torch.Generator:
 def haar_directions(dim: int, count: int, generator: torch.Generator) -> Tensor:
     """``count`` Haar-random unit directions of R^dim as columns (dim, count), float64 on CPU.
 
-    Drawn as Haar-random orthonormal frames (:func:`hooks.geometry.haar_subspace`): the columns are
+    Drawn as Haar-random orthonormal frames (:func:`weightgeom.hooks.geometry.haar_subspace`): the columns are
     orthonormal when ``count <= dim``; beyond ``dim``, further frames are drawn (orthonormal within
     each block of ``dim`` columns). Each column is marginally uniform on the sphere.
     """

@@ -28,8 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from harness.rank1 import Rank1Result  # noqa: E402
-from harness.report import fmt, markdown_table  # noqa: E402
+from weightgeom.harness.rank1.experiment import Rank1Result  # noqa: E402
+from weightgeom.harness.reports.markdown import fmt, markdown_table  # noqa: E402
 
 JSON_NAME, MD_NAME, PNG_NAME = "rank1.json", "rank1.md", "rank1.png"
 FAMILY_COLORS = {"haar": "0.55", "matched": "tab:blue", "lower": "tab:green", "layer": "tab:orange"}

@@ -21,7 +21,6 @@ only if the checkpoint never trained on it.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -71,6 +70,6 @@ def add_rank1_parser(subparsers) -> argparse.ArgumentParser:
 
 def rank1_command(args: argparse.Namespace) -> int:
     """Run the experiment described by parsed ``args``; write JSON, Markdown and PNG; print the paths."""
-    from harness.rank1_inputs import run_from_args  # noqa: PLC0415 (torch and transformers: not for --help)
+    from weightgeom.harness.rank1.inputs import run_from_args  # noqa: PLC0415 (torch and transformers: not for --help)
 
     return run_from_args(args)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from core.sinks import json_safe
-from hooks import keys
+from weightgeom.core.sinks import json_safe
+from weightgeom.hooks import keys
 
 MEMORISE_RISE = 0.05  # held-out loss above its minimum by more than 5% of the minimum
 CHANCE_Z = 1.96  # two-sided 95% band of a fair coin's success rate

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
-from core.config import load_config
-from core.data import load_preference_pairs, load_texts
-from core.shards import load_corpus
-from core.tokenizer import load_tokenizer
-from harness.asymmetry import write_asymmetry_report
-from harness.pipeline import alignment_tokenizer, load_pairs, split_pairs
-from harness.rank1 import Rank1Config, run_rank1
-from harness.rank1_report import write_rank1_report
-from harness.rank1_stage import rank1_config
-from trainers.ce import corpus_cache
+from weightgeom.core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
+from weightgeom.core.config import load_config
+from weightgeom.core.data import load_preference_pairs, load_texts
+from weightgeom.core.shards import load_corpus
+from weightgeom.core.stage_inputs import alignment_tokenizer, corpus_cache, load_pairs, split_pairs
+from weightgeom.core.tokenizer import load_tokenizer
+from weightgeom.harness.rank1.experiment import Rank1Config, run_rank1
+from weightgeom.harness.rank1.report import rank1_section, write_rank1_report
+from weightgeom.harness.rank1.stage import rank1_config
+from weightgeom.harness.reports.asymmetry import write_asymmetry_report
 
 DEFAULT_TEXT_BLOCKS = 16  # with a checkpoint directory (a run directory takes its recipe's rank1.text_blocks)
 
@@ -49,7 +48,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     report = write_rank1_report(result, inputs["out"])
     print(f"[rank1] {report}")
     if inputs["out"] == path / "rank1" and (path / "align").is_dir():
-        print(f"[rank1] asymmetry report with the rank-1 section: {write_asymmetry_report(path)}")
+        print(f"[rank1] asymmetry report with the rank-1 section: {write_asymmetry_report(path, sections=rank1_section(path))}")
     return 0
 
 

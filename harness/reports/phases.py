@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from core.config import saved_objective
-from core.sinks import read_metrics
-from hooks import keys
+from weightgeom.core.config import saved_objective
+from weightgeom.core.sinks import read_metrics
+from weightgeom.hooks import keys
 
 PRETRAIN = "pretrain (CE)"  # the pretraining phase's name in reports
 
