@@ -63,6 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointFunction
 
+from weightgeom.hooks import keys
 from weightgeom.hooks.base import Instrument
 from weightgeom.hooks.distributed import all_reduce_sums
 from weightgeom.hooks.geometry import covariance_from_sums
@@ -329,30 +330,32 @@ class CovarianceInstrument(Instrument):
     def covariance_in(self, key: str, centered: bool = False, state: dict | None = None) -> torch.Tensor:
         """``C_a`` of input group ``key`` (e.g. ``"L0/attn_in"``), float64, uncentered by default."""
         state = state if state is not None else self.state_dict()
-        return covariance_from_sums(state[f"cov_in/{key}/sum_outer"], state[f"cov_in/{key}/sum"],
-                                    state[f"cov_in/{key}/count"], centered=centered)
+        return covariance_from_sums(state[keys.state_key(keys.COV_IN, key, "sum_outer")],
+                                    state[keys.state_key(keys.COV_IN, key, "sum")],
+                                    state[keys.state_key(keys.COV_IN, key, "count")], centered=centered)
 
     def covariance_out(self, key: str, state: dict | None = None) -> torch.Tensor:
         """``C_delta`` of role ``key`` (e.g. ``"L0/o"``), float64."""
         state = state if state is not None else self.state_dict()
-        return covariance_from_sums(state[f"cov_out/{key}/sum_outer"], None, state[f"cov_out/{key}/count"])
+        return covariance_from_sums(state[keys.state_key(keys.COV_OUT, key, "sum_outer")], None,
+                                    state[keys.state_key(keys.COV_OUT, key, "count")])
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """State with the sums and counts summed over processes (identity without torch.distributed)."""
         state = self.state_dict()
-        sums = {k: v for k, v in state.items() if k.startswith(("cov_in/", "cov_out/"))}
+        sums = {k: v for k, v in state.items() if keys.family(k) in (keys.COV_IN, keys.COV_OUT)}
         return {**state, **all_reduce_sums(sums)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Counts are float64 scalars on their sums' device (so a GPU all-reduce can sum them too)."""
         state = {}
         for key, (outer, total, count) in self.sums_in.items():
-            state[f"cov_in/{key}/sum_outer"] = symmetric(outer)
-            state[f"cov_in/{key}/sum"] = total.clone()
-            state[f"cov_in/{key}/count"] = torch.tensor(float(count), dtype=torch.float64, device=outer.device)
+            state[keys.state_key(keys.COV_IN, key, "sum_outer")] = symmetric(outer)
+            state[keys.state_key(keys.COV_IN, key, "sum")] = total.clone()
+            state[keys.state_key(keys.COV_IN, key, "count")] = _count(count, outer.device)
         for key, (outer, count) in self.sums_out.items():
-            state[f"cov_out/{key}/sum_outer"] = symmetric(outer)
-            state[f"cov_out/{key}/count"] = torch.tensor(float(count), dtype=torch.float64, device=outer.device)
+            state[keys.state_key(keys.COV_OUT, key, "sum_outer")] = symmetric(outer)
+            state[keys.state_key(keys.COV_OUT, key, "count")] = _count(count, outer.device)
         state[GENERATOR_KEY] = self._generator.get_state()
         return state
 
@@ -361,19 +364,27 @@ class CovarianceInstrument(Instrument):
         if GENERATOR_KEY in state:
             self._generator.set_state(state[GENERATOR_KEY].to(torch.uint8).cpu().clone())
         for name, value in state.items():
-            parts = name.split("/")
-            if parts[0] == "cov_in" and parts[-1] == "sum_outer":
-                key = "/".join(parts[1:-1])
+            parsed = keys.parse_state_key(name)
+            if parsed is None or parsed[3] != "sum_outer":
+                continue
+            family, layer, group, _ = parsed
+            key = keys.matrix_key(layer, group)
+            if family == keys.COV_IN:
                 self.sums_in[key] = [value.to(self.dtype).clone(),
-                                     state[f"cov_in/{key}/sum"].to(self.dtype).clone(),
-                                     int(state[f"cov_in/{key}/count"].item())]
-            elif parts[0] == "cov_out" and parts[-1] == "sum_outer":
-                key = "/".join(parts[1:-1])
-                self.sums_out[key] = [value.to(self.dtype).clone(), int(state[f"cov_out/{key}/count"].item())]
+                                     state[keys.state_key(keys.COV_IN, key, "sum")].to(self.dtype).clone(),
+                                     int(state[keys.state_key(keys.COV_IN, key, "count")].item())]
+            elif family == keys.COV_OUT:
+                self.sums_out[key] = [value.to(self.dtype).clone(),
+                                      int(state[keys.state_key(keys.COV_OUT, key, "count")].item())]
 
     def reset(self) -> None:
         self.sums_in: dict[str, list] = {}
         self.sums_out: dict[str, list] = {}
+
+
+def _count(count: int, device: torch.device) -> torch.Tensor:
+    """A token count as a float64 scalar beside its sums (so a GPU all-reduce can sum it too)."""
+    return torch.tensor(float(count), dtype=torch.float64, device=device)
 
 
 def _trainable(module: nn.Module) -> bool:

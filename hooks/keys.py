@@ -18,6 +18,11 @@ from dataclasses import dataclass
 
 ALL = "all"  # the layer label of a mean over layers
 
+# State families of instrument snapshots (docs/architecture.md, "Instrument state").
+COV_IN, COV_OUT, WEIGHTS, FROZEN_IN, PRED, META = "cov_in", "cov_out", "weights", "frozen_in", "pred", "meta"
+WEIGHT_STEPS = f"{WEIGHTS}/steps"
+W_U, GAIN = f"{PRED}/W_U", f"{PRED}/gain"
+
 # Relative-RSF families, each with a z-score family for the cumulative delta (None: no z-score).
 RSF_FAMILIES = {"rsf_in": "z_in", "rsf_out_pred": "z_out_pred", "rsf_out_delta": "z_out_delta"}
 # Views of a weight matrix and the suffix their RSF family carries: the cumulative delta since the
@@ -87,9 +92,15 @@ def layer_of(key: str, family: str) -> tuple[int, str] | None:
     return k.layer, k.name
 
 
-def matrix_key(layer: int, role: str) -> str:
-    """The per-matrix suffix ``L{layer}/{role}`` used inside metric and state keys."""
-    return f"L{layer}/{role}"
+def matrix_key(layer: int, name: str) -> str:
+    """The per-matrix (or per-input-group) suffix ``L{layer}/{name}`` used inside metric and state keys."""
+    return f"L{layer}/{name}"
+
+
+def at(family: str, suffix: str, stat: str | None = None) -> str:
+    """A key of ``family`` at a matrix or group suffix: ``at("rsf_in", "L3/q") == "rsf_in/L3/q"``,
+    ``at("spike_in", "L3/attn_in", "top1") == "spike_in/L3/attn_in/top1"``."""
+    return f"{family}/{suffix}" if stat is None else f"{family}/{suffix}/{stat}"
 
 
 def state_key(family: str, suffix: str, field: str) -> str:

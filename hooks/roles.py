@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from weightgeom.hooks import keys
+
 ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 # Input groups: the tensor each role reads. Q/K/V read the attention norm's output; gate/up read
 # the MLP norm's output; o reads the mixed heads; down reads the MLP's hidden activation.
@@ -137,11 +139,11 @@ class TrackedMatrix:
 
     @property
     def key(self) -> str:
-        return f"L{self.layer}/{self.role}"
+        return keys.matrix_key(self.layer, self.role)
 
     @property
     def group_key(self) -> str:
-        return f"L{self.layer}/{self.group}"
+        return keys.matrix_key(self.layer, self.group)
 
     @property
     def plain_fp32(self) -> bool:

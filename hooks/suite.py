@@ -1,6 +1,7 @@
 """The one object trainers talk to: covariance + update instruments and the metrics they stream.
 
-Trainer protocol (our loops and the TRL callback follow it)::
+Both classes here implement :class:`weightgeom.hooks.protocol.Suite` (the call order a trainer
+follows is in that module)::
 
     suite = InstrumentSuite(model, k=8, every_n=10)
     with suite.attached(model, optimizer):        # hooks removed on exit, also on error
@@ -31,6 +32,7 @@ from weightgeom.hooks.covariance import CovarianceInstrument
 from weightgeom.hooks.distributed import rank, world_size
 from weightgeom.hooks.gram import GRAM_PRECISIONS
 from weightgeom.hooks.measurement import Measurement, Values
+from weightgeom.hooks.protocol import Suite
 from weightgeom.hooks.quantities import DEFAULT_QUANTITIES, Quantity
 from weightgeom.hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
 from weightgeom.hooks.schedule import Schedule
@@ -196,8 +198,8 @@ class InstrumentSuite:
     def nonfinite_statistics(self) -> list[str]:
         """Keys of the covariance sums holding NaN or inf (empty when all are finite). One pass over
         the accumulators, ``n^2`` per sum: about 1/N of a step's accumulation for N tokens."""
-        sums = {f"cov_in/{k}": s[:2] for k, s in self.cov.sums_in.items()}
-        sums.update({f"cov_out/{k}": s[:1] for k, s in self.cov.sums_out.items()})
+        sums = {keys.at(keys.COV_IN, k): s[:2] for k, s in self.cov.sums_in.items()}
+        sums.update({keys.at(keys.COV_OUT, k): s[:1] for k, s in self.cov.sums_out.items()})
         if not sums:
             return []
         ok = torch.stack([torch.isfinite(t).all() for ts in sums.values() for t in ts]).tolist()
@@ -217,7 +219,7 @@ class InstrumentSuite:
         state = self.cov.global_state()
         for key in self.cov.sums_in:
             C = self.cov.covariance_in(key, state=state)
-            self.frozen[f"frozen_in/{key}"] = geo.top_eigvecs(C, min(self.k, C.shape[0] - 1))[0]
+            self.frozen[keys.at(keys.FROZEN_IN, key)] = geo.top_eigvecs(C, min(self.k, C.shape[0] - 1))[0]
 
     def compute(self, step: int) -> dict[str, float]:
         """Every quantity's metrics now (a collective under torch.distributed: call it on every rank)."""
@@ -236,9 +238,9 @@ class InstrumentSuite:
         state = {**self.cov.state_dict(), **self.upd.state_dict()}
         state.update({k: v.clone() for k, v in self.frozen.items()})
         W_U, gain, _ = unembedding(self.model, self.arch)
-        state["pred/W_U"] = W_U
+        state[keys.W_U] = W_U
         if gain is not None:
-            state["pred/gain"] = gain
+            state[keys.GAIN] = gain
         return state
 
     def snapshot_state(self) -> dict[str, torch.Tensor]:
@@ -253,12 +255,13 @@ class InstrumentSuite:
         """Restore :meth:`state_dict` (this process's sums) or :meth:`snapshot_state` (sums over all
         processes). Every rank of a resumed run loads the same snapshot, so process-summed sums are
         kept by rank 0 only and zeroed elsewhere: the next all-reduce then counts each token once."""
-        cov = {k: v for k, v in state.items() if k.startswith(("cov_", "meta/"))}
+        sums = (keys.COV_IN, keys.COV_OUT)
+        cov = {k: v for k, v in state.items() if keys.family(k) in (*sums, keys.META)}
         if REDUCED_KEY in state and rank() != 0:
-            cov = {k: torch.zeros_like(v) if k.startswith(("cov_in/", "cov_out/")) else v for k, v in cov.items()}
+            cov = {k: torch.zeros_like(v) if keys.family(k) in sums else v for k, v in cov.items()}
         self.cov.load_state_dict(cov)
-        self.upd.load_state_dict({k: v for k, v in state.items() if k.startswith("weights/")})
-        self.frozen = {k: v.clone() for k, v in state.items() if k.startswith("frozen_in/")}
+        self.upd.load_state_dict({k: v for k, v in state.items() if keys.family(k) == keys.WEIGHTS})
+        self.frozen = {k: v.clone() for k, v in state.items() if keys.family(k) == keys.FROZEN_IN}
 
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
         """Write a snapshot (``state``, default :meth:`snapshot_state`) atomically as safetensors."""
@@ -270,16 +273,16 @@ class InstrumentSuite:
 
 
 class NullSuite:
-    """The suite when ``instruments.enabled`` is false: the same interface, nothing measured or saved."""
+    """The suite when ``instruments.enabled`` is false: the protocol's methods, nothing measured or saved."""
 
     config = SuiteConfig(enabled=False)
     tracked: list = []
 
-    def attach(self, model=None, optimizer=None) -> None: ...
+    def attach(self, model: nn.Module | None = None, optimizer=None) -> None: ...
     def detach(self) -> None: ...
 
     @contextlib.contextmanager
-    def attached(self, model=None, optimizer=None):
+    def attached(self, model: nn.Module | None = None, optimizer=None):
         yield self
 
     def set_loss_normalizer(self, n: float) -> None: ...
@@ -309,9 +312,9 @@ class NullSuite:
         return {}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
-    def save(self, path, state=None) -> None: ...
+    def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None: ...
 
 
-def build_suite(model: nn.Module, config: SuiteConfig, seed: int = 0) -> InstrumentSuite | NullSuite:
+def build_suite(model: nn.Module, config: SuiteConfig, seed: int = 0) -> Suite:
     """The suite a config asks for: :class:`NullSuite` when ``config.enabled`` is false."""
     return InstrumentSuite(model, config, seed=seed) if config.enabled else NullSuite()

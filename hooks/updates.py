@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from weightgeom.hooks import keys
 from weightgeom.hooks.base import Instrument
 from weightgeom.hooks.distributed import all_reduce_sums
 from weightgeom.hooks.distributed import rank as _rank
@@ -180,37 +181,38 @@ class UpdateInstrument(Instrument):
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Whole matrices (gathered when sharded: every process calls it)."""
         state = {}
-        keys, _, squares = self.coherence_terms()
-        grad_sq = dict(zip(keys, squares))
+        names, _, squares = self.coherence_terms()
+        grad_sq = dict(zip(names, squares))
         for tm in self.tracked:
-            k = f"weights/{tm.key}"
             for name in ("W0", "delta", "update", "grad", "grad_sum"):
                 value = self.view(tm, name)
                 if value is not None:
-                    state[f"{k}/{name}"] = value.clone()
+                    state[keys.state_key(keys.WEIGHTS, tm.key, name)] = value.clone()
             if tm.key in grad_sq:
-                state[f"{k}/grad_sq"] = grad_sq[tm.key].clone()
-        state["weights/steps"] = torch.tensor(self.steps, dtype=torch.int64)
+                state[keys.state_key(keys.WEIGHTS, tm.key, "grad_sq")] = grad_sq[tm.key].clone()
+        state[keys.WEIGHT_STEPS] = torch.tensor(self.steps, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.reset_history()
         for tm in self.tracked:
-            k = f"weights/{tm.key}"
-            if f"{k}/W0" not in state:
-                raise KeyError(f"instrument state has no {k}/W0: was it saved from a model with the same "
-                               "layers and roles (instruments.roles / instruments.layers)?")
+            def get(name: str, tm=tm) -> torch.Tensor | None:
+                return state.get(keys.state_key(keys.WEIGHTS, tm.key, name))
+
+            if get("W0") is None:
+                raise KeyError(f"instrument state has no {keys.state_key(keys.WEIGHTS, tm.key, 'W0')}: was it saved "
+                               "from a model with the same layers and roles (instruments.roles / instruments.layers)?")
             kept = tm.scatter if self._rows_only(tm) else (lambda t: t)
-            self.w0[tm.key] = kept(state[f"{k}/W0"].float()).clone()
-            if f"{k}/update" in state:
-                self.update[tm.key] = kept(state[f"{k}/update"].float()).clone()
-            if f"{k}/grad" in state:
-                self.grad[tm.key] = kept(state[f"{k}/grad"].float()).clone()
-                self.grad_sum[tm.key] = kept(state[f"{k}/grad_sum"].float()).clone()
+            self.w0[tm.key] = kept(get("W0").float()).clone()
+            if get("update") is not None:
+                self.update[tm.key] = kept(get("update").float()).clone()
+            if get("grad") is not None:
+                self.grad[tm.key] = kept(get("grad").float()).clone()
+                self.grad_sum[tm.key] = kept(get("grad_sum").float()).clone()
                 # A sharded weight's part of the norm: the sum over processes is restored on rank 0 only.
-                norm = state[f"{k}/grad_sq"].to(torch.float64).clone()
+                norm = get("grad_sq").to(torch.float64).clone()
                 self.grad_sq[tm.key] = norm if not self._rows_only(tm) or _rank() == 0 else torch.zeros_like(norm)
-        self.steps = int(state.get("weights/steps", torch.tensor(0)))
+        self.steps = int(state.get(keys.WEIGHT_STEPS, torch.tensor(0)))
 
     def reset_history(self) -> None:
         self.update: dict[str, torch.Tensor] = {}

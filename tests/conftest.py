@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
 
 VOCAB = 97
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 
 
 def make_model(arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):

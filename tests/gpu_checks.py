@@ -18,8 +18,8 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from tests.conftest import make_batch, make_model, token_loss_sum
-from tests.test_gram import gram_precision_errors
-from tests.test_trl_dpo import ListSink, constant_pairs, tiny_tokenizer
+from tests.hooks.test_gram import gram_precision_errors
+from tests.tiny import ListSink, constant_pairs, tiny_tokenizer
 from weightgeom.core.config import GradedObjective, load_config
 from weightgeom.core.data import batch_indices, tokenize_pairs
 from weightgeom.core.sinks import read_metrics

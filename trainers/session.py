@@ -49,6 +49,7 @@ from weightgeom.core.sharding import (
     whole_model_state,
     whole_optimizer_state,
 )
+from weightgeom.hooks import keys
 from weightgeom.hooks.suite import build_suite
 from weightgeom.trainers.guard import DivergenceError, DivergenceGuard
 from weightgeom.trainers.interrupt import Interrupted, StopSignals
@@ -56,7 +57,8 @@ from weightgeom.trainers.optim import make_optimizer, make_scheduler
 
 # Progress-bar fields: metric key -> short label.
 POSTFIX = {"train/loss": "loss", "pref/loss": "loss", "pref/accuracy": "acc", "eval/loss": "eval",
-           "train/tokens_per_s": "tok/s", "rsf_in/all/q": "rsf_in q", "rsf_out_pred/all/o": "rsf_pred o"}
+           "train/tokens_per_s": "tok/s", keys.layer_mean("rsf_in", "q"): "rsf_in q",
+           keys.layer_mean("rsf_out_pred", "o"): "rsf_pred o"}
 
 
 @dataclass

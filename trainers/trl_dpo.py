@@ -43,6 +43,7 @@ from weightgeom.core.models import apply_lora, build_model
 from weightgeom.core.processes import process_state
 from weightgeom.core.rundir import RunDirectory
 from weightgeom.core.runinfo import model_facts, now, versions
+from weightgeom.hooks.protocol import Suite
 from weightgeom.hooks.suite import build_suite
 from weightgeom.trainers.guard import DivergenceError, DivergenceGuard, gradient_norm
 from weightgeom.trainers.interrupt import Interrupted, StopSignals
@@ -61,16 +62,6 @@ TRL_TO_HARNESS = {
     "learning_rate": "train/lr",
     "grad_norm": "train/grad_norm",
 }
-
-
-class Suite(Protocol):
-    """What the callback needs from the instruments (``weightgeom.hooks.suite.InstrumentSuite`` fits)."""
-
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
-    def detach(self) -> None: ...
-    def set_loss_normalizer(self, n: float) -> None: ...
-    def before_optimizer_step(self) -> None: ...
-    def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None: ...
 
 
 class Sink(Protocol):

@@ -307,9 +307,9 @@ def _snapshot_c_a(path: str | Path, tracked: list[TrackedMatrix], deltas: dict[s
     ca = snapshot_covariances(state, _group_dims(tracked, deltas), path, device)
     # A run's snapshot also holds its W0: if it is not BASE, the C_a comes from a phase that did not
     # start at BASE. Still usable, but say so.
-    diffs = [(tm.weight() - state[f"weights/{tm.key}/W0"].to(device)).abs().max().item()
-             for tm in tracked if f"weights/{tm.key}/W0" in state
-             and tuple(state[f"weights/{tm.key}/W0"].shape) == tuple(deltas[tm.key].shape)]
+    w0 = {tm.key: state.get(keys.state_key(keys.WEIGHTS, tm.key, "W0")) for tm in tracked}
+    diffs = [(tm.weight() - w0[tm.key].to(device)).abs().max().item() for tm in tracked
+             if w0[tm.key] is not None and tuple(w0[tm.key].shape) == tuple(deltas[tm.key].shape)]
     if diffs and max(diffs) > 0:
         result.notes.append(f"The snapshot's reference weights W0 differ from BASE by up to {max(diffs):.3g}: "
                             "its C_a was accumulated in a phase that did not start from BASE.")

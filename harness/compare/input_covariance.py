@@ -111,9 +111,9 @@ class ForwardCovariance:
     def state_dict(self) -> dict[str, Tensor]:
         state = {}
         for key, (outer, total, count) in self.sums.items():
-            state[keys.state_key("cov_in", key, "sum_outer")] = outer.clone()
-            state[keys.state_key("cov_in", key, "sum")] = total.clone()
-            state[keys.state_key("cov_in", key, "count")] = torch.tensor(float(count), dtype=torch.float64)
+            state[keys.state_key(keys.COV_IN, key, "sum_outer")] = outer.clone()
+            state[keys.state_key(keys.COV_IN, key, "sum")] = total.clone()
+            state[keys.state_key(keys.COV_IN, key, "count")] = torch.tensor(float(count), dtype=torch.float64)
         return state
 
     def covariances(self, source: str) -> InputCovariances:
@@ -192,7 +192,7 @@ def snapshot_covariances(state: dict[str, Tensor], group_dims: dict[str, int], p
     lacks, has a sum of the wrong shape, or lacks a count. Groups the snapshot did not measure
     (by default ``o_in`` and ``down_in``) are simply absent from the result.
     """
-    outers = sorted(k for k in state if (p := keys.parse_state_key(k)) and p[0] == "cov_in" and p[3] == "sum_outer")
+    outers = sorted(k for k in state if (p := keys.parse_state_key(k)) and p[0] == keys.COV_IN and p[3] == "sum_outer")
     if not outers:
         raise ValueError(f"--c-a {path}: no cov_in/L{{i}}/{{group}}/sum_outer tensors; pass an instrument snapshot "
                          "written by a run (RUN/instruments/step_N.safetensors or a checkpoint's "
@@ -208,7 +208,7 @@ def snapshot_covariances(state: dict[str, Tensor], group_dims: dict[str, int], p
         if tuple(state[key].shape) != (n, n):
             raise ValueError(f"--c-a {path}: {key} has shape {tuple(state[key].shape)}, but this model's {group} is "
                              f"{n} wide, so C_a must be ({n}, {n}); the snapshot was written for another model")
-        count_key = keys.state_key("cov_in", group, "count")
+        count_key = keys.state_key(keys.COV_IN, group, "count")
         if count_key not in state:
             raise ValueError(f"--c-a {path}: {key} has no {count_key}; the snapshot is incomplete")
         n_tokens = float(state[count_key])

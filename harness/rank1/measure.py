@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from weightgeom.hooks import keys
 from weightgeom.hooks.covariance import CovarianceInstrument
 from weightgeom.hooks.roles import TrackedMatrix
 from weightgeom.trainers.ce import lm_loss_sum
@@ -124,7 +125,7 @@ def measure_statistics(model: nn.Module, tracked: list[TrackedMatrix], *, train_
     state = cov.state_dict()
     C_a = {key: cov.covariance_in(key, state=state).to(device) for key in cov.sums_in}
     C_delta = {key: cov.covariance_out(key, state=state).to(device) for key in cov.sums_out}
-    tokens = {key: int(state[f"cov_out/{key}/count"]) for key in cov.sums_out}
+    tokens = {key: int(state[keys.state_key(keys.COV_OUT, key, "count")]) for key in cov.sums_out}
     missing = sorted({tm.group_key for tm in tracked} - set(C_a)) + sorted({tm.key for tm in tracked} - set(C_delta))
     if missing:
         raise ValueError(f"the statistics pass saw no tokens for {missing[:4]}: is backward reaching these modules?")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from weightgeom.hooks import keys
 from weightgeom.hooks.measurement import Measurement, Values
 
 
@@ -14,5 +15,5 @@ class Coherence:
         names, numerators, denominators = m.upd.coherence_terms()
         if names:
             safe = torch.where(denominators > 0, denominators, torch.ones_like(denominators))
-            out.add([f"coherence/{n}" for n in names], torch.where(denominators > 0, numerators / safe, 0.0))
+            out.add([keys.at("coherence", n) for n in names], torch.where(denominators > 0, numerators / safe, 0.0))
         return out

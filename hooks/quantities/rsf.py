@@ -46,10 +46,10 @@ def relative_rsf_family(m: Measurement, family: str, items: list[tuple[Written, 
             M = torch.stack([group[i][0].views[view].to(m.dtype) for i in present])
             rsf = geo.rsf_batched(M, bases[present], side)
             names = [group[i][0].tm.key for i in present]
-            out.add([f"{family}{view}/{key}" for key in names], rsf * (dim / k))
+            out.add([keys.at(family + view, key) for key in names], rsf * (dim / k))
             if view == "" and m.zscores and family in keys.RSF_FAMILIES:
                 z = geo.rsf_zscore_batched(rsf, M, k, side)
-                out.add([f"{keys.RSF_FAMILIES[family]}/{key}" for key in names], z)
+                out.add([keys.at(keys.RSF_FAMILIES[family], key) for key in names], z)
     return out
 
 
@@ -60,7 +60,7 @@ def gaps(family: str, items: list[tuple[Written, Tensor, int]]) -> Values:
     for w, evals, k in items:
         by_k[(k, evals.shape[0])].append((w, evals))
     for (k, _), group in by_k.items():
-        out.add([f"{family}/{w.tm.key}" for w, _ in group], geo.eigengap_batched(torch.stack([e for _, e in group]), k))
+        out.add([keys.at(family, w.tm.key) for w, _ in group], geo.eigengap_batched(torch.stack([e for _, e in group]), k))
     return out
 
 
@@ -75,7 +75,7 @@ class InputRSF:
             k = min(m.k, w.shape[1] - 1)
             live.append((w, evecs[:, :k], k))
             spectra.append((w, evals, k))
-            basis = m.frozen.get(f"frozen_in/{w.tm.group_key}")
+            basis = m.frozen.get(keys.at(keys.FROZEN_IN, w.tm.group_key))
             if basis is not None:
                 frozen.append((w, basis, basis.shape[1]))
         out = relative_rsf_family(m, "rsf_in", live)

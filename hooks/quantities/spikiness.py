@@ -8,6 +8,7 @@ from collections import defaultdict
 import torch
 
 from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
 from weightgeom.hooks.measurement import Measurement, Values
 
 
@@ -21,5 +22,5 @@ class Spikiness:
             for names in by_width.values():
                 stats = geo.spikiness_batched(torch.stack([eig[n][0] for n in names]), m.k)
                 for stat, values in stats.items():
-                    out.add([f"{family}/{n}/{stat}" for n in names], values)
+                    out.add([keys.at(family, n, stat) for n in names], values)
         return out

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from weightgeom.core.config import load_config, save_config
 from weightgeom import recipes
+from weightgeom.core.config import load_config, save_config
 from weightgeom.harness.cli import default_threads, main
 from weightgeom.trainers.ce import pretrain
 

@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 import weightgeom.core.shards as shards
+from tests.conftest import REPO
 from weightgeom.core.config import load_config
 from weightgeom.core.data import _epoch_permutation, _epoch_seed, batch_indices, load_texts
 from weightgeom.core.shards import (
@@ -30,7 +31,6 @@ from weightgeom.core.shards import (
 from weightgeom.core.stage_inputs import corpus_cache
 from weightgeom.core.tokenizer import train_stdlib_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 WORDS = ["alpha", "beta", "gamma", "delta", "import", "return", "yield", "lambda", "class", "def", "self", "value"]
 
 

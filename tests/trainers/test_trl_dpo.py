@@ -9,27 +9,11 @@ import peft
 import pytest
 import torch
 import trl
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainerCallback
+from transformers import TrainerCallback
 
 from tests.conftest import make_model
+from tests.tiny import ListSink, constant_pairs, tiny_tokenizer
 from weightgeom.trainers.trl_dpo import InstrumentCallback, checkpointing_off, micro_batches_in_step, run_trl_dpo
-
-WORDS = ["<|pad|>", "<|eos|>", "<unk>", "the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "yes", "no", "good", "bad", "very"]
-PROMPTS = ["the cat sat on", "a dog ran under", "the bird flew on", "a cat ran under", "the dog sat on", "a bird sat"]
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level, no chat template, ``<|pad|>`` / ``<|eos|>`` specials like the embedded tokenizer."""
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<|pad|>", eos_token="<|eos|>",
-                                   unk_token="<unk>")
-
-
-def constant_pairs(n: int) -> list[dict]:
-    """Easily learnable: the chosen completion is always the same string, so is the rejected one."""
-    return [{"prompt": PROMPTS[i % len(PROMPTS)], "chosen": " the mat", "rejected": " no bad tree"} for i in range(n)]
 
 
 def train(tmp_path, pairs, callbacks=(), **overrides):
@@ -66,14 +50,6 @@ class RecordingSuite:
     def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None:
         self.events.append("after")
         return {"geo/step": float(step)} if force or step % self.geometry_every == 0 else None
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict]] = []
-
-    def log(self, metrics: dict, step: int) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 class RaiseAtStep(TrainerCallback):

@@ -12,7 +12,7 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from tests.conftest import make_model
-from tests.test_trl_dpo import PROMPTS, tiny_tokenizer
+from tests.tiny import PROMPTS, tiny_tokenizer
 from weightgeom.core.config import DpoObjective, GradedObjective, LikelihoodObjective, MixtureObjective, TrlObjective
 from weightgeom.trainers.losses import (
     LOSSES,

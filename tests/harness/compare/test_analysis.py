@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import REPO
 from weightgeom.core.data import load_texts
 from weightgeom.core.models import build_tiny_model, load_local_model
 from weightgeom.core.sinks import read_metrics
@@ -27,7 +28,6 @@ from weightgeom.harness.cli import main
 from weightgeom.harness.compare.analysis import compare
 from weightgeom.harness.compare.input_covariance import sample_token_batches
 
-ROOT = Path(__file__).resolve().parent.parent
 D, HEADS = 32, 4
 SAMPLE = dict(n_tokens=600, seq_len=48, batch_size=4)
 
@@ -235,7 +235,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     args = ["--text", str(text_file), "--k", "4", "--n-tokens", "600", "--seq-len", "48", "--batch-size", "4",
             "--device", "cpu"]
     proc = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "compare", str(base_dir), str(after_dir), *args,
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| role | ‖dW‖/‖W‖ | RSF_in |" in proc.stdout and f"report: {out / 'report.md'}" in proc.stdout
     for name in ("report.md", "compare.json", "rsf_per_layer.png", "rsf_k_curve_in.png", "rsf_k_curve_out.png",
@@ -251,7 +251,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "compare", str(base_dir), str(after_dir), "--k", "4",
                            "--device", "cpu", "--c-a", str(out / "c_a.safetensors"),
                            "--unembed", "base", "--out", str(tmp_path / "again")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     again = json.loads((tmp_path / "again" / "compare.json").read_text())
     for key, value in saved["metrics"].items():

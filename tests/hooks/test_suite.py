@@ -1,9 +1,6 @@
-"""InstrumentSuite end to end: streamed metrics recomputed from stored tensors, schedule, no side
-effects on training, hook removal, PEFT LoRA, state round trip and mid-phase resume.
-
-References are independent of the suite's hooks: plain forward hooks store each watched module's
-input, and add a zero leaf ``eps`` (requires_grad) to its output, whose ``.grad`` after backward is
-the per-token ``delta = dL/dy``. Expected metrics are then recomputed with ``weightgeom.hooks.geometry``.
+"""InstrumentSuite end to end: the quantities together, layer means, schedule, no side effects on
+training, hook removal, PEFT LoRA, state round trip and mid-phase resume. Each quantity's own
+brute-force check is in tests/hooks/quantities/; the references are built by tests/hooks/brute_force.py.
 """
 
 from __future__ import annotations
@@ -14,155 +11,29 @@ import pytest
 import torch
 
 from tests.conftest import make_batch, make_model, token_loss_sum
+from tests.hooks.brute_force import REL, K, Recorder, batches, layer, second_moment, step_once
 from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.quantities import DEFAULT_QUANTITIES
 from weightgeom.hooks.roles import ROLES
 from weightgeom.hooks.suite import InstrumentSuite
 
-K = 4  # suite subspace dimension in these tests (the tiny llama has d_model 32, d_ff 64)
-REL = 1e-5
 
-
-class Recorder:
-    """Plain forward hooks: ``inputs[name]`` gets each forward's input (B, T, n); for names in
-    ``deltas`` the output gets ``+ eps`` (exactly zero, so values are unchanged) and ``eps[name]``
-    keeps the leaf whose gradient is ``dL/dy``."""
-
-    def __init__(self, inputs: dict, deltas: dict | None = None):
-        self.inputs: dict[str, list] = defaultdict(list)
-        self.eps: dict[str, list] = defaultdict(list)
-        self.handles = [m.register_forward_hook(self._store(name)) for name, m in inputs.items()]
-        self.handles += [m.register_forward_hook(self._perturb(name)) for name, m in (deltas or {}).items()]
-
-    def _store(self, name):
-        def hook(module, args, out):
-            self.inputs[name].append(args[0].detach().clone())
-        return hook
-
-    def _perturb(self, name):
-        def hook(module, args, out):
-            eps = torch.zeros_like(out, requires_grad=True)
-            self.eps[name].append(eps)
-            return out + eps
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-def kept(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Rows of (B, T, n) ``x`` at non-padding tokens, float64 (N, n)."""
-    return x.reshape(-1, x.shape[-1])[mask.reshape(-1) == 1].double()
-
-
-def second_moment(xs: list[torch.Tensor], masks: list[torch.Tensor], scales=None) -> torch.Tensor:
-    """(1/N) sum x x^T over the non-padding tokens of every stored forward."""
-    rows = [kept(x, m) * (1.0 if scales is None else s) for x, m, s in zip(xs, masks, scales or [None] * len(xs))]
-    X = torch.cat(rows)
-    return X.T @ X / X.shape[0]
-
-
-def step_once(model, opt, suite, batch, step, force=False):
-    opt.zero_grad()
-    loss_sum, n = token_loss_sum(model, batch)
-    suite.set_loss_normalizer(n)
-    (loss_sum / n).backward()
-    opt.step()
-    return suite.after_optimizer_step(step, force=force)
-
-
-def batches(n: int):
-    return [make_batch(seed=s) for s in range(1, n + 1)]
-
-
-def layer(model, i):
-    return model.model.layers[i]
-
-
-# ----- 1. compute() against a brute-force recomputation ----------------------------------------
-
-@pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_compute_matches_brute_force(optim):
-    model = make_model("llama")
-    L0, L1 = layer(model, 0), layer(model, 1)
-    suite = InstrumentSuite(model, input_roles=ROLES, k=K, every_n=1000, dtype=torch.float64, seed=3,
-                            metric_dtype="float64")  # the exact path; float32's error: test_float32_metrics...
-    opt = (torch.optim.SGD(model.parameters(), lr=0.5) if optim == "sgd"
-           else torch.optim.AdamW(model.parameters(), lr=1e-2))
-    watched = {"q": L0.self_attn.q_proj, "down": L1.mlp.down_proj, "o": L1.self_attn.o_proj}
-    W_start = {name: m.weight.detach().double().clone() for name, m in watched.items()}
-    rec = Recorder({"attn_in": L0.self_attn.k_proj, "down_in": L1.mlp.down_proj, "o_in": L1.self_attn.o_proj},
-                   deltas={"o": L1.self_attn.o_proj})
-    data, norms, grads = batches(3), [], defaultdict(list)
-    with suite.attached(model, opt):
-        for step, batch in enumerate(data, 1):
-            opt.zero_grad()
-            loss_sum, n = token_loss_sum(model, batch)
-            suite.set_loss_normalizer(n)
-            (loss_sum / n).backward()
-            norms.append(n)
-            for name, m in watched.items():
-                grads[name].append(m.weight.grad.detach().double().clone())
-            W_prev = {name: m.weight.detach().double().clone() for name, m in watched.items()}
-            opt.step()
-            metrics = suite.after_optimizer_step(step, force=step == len(data))
-            if step == 1:
-                C_a_step1 = second_moment(rec.inputs["attn_in"], [data[0]["attention_mask"]])
-    rec.remove()
-    masks = [b["attention_mask"] for b in data]
-    W_now = {name: m.weight.detach().double() for name, m in watched.items()}
-    dW = {name: W_now[name] - W_start[name] for name in watched}
-    update = {name: W_now[name] - W_prev[name] for name in watched}
-
-    # input side: rsf_in (cumulative), _update, _grad, eigengap, z-score for L0/q vs C_a(attn_in)
-    C_a = second_moment(rec.inputs["attn_in"], masks)
-    U, evals = geo.top_eigvecs(C_a, K)
-    for suffix, M in (("", dW["q"]), ("_update", update["q"]), ("_grad", grads["q"][-1])):
-        expected = geo.relative_rsf(geo.rsf_in(M, U), K, 32)
-        assert metrics[f"rsf_in{suffix}/L0/q"] == pytest.approx(expected, rel=REL), suffix
-    assert metrics["gap_in/L0/q"] == pytest.approx(geo.eigengap(evals, K), rel=REL)
-    z = geo.rsf_zscore(dW["q"], geo.rsf_in(dW["q"], U), K, "in")  # exact; its sampled check: test_geometry
-    assert metrics["z_in/L0/q"] == pytest.approx(z, rel=REL)
-    z_out = geo.rsf_zscore(dW["o"], geo.rsf_out(dW["o"], geo.prediction_subspace(
-        model.lm_head.weight, model.model.norm.weight, k=K)[0]), K, "out")
-    assert metrics["z_out_pred/L1/o"] == pytest.approx(z_out, rel=REL)
-    assert metrics["rsf_in/L1/down"] == pytest.approx(
-        geo.relative_rsf(geo.rsf_in(dW["down"], geo.top_eigvecs(second_moment(rec.inputs["down_in"], masks), K)[0]),
-                         K, 64), rel=REL)
-
-    # the frozen subspace is C_a after the first optimizer step, not the live one
-    U1 = geo.top_eigvecs(C_a_step1, K)[0]
-    frozen = geo.relative_rsf(geo.rsf_in(dW["q"], U1), K, 32)
-    assert metrics["rsf_in_frozen/L0/q"] == pytest.approx(frozen, rel=REL)
-    assert abs(frozen - metrics["rsf_in/L0/q"]) > 1e-3  # the two subspaces differ, so this can fail
-
-    # output side: prediction subspace of lm_head diag(final-norm gain), and top-k of C_delta
-    V, svals = geo.prediction_subspace(model.lm_head.weight, model.model.norm.weight, k=K)
-    for suffix, M in (("", dW["o"]), ("_update", update["o"]), ("_grad", grads["o"][-1])):
-        expected = geo.relative_rsf(geo.rsf_out(M, V), K, 32)
-        assert metrics[f"rsf_out_pred{suffix}/L1/o"] == pytest.approx(expected, rel=REL), suffix
-    assert metrics["gap_pred"] == pytest.approx(geo.eigengap(svals.pow(2), K), rel=REL)
-    C_delta = second_moment([e.grad for e in rec.eps["o"]], masks, scales=norms)
-    Vd, evals_d = geo.top_eigvecs(C_delta, K)
-    assert metrics["rsf_out_delta/L1/o"] == pytest.approx(geo.relative_rsf(geo.rsf_out(dW["o"], Vd), K, 32), rel=REL)
-    assert metrics["gap_out_delta/L1/o"] == pytest.approx(geo.eigengap(evals_d, K), rel=1e-4)
-
-    # spikiness of both covariances (top-k share uses the suite's k), coherence of the raw gradients
-    for key, spectrum in (("spike_in/L0/attn_in", evals), ("spike_out/L1/o", evals_d),
-                          ("spike_in/L1/o_in", geo.sym_eigh(second_moment(rec.inputs["o_in"], masks))[0])):
-        for stat, value in geo.spikiness(spectrum, K).items():
-            assert metrics[f"{key}/{stat}"] == pytest.approx(value, rel=REL), (key, stat)
-    for name, key in (("q", "L0/q"), ("o", "L1/o")):
-        G = grads[name]
-        expected = geo.coherence(sum(G), sum(float(g.pow(2).sum()) for g in G))
-        assert metrics[f"coherence/{key}"] == pytest.approx(expected, rel=REL)
-
-    # every "all" entry is the mean of its per-layer entries (both layers present here)
-    all_keys = [k for k in metrics if "/all/" in k]
-    assert "rsf_in/all/q" in all_keys and "z_out_pred/all/down" in all_keys
-    for key in all_keys:
-        prefix, _, role = key.split("/")
-        per_layer = [metrics[f"{prefix}/L{i}/{role}"] for i in range(2)]
+def test_default_metrics_are_every_quantity_with_layer_means(trained):
+    """compute() with the default quantities is the union of each quantity's own metrics (checked against
+    brute force one by one in tests/hooks/quantities/), and every ``{family}/all/{name}`` is the mean of
+    that family's per-layer values (both layers present here)."""
+    trained.suite.quantities = DEFAULT_QUANTITIES
+    metrics = trained.suite.compute(3)
+    union = {}
+    for quantity in DEFAULT_QUANTITIES:
+        union.update(trained.compute(quantity))
+    assert metrics == pytest.approx(union, rel=1e-12)
+    means = [k for k in metrics if keys.parse(k) is not None and keys.parse(k).mean]
+    assert keys.layer_mean("rsf_in", "q") in means and keys.layer_mean("z_out_pred", "down") in means
+    for key in means:
+        parsed = keys.parse(key)
+        per_layer = [metrics[keys.metric(parsed.family, i, parsed.name)] for i in range(2)]
         assert metrics[key] == pytest.approx(sum(per_layer) / 2, rel=1e-12), key
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from weightgeom import recipes
 from weightgeom.core.config import load_config
 from weightgeom.core.sinks import read_metrics
-from weightgeom import recipes
 from weightgeom.harness.cli import main
 from weightgeom.harness.pipeline import sweep_configs
 

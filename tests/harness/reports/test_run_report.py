@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import save_file
 
+from tests.conftest import REPO
 from tests.synthetic_runs import pipeline
 from weightgeom.core.sinks import build_sinks
 from weightgeom.harness.reports.asymmetry import write_asymmetry_report
@@ -148,7 +148,7 @@ def test_asymmetry_report_rerenders_byte_identically_and_links_the_definitions(t
     write_asymmetry_report(run)
     assert {n: (run / "report" / n).read_bytes() for n in first} == first
     link = re.search(r"\[docs/metrics\.md\]\(([^)]+)\)", first["report.md"].decode()).group(1)
-    assert (run / "report" / link).resolve() == (Path(__file__).resolve().parents[1] / "docs" / "metrics.md")
+    assert (run / "report" / link).resolve() == (REPO / "docs" / "metrics.md")
     for name in ("training.png", "trajectory_rsf_in.png", "trajectory_rsf_out_pred.png"):
         assert (run / "report" / name).read_bytes()[:8] == PNG, name
 

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import REPO
 from weightgeom.core.checkpoint import checkpoint_dir, is_complete
 from weightgeom.core.sinks import read_metrics, read_tensorboard_scalars
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 12
 TIMING = ("train/tokens_per_s",)  # wall-clock numbers differ between any two runs
 
@@ -79,7 +79,7 @@ def run(code: str | None, args: list[str], **env) -> subprocess.CompletedProcess
     prefix = [sys.executable, "-c", code] if code else [sys.executable, "-m", "weightgeom.harness.cli"]
     import os  # noqa: PLC0415
 
-    return subprocess.run([*prefix, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    return subprocess.run([*prefix, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **{k: str(v) for k, v in env.items()}})
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from weightgeom import recipes
 from weightgeom.core.config import load_config
 from weightgeom.core.sinks import read_metrics
-from weightgeom import recipes
 from weightgeom.trainers.ce import pretrain
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,111 @@
+"""The control directions of the rank-1 test: Haar, lower-principal and variance-matched directions,
+and the z-score against a family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.harness.rank1.helpers import rand_psd
+from weightgeom.harness.rank1.directions import (
+    family_generator,
+    haar_directions,
+    lower_ranks,
+    variance_matched,
+    widest_angle_in_band,
+)
+from weightgeom.harness.rank1.experiment import (
+    zscore,
+)
+from weightgeom.hooks import geometry as geo
+
+# ----- controls --------------------------------------------------------------------------------------
+
+def test_haar_controls_are_orthonormal_unit_and_reproducible_from_the_seed():
+    H = haar_directions(16, 10, family_generator(7, "haar", "L0/q", "in"))
+    assert torch.allclose(H.T @ H, torch.eye(10, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(H, haar_directions(16, 10, family_generator(7, "haar", "L0/q", "in")))
+    assert not torch.allclose(H, haar_directions(16, 10, family_generator(8, "haar", "L0/q", "in")))
+    assert not torch.allclose(H, haar_directions(16, 10, family_generator(7, "haar", "L1/q", "in")))
+    wide = haar_directions(4, 10, family_generator(0))  # more than dim: orthonormal frames of 4
+    assert torch.allclose(wide.norm(dim=0), torch.ones(10, dtype=torch.float64))
+    assert torch.allclose(wide[:, :4].T @ wide[:, :4], torch.eye(4, dtype=torch.float64), atol=1e-12)
+
+
+def test_lower_ranks_spread_from_below_the_tested_ones_to_the_bottom():
+    assert lower_ranks(2, 32, 4) == [2, 12, 21, 31]
+    assert lower_ranks(1, 3, 8) == [1, 2]
+    assert lower_ranks(1, 8, 0) == []
+
+
+def test_variance_matched_controls_lie_in_the_band_with_the_least_overlap_the_spectrum_allows():
+    Q = rand_psd(12, 4, spike=20.0)  # one spiked direction
+    evals, evecs = geo.sym_eigh(Q)
+    tol = 0.1
+    mixed = evecs[:, 0] + 0.5 * evecs[:, 1] + 0.3 * evecs[:, 5]  # no eigenvector
+    for rank, t in ((0, evecs[:, 0]), (3, evecs[:, 3]), (None, mixed / mixed.norm())):
+        match = variance_matched(Q, t, 25, tol, family_generator(0, "matched", rank))
+        W = match.directions
+        q = float(t @ Q @ t)
+        values = torch.einsum("ic,ij,jc->c", W, Q, W)
+        assert torch.allclose(W.norm(dim=0), torch.ones(25, dtype=torch.float64))
+        assert float(values.min()) >= q * (1 - tol) * (1 - 1e-10) and float(values.max()) <= q * (1 + tol) * (1 + 1e-10)
+        assert torch.allclose(values, match.values)
+        assert torch.allclose((W.T @ t).abs(), match.overlaps)
+        assert torch.equal(W, variance_matched(Q, t, 25, tol, family_generator(0, "matched", rank)).directions)
+        assert float((W.T @ W - torch.eye(25, dtype=torch.float64)).abs().max()) < 1 - 1e-6  # distinct controls
+        assert (match.min_overlap is None) == (rank is None)
+        assert rank is None or float(match.overlaps.min()) >= match.min_overlap - 1e-9
+        # no point of the great circle from t through a control is in the band and farther from t
+        for c in range(25):
+            w = W[:, c]
+            r = w - w.dot(t) * t
+            r = r / r.norm()
+            thetas = torch.linspace(0, math.pi, 20001, dtype=torch.float64)
+            circle = torch.cos(thetas)[:, None] * t + torch.sin(thetas)[:, None] * r
+            f = torch.einsum("ti,ij,tj->t", circle, Q, circle)
+            feasible = (f >= q * (1 - tol)) & (f <= q * (1 + tol))
+            assert float(torch.sin(thetas[feasible]).abs().max()) <= math.sqrt(1 - float(match.overlaps[c]) ** 2) + 1e-4
+    # the spiked top eigenvector: every vector in the band must overlap it (the spectrum's bound); the
+    # controls come within the tol slack of the bound: they mix t with a direction of >= (1 - tol) l2
+    l1, l2 = float(evals[0]), float(evals[1])
+    top = variance_matched(Q, evecs[:, 0], 25, tol, family_generator(1))
+    assert top.min_overlap == pytest.approx(math.sqrt(((1 - tol) * l1 - l2) / (l1 - l2)), rel=1e-9)
+    worst = math.sqrt(((1 - tol) * l1 - (1 - tol) * l2) / (l1 - (1 - tol) * l2))
+    assert top.min_overlap > 0.8 and float(top.overlaps.max()) <= worst + 1e-9
+    # a lower eigenvector's band, and a top one without a dominant spike, are reachable orthogonally
+    assert variance_matched(Q, evecs[:, 3], 5, tol, family_generator(1)).overlaps.max() < 1e-9
+    flat = torch.diag(torch.tensor([10.0, 9.5, 9.2, 3.0, 2.0, 1.0, 1.0, 0.5], dtype=torch.float64))
+    near = variance_matched(flat, torch.eye(8, dtype=torch.float64)[:, 0], 10, tol, family_generator(2))
+    assert near.min_overlap == 0.0 and float(near.overlaps.max()) < 1e-9
+    gram = (near.directions.T @ near.directions).abs()
+    assert near.pairwise_overlap == pytest.approx(float((gram.sum() - 10) / 90), rel=1e-9)
+    assert near.pairwise_overlap > 0.5  # the band [9, 11] holds little besides e_2 = 9.5 and e_3 = 9.2
+    assert variance_matched(torch.eye(8, dtype=torch.float64), torch.eye(8, dtype=torch.float64)[:, 0], 10, tol,
+                            family_generator(3)).pairwise_overlap < 0.5  # isotropic: spread-out controls
+
+
+def test_widest_angle_in_band_matches_a_brute_force_search_on_the_circle():
+    thetas = torch.linspace(0, math.pi, 200001, dtype=torch.float64)[:-1]
+    for q_a, q_b, c, lo, hi in ((5.0, 1.0, 1.5, 4.0, 4.6), (5.0, 1.0, -1.5, 4.0, 4.6), (2.0, 2.5, 0.7, 1.9, 2.1),
+                                (3.0, 1.0, 0.0, 2.5, 3.5), (1.0, 6.0, 2.0, 6.5, 9.0)):
+        f = q_a * torch.cos(thetas) ** 2 + q_b * torch.sin(thetas) ** 2 + 2 * c * torch.sin(thetas) * torch.cos(thetas)
+        feasible = (f >= lo) & (f <= hi)
+        angle = widest_angle_in_band(q_a, q_b, c, lo, hi)
+        if not bool(feasible.any()):
+            assert angle is None
+            continue
+        best = float(torch.sin(thetas[feasible]).abs().max())
+        assert abs(math.sin(angle)) == pytest.approx(best, abs=1e-4)
+        value = q_a * math.cos(angle) ** 2 + q_b * math.sin(angle) ** 2 + 2 * c * math.sin(angle) * math.cos(angle)
+        assert lo - 1e-9 <= value <= hi + 1e-9
+    assert widest_angle_in_band(1.0, 2.0, 0.0, 5.0, 6.0) is None
+
+
+def test_zscore_uses_the_sample_std_and_refuses_to_divide_by_no_spread():
+    z, mean, std = zscore(5.0, [1.0, 2.0, 3.0])
+    assert (mean, std) == (2.0, 1.0) and z == 3.0
+    assert zscore(5.0, [1.0])[0] is None
+    assert zscore(5.0, [2.0, 2.0, 2.0])[0] is None
