@@ -55,5 +55,5 @@ echo "installed:"
 
 # The fast subset: instruments against brute force, config, keys, geometry, layering, one TRL run.
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider -m "not slow and not gpu" \
-    tests/test_covariance.py tests/test_updates.py tests/test_gram.py tests/test_suite.py tests/test_geometry.py \
-    tests/test_keys.py tests/test_config.py tests/test_architecture.py tests/test_trl_dpo.py tests/test_losses.py
+    tests/hooks/test_covariance.py tests/hooks/test_updates.py tests/hooks/test_gram.py tests/hooks/test_suite.py tests/hooks/test_geometry.py \
+    tests/hooks/test_keys.py tests/core/test_config.py tests/test_architecture.py tests/trainers/test_trl_dpo.py tests/trainers/test_losses.py

@@ -77,7 +77,7 @@ fi
 
 # ----- 2. tests --------------------------------------------------------------------------------------------
 if [[ $DRY -eq 1 ]]; then  # the GPU tests skip on the CPU: run their bodies on the CPU instead
-    stage tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_checks_on_cpu.py
+    stage tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/e2e/test_gpu.py tests/e2e/test_gpu_checks_on_cpu.py
 else
     stage tests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/
 fi
@@ -103,7 +103,7 @@ else
     JOB=(model.hidden_size=512 model.num_layers=8 model.num_heads=8 train.steps=200 train.eval_every=100
          align.n_pairs=256 align.train.steps=30 rank1.text_blocks=8)
 fi
-stage main_job 150 "$PY" -m weightgeom.harness.cli run --no-progress --overwrite asymmetry name=gpu_check "output_dir=$WORK" \
+stage main_job 150 "$PY" -m weightgeom run --no-progress --overwrite asymmetry name=gpu_check "output_dir=$WORK" \
     "tokenizer.cache_dir=$WORK/tok" "${JOB[@]}"
 REPORT="$WORK/gpu_check/report/report.md"
 echo; echo "=== verdicts ($REPORT)"

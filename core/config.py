@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -144,8 +144,20 @@ class LoraConfig:
 
 
 # ----- alignment objectives: one dataclass per loss, holding exactly the settings that loss takes -----
+# Each says which trainer runs it (``trainer``: a key of harness.pipeline's table of alignment loops)
+# and what that trainer can do: ``resumes`` (continue from a mid-run checkpoint; else restart) and
+# ``skips_nonfinite`` (honour ``train.on_nonfinite: skip``; else a non-finite step stops the run).
 @dataclass
-class GradedObjective:
+class PreferenceLoopObjective:
+    """The objectives our own preference loop (trainers/preference.py) runs."""
+
+    trainer: ClassVar[str] = "preference"
+    resumes: ClassVar[bool] = True
+    skips_nonfinite: ClassVar[bool] = True
+
+
+@dataclass
+class GradedObjective(PreferenceLoopObjective):
     """``L_g = -log sigmoid(beta (D_w - grade * D_l))``: grade 0 = chosen likelihood, 1 = DPO."""
 
     name: str
@@ -157,7 +169,7 @@ class GradedObjective:
 
 
 @dataclass
-class DpoObjective:
+class DpoObjective(PreferenceLoopObjective):
     """Sigmoid DPO in our loop (the graded loss at grade 1)."""
 
     name: str
@@ -168,7 +180,7 @@ class DpoObjective:
 
 
 @dataclass
-class LikelihoodObjective:
+class LikelihoodObjective(PreferenceLoopObjective):
     """The graded loss at grade 0: raise the chosen completion's likelihood only."""
 
     name: str
@@ -179,7 +191,7 @@ class LikelihoodObjective:
 
 
 @dataclass
-class MixtureObjective:
+class MixtureObjective(PreferenceLoopObjective):
     """``lam * CE(chosen) + (1 - lam) * DPO``."""
 
     name: str
@@ -192,7 +204,12 @@ class MixtureObjective:
 
 @dataclass
 class TrlObjective:
-    """TRL's ``DPOTrainer`` with ``loss_type`` (``sigmoid`` is DPO; ``ipo``, ``hinge``, ...)."""
+    """TRL's ``DPOTrainer`` with ``loss_type`` (``sigmoid`` is DPO; ``ipo``, ``hinge``, ...): it keeps no
+    mid-run checkpoint (a resumed pipeline restarts it) and stops at a non-finite step."""
+
+    trainer: ClassVar[str] = "trl"
+    resumes: ClassVar[bool] = False
+    skips_nonfinite: ClassVar[bool] = False
 
     name: str
     loss: Literal["trl"] = "trl"
@@ -228,19 +245,27 @@ class AlignConfig:
 
 
 @dataclass
-class Rank1Edits:
-    """What a rank-1 experiment edits and how (docs/rank1.md); shared by the recipe's ``rank1:`` section
-    and ``weightgeom.harness.rank1.experiment.Rank1Config``, validated on construction.
+class Rank1Config:
+    """The rank-1 causal test (docs/rank1.md): the recipe's ``rank1:`` section, and the settings of
+    ``harness rank1`` (whose flags replace them), validated on construction. The sampling seed of the
+    controls and the DPO beta of ``G`` are the run's (``seed``, ``align.beta``), passed beside it.
 
-    ``roles``/``layers``: the matrices edited (``layers`` None: all; statistics are always taken in every
-    layer, the ``layer`` control family needs them). ``eps``: Frobenius norm of every edit (absolute;
-    compare with the ``weight_norm`` the result reports per matrix). ``eps_small``: the norm at which
-    per-unit-norm changes ``(m(eps_small) - m0) / eps_small`` are measured (default ``eps / 10``).
-    ``n_top``: tested directions per source. ``n_random``: Haar controls per (layer, role);
-    ``n_matched``: variance-matched controls per tested direction; ``n_lower``: lower principal
-    directions per source; ``tol``: relative band of the matching. ``pred_centered``: prediction
-    subspace of the vocab-centred unembedding. ``batch_size``: pairs / text blocks per forward.
+    What is edited and how: ``roles``/``layers``: the matrices edited (``layers`` None: all; statistics
+    are always taken in every layer, the ``layer`` control family needs them). ``eps``: Frobenius norm
+    of every edit (absolute; compare with the ``weight_norm`` the result reports per matrix).
+    ``eps_small``: the norm at which per-unit-norm changes ``(m(eps_small) - m0) / eps_small`` are
+    measured (default ``eps / 10``). ``n_top``: tested directions per source. ``n_random``: Haar
+    controls per (layer, role); ``n_matched``: variance-matched controls per tested direction;
+    ``n_lower``: lower principal directions per source; ``tol``: relative band of the matching.
+    ``pred_centered``: prediction subspace of the vocab-centred unembedding. ``batch_size``: pairs /
+    text blocks per forward.
+
+    What it reads (:data:`INPUTS`): ``max_pairs``: training pairs that give the mean gradient ``G``
+    (the held-out pairs are the alignment runs', ``align.eval_fraction``); ``text_blocks``: held-out
+    pretraining blocks for CE and KL.
     """
+
+    INPUTS: ClassVar[tuple[str, ...]] = ("max_pairs", "text_blocks")
 
     roles: list[str] = field(default_factory=lambda: ["q", "k", "o", "down"])  # the read and write pathways
     layers: list[int] | None = None
@@ -253,6 +278,8 @@ class Rank1Edits:
     tol: float = 0.1
     pred_centered: bool = False
     batch_size: int = 32
+    max_pairs: int | None = 128
+    text_blocks: int = 16
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.roles if r not in ROLES]
@@ -262,32 +289,22 @@ class Rank1Edits:
                  f"(the edit's Frobenius norm) must be a finite number > 0, got {self.eps}")
         _require(self.eps_small is None or (math.isfinite(self.eps_small) and self.eps_small > 0), "eps_small",
                  f"must be a finite number > 0 (or null for eps / 10), got {self.eps_small}")
-        _positive(self, "n_top", "batch_size")
+        _positive(self, "n_top", "batch_size", "text_blocks")
         _require(self.n_random >= 2, "n_random", f"must be >= 2 (a z-score needs a spread), got {self.n_random}")
         _require(self.n_matched >= 2, "n_matched", f"must be >= 2 (a z-score needs a spread), got {self.n_matched}")
         _non_negative(self, "n_lower")
         _require(0 <= self.tol < 1, "tol", f"(relative matching band) must be in [0, 1), got {self.tol}")
+        _require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs",
+                 f"must be >= 1 or null, got {self.max_pairs}")
 
     @property
     def small(self) -> float:
         """The norm of the small edits (``eps_small``, default ``eps / 10``)."""
         return self.eps_small if self.eps_small is not None else self.eps / 10
 
-
-@dataclass
-class Rank1Settings(Rank1Edits):
-    """The pipeline's ``rank1`` stage: rank-1 edits of the run's pretrained model (the seed is the run's,
-    ``beta`` is ``align.beta``). ``max_pairs``: training pairs that give the mean gradient ``G``; the
-    held-out pairs are the alignment runs' (``align.eval_fraction``); ``text_blocks``: held-out
-    pretraining blocks for CE and KL."""
-
-    max_pairs: int | None = 128
-    text_blocks: int = 16
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive(self, "text_blocks")
-        _require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs", f"must be >= 1 or null, got {self.max_pairs}")
+    def edits(self) -> dict:
+        """The settings of what is edited and how (every field but :data:`INPUTS`), in field order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.INPUTS}
 
 
 @dataclass
@@ -308,7 +325,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     instruments: SuiteConfig = field(default_factory=SuiteConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
-    rank1: Rank1Settings = field(default_factory=Rank1Settings)
+    rank1: Rank1Config = field(default_factory=Rank1Config)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: list[dict[str, Any]] = field(default_factory=list)  # asymmetry_scale: one override set per run
 

@@ -48,9 +48,10 @@ def preflight(cfg: RunConfig) -> list[str]:
     if problems:
         raise ConfigError(f"tracking.report_to: {'; '.join(problems)}")
     warnings: list[str] = []
-    if "align" in stages and cfg.align.train.on_nonfinite == "skip" and any(o.loss == "trl" for o in cfg.align.objectives):
-        warnings.append("align.train.on_nonfinite=skip applies to our own loops; TRL objectives (loss: trl) stop at "
-                        "a non-finite step")
+    stopping = [o.name for o in cfg.align.objectives if not o.skips_nonfinite]
+    if "align" in stages and cfg.align.train.on_nonfinite == "skip" and stopping:
+        warnings.append(f"align.train.on_nonfinite=skip applies to our own loops; objectives {stopping} (loss: trl) "
+                        "stop at a non-finite step")
     skeleton = skeleton_model(cfg, model_dir, key)
     if model_dir is not None:
         check_vocabulary(cfg, skeleton, model_dir, key)

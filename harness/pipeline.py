@@ -26,7 +26,7 @@ from weightgeom.core.rundir import check_resume_config, prepare_run_dir
 from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
 from weightgeom.core.tokenizer import tokenizer_from_config
 from weightgeom.harness.rank1.report import rank1_section
-from weightgeom.harness.rank1.stage import RANK1_DIR, rank1_config, run_rank1_stage
+from weightgeom.harness.rank1.stage import RANK1_DIR, run_rank1_stage
 from weightgeom.harness.reports.asymmetry import write_asymmetry_report
 from weightgeom.harness.reports.run_report import write_run_report
 from weightgeom.harness.reports.scale import write_scale_report
@@ -115,7 +115,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
             if is_complete(checkpoint_dir(obj_dir, cfg.align.train.steps)):
                 main_print(f"[resume] objective {objective.name} already finished")
                 continue
-            obj_resume = latest_checkpoint(obj_dir) if objective.loss != "trl" else None
+            obj_resume = latest_checkpoint(obj_dir) if objective.resumes else None
             if obj_resume is not None:
                 main_print(f"[resume] objective {objective.name} from {obj_resume}")
         run_objective(cfg, objective, init_dir, obj_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
@@ -141,20 +141,20 @@ def validate_recipe(cfg: RunConfig) -> None:
     """The checks that need the trainers: every alignment objective's settings, by the loss that
     uses them (so a bad ``lam`` fails before pretraining, not after)."""
     try:
-        check_objectives(cfg.align.objectives, cfg.align.beta)
-        if "rank1" in cfg.stages:
-            rank1_config(cfg)
+        check_objectives(cfg.align.objectives, cfg.align.beta)  # also align.beta, which the rank1 stage uses
     except ValueError as err:
         raise ConfigError(f"recipe {cfg.name}: {err}") from err
 
 
+# The alignment loops, keyed by the objective's ``trainer`` (core.config: each objective names its own).
+ALIGNERS = {"preference": align, "trl": align_with_trl}
+
+
 def run_objective(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, **kwargs) -> RunResult:
-    """One alignment run: TRL's DPOTrainer for ``loss: trl``, our preference loop for the others
-    (TRL objectives restart instead of resuming)."""
-    if objective.loss == "trl":
+    """One alignment run, by the trainer the objective names (one that does not resume restarts)."""
+    if not objective.resumes:
         kwargs.pop("resume", None)
-        return align_with_trl(cfg, objective, init_dir, run_dir, **kwargs)
-    return align(cfg, objective, init_dir, run_dir, **kwargs)
+    return ALIGNERS[objective.trainer](cfg, objective, init_dir, run_dir, **kwargs)
 
 
 DATA_STATS = "data.json"  # RUN/data.json: what the preference data held and what was dropped

@@ -229,7 +229,7 @@ def rsf_null_moments(dW: Tensor, k: int, side: Side) -> tuple[Tensor, Tensor]:
     RSF is ``tr(P A)`` for a random rank-k projector ``P``; its moments are
     ``E = k / dim`` and ``Var = 2 k (dim - k) / ((dim - 1) dim (dim + 2)) * (tr(A²) - 1 / dim)``.
     ``tr(A²) = ‖G‖_F² / ‖dW‖_F⁴`` is the same on both sides, with ``G`` the smaller Gram matrix of
-    ``dW`` (cost ``m n min(m, n)``). tests/test_geometry.py checks both moments against Haar samples.
+    ``dW`` (cost ``m n min(m, n)``). tests/hooks/test_geometry.py checks both moments against Haar samples.
     """
     B, m, n = dW.shape
     dim = n if side == "in" else m

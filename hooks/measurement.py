@@ -25,25 +25,20 @@ from weightgeom.hooks.updates import UpdateInstrument
 
 
 class Values:
-    """Metric values collected as tensors (or floats) and synchronised with the host once."""
+    """Metric values collected as tensors and synchronised with the host once."""
 
     def __init__(self) -> None:
         self._names: list[list[str]] = []
         self._blocks: list[Tensor] = []
-        self._floats: dict[str, float] = {}
 
     def add(self, names: list[str], values: Tensor) -> None:
         """``values`` (len(names),): one metric per name, on any device."""
         self._names.append(list(names))
         self._blocks.append(values.reshape(-1))
 
-    def add_float(self, name: str, value: float) -> None:
-        self._floats[name] = float(value)
-
     def extend(self, other: Values) -> None:
         self._names += other._names
         self._blocks += other._blocks
-        self._floats.update(other._floats)
 
     def to_dict(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -51,7 +46,6 @@ class Values:
             device = self._blocks[0].device
             flat = torch.cat([b.to(device=device, dtype=torch.float64) for b in self._blocks]).tolist()
             out.update(zip((n for names in self._names for n in names), flat, strict=True))
-        out.update(self._floats)
         return out
 
 

@@ -58,7 +58,7 @@ class SuiteConfig:
     ``dtype``: accumulation dtype. ``metric_dtype``: dtype of the metric computation. float32 is
     2-4x faster than float64 (on GPUs float64 eigendecompositions are slower still) and its error is far
     below the statistics' own sampling error: relative RSF within 1e-5 of float64, every other metric
-    within 1e-3 (tests/test_suite.py), while C_a estimated on two halves of one batch differs by
+    within 1e-3 (tests/hooks/test_suite.py), while C_a estimated on two halves of one batch differs by
     0.5-1.7 relative (benchmarks/README.md).
     ``gram_precision``: how the covariances' products are formed: ``fp32`` (exact, the default),
     ``tf32`` or ``bf16`` (tensor cores on CUDA, fp32 sums; ``hooks/gram.py`` states their error).

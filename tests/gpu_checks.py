@@ -1,6 +1,6 @@
 """Bodies of the GPU tests, callable on any device.
 
-tests/test_gpu.py runs them on CUDA (skipped without a GPU; CI has none); tests/test_gpu_checks_on_cpu.py
+tests/e2e/test_gpu.py runs them on CUDA (skipped without a GPU; CI has none); tests/e2e/test_gpu_checks_on_cpu.py
 runs them once on the CPU with fewer steps, so every code path here is exercised on every CI run and a
 later GPU session finds no broken helper. Each check asserts what it names and returns what it measured.
 """

@@ -238,11 +238,6 @@ class TrainingSession:
         return value, loss_bad == 0, stats_bad == 0
 
     @property
-    def skipped_steps(self) -> int:
-        """Steps dropped by ``train.on_nonfinite: skip`` in this session."""
-        return self.guard.skipped
-
-    @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 

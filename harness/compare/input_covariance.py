@@ -67,10 +67,6 @@ class ForwardCovariance:
         self._keep: Tensor | None = None
         self._tokens = 0
 
-    @property
-    def group_keys(self) -> list[str]:
-        return list(self._group_of.values())
-
     def set_mask(self, mask: Tensor) -> None:
         """``mask`` (B, T): 1 for real tokens, 0 for padding."""
         flat = mask.reshape(-1).bool()

@@ -61,10 +61,6 @@ class Rank1Edit:
         """The (m, n) float64 weight delta of Frobenius norm ``|eps|``."""
         return -float(eps) * torch.outer(self.left, self.right)
 
-    @property
-    def direction(self) -> Tensor:
-        return self.right if self.side == "in" else self.left
-
 
 def input_side_edit(G: Tensor, v: Tensor) -> Rank1Edit:
     """Steepest-descent rank-1 edit reading along unit ``v`` (n,): ``dW = -eps (G v/||G v||) v^T``.

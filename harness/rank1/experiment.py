@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from weightgeom.core.config import Rank1Edits
+from weightgeom.core.config import Rank1Config
 from weightgeom.core.data import tokenize_pairs
 from weightgeom.core.models import load_local_model
 from weightgeom.core.sinks import json_safe
@@ -53,25 +53,12 @@ from weightgeom.harness.rank1.edits import (
 from weightgeom.harness.rank1.measure import HeldOut, Statistics, evaluate, measure_statistics, prepare_heldout
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks.roles import GROUP_OF_ROLE, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
+from weightgeom.trainers.losses import check_beta
 
 FAMILIES = ("haar", "matched", "lower", "layer")
 # Metrics that get a z-score against every control family.
 Z_METRICS = ("dpo_loss_unit", "dpo_loss", "margin_unit", "ce_unit", "kl_unit", "pred1_unit")
 RESULT_VERSION = 1
-
-
-@dataclass
-class Rank1Config(Rank1Edits):
-    """Settings of one rank-1 experiment: what is edited and how (:class:`weightgeom.core.config.Rank1Edits`, whose
-    fields and checks these are), the sampling ``seed`` of the controls and the DPO ``beta`` of ``G``."""
-
-    seed: int = 0
-    beta: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
 
 
 @dataclass
@@ -145,7 +132,7 @@ def _json_default(value):
 # ----- entry points ----------------------------------------------------------------------------------
 
 def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict], text_blocks: Tensor,
-              config: Rank1Config | None = None, max_len: int = 128, tokenizer=None,
+              config: Rank1Config | None = None, seed: int = 0, beta: float = 0.1, max_len: int = 128, tokenizer=None,
               dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
               progress: bool = False) -> Rank1Result:
     """Rank-1 interventions on the model saved in ``base_dir`` (a local HF directory).
@@ -154,8 +141,10 @@ def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict]
     ``G`` picks each edit and whose pass measures ``C_a`` and ``C_delta``; ``eval_pairs``: held-out
     pairs the edits are measured on; ``text_blocks``: (B, T) held-out token blocks of pretraining
     text (CE and KL), in the model's tokenizer. ``config``: what to edit and how (default
-    ``Rank1Config()``). ``tokenizer``: default the one saved in ``base_dir``. ``max_len``: tokens per
-    pair sequence (as ``align.max_len``).
+    ``Rank1Config()``; its ``max_pairs`` / ``text_blocks`` are the caller's to apply). ``seed``: the
+    controls' sampling seed; ``beta``: the DPO beta of ``G`` and of the measured DPO loss (a run's
+    ``seed`` and ``align.beta``). ``tokenizer``: default the one saved in ``base_dir``. ``max_len``:
+    tokens per pair sequence (as ``align.max_len``).
     """
     cfg = config if config is not None else Rank1Config()
     if not pairs or not eval_pairs:
@@ -170,19 +159,20 @@ def run_rank1(base_dir: str | Path, *, pairs: list[dict], eval_pairs: list[dict]
     train_data = tokenize_pairs(pairs, tokenizer, max_len)
     eval_data = tokenize_pairs(eval_pairs, tokenizer, max_len)
     result = rank1_experiment(model, train_data=train_data, eval_data=eval_data, text_blocks=text_blocks,
-                              config=cfg, progress=progress)
+                              config=cfg, seed=seed, beta=beta, progress=progress)
     result.config.update(base_dir=str(base_dir), max_len=max_len, dtype=str(dtype).removeprefix("torch."))
     return result
 
 
 def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, text_blocks: Tensor,
-                     config: Rank1Config, progress: bool = False) -> Rank1Result:
+                     config: Rank1Config, seed: int = 0, beta: float = 0.1, progress: bool = False) -> Rank1Result:
     """The experiment on a model in memory; pair data as produced by ``weightgeom.core.data.tokenize_pairs``.
 
     The model is put in eval mode for the duration (its mode is restored after); its weights are
     edited in place one direction at a time and restored bit for bit after each (also on error).
     """
     cfg = config
+    check_beta(beta)
     if text_blocks.dim() != 2 or text_blocks.shape[1] < 2 or text_blocks.shape[0] < 1:
         raise ValueError(f"text_blocks must be (blocks, tokens) with >= 1 block of >= 2 tokens, got "
                          f"{tuple(text_blocks.shape)}")
@@ -202,8 +192,8 @@ def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, tex
     model.eval()
     try:
         stats = measure_statistics(model, tracked, train_data=train_data, heldout_data=eval_data,
-                                   text_blocks=text_blocks, beta=cfg.beta, batch_size=cfg.batch_size, device=device)
-        held = prepare_heldout(model, eval_data, text_blocks, beta=cfg.beta, batch_size=cfg.batch_size, device=device)
+                                   text_blocks=text_blocks, beta=beta, batch_size=cfg.batch_size, device=device)
+        held = prepare_heldout(model, eval_data, text_blocks, beta=beta, batch_size=cfg.batch_size, device=device)
         base = evaluate(model, held)
         writes = any(r in WRITE_ROLES for r in cfg.roles)
         forms = Forms(stats, prediction_form(model, cfg.pred_centered) if writes else None)
@@ -212,7 +202,7 @@ def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, tex
         for layer in layers:
             for role in cfg.roles:
                 tm = by_key[f"L{layer}/{role}"]
-                dirs, match = build_directions(tm, forms, n_layers, cfg)
+                dirs, match = build_directions(tm, forms, n_layers, cfg, seed)
                 directions += dirs
                 matching += match
                 statistics.append(_statistics_entry(tm, forms))
@@ -222,7 +212,7 @@ def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, tex
     finally:
         model.train(was_training)
     records = [d.record() for d in directions]
-    config = {**asdict(cfg), "eps_small": cfg.small, "n_layers": n_layers, "layers": list(layers),
+    config = {**cfg.edits(), "seed": seed, "beta": beta, "eps_small": cfg.small, "n_layers": n_layers, "layers": list(layers),
               "roles": list(cfg.roles), "n_train_pairs": stats.n_pairs,
               "n_eval_pairs": len(eval_data["chosen_input_ids"]), "text_blocks": list(text_blocks.shape),
               "model_type": getattr(getattr(model, "config", None), "model_type", None)}
@@ -286,8 +276,8 @@ class Forms:
         return {name: float(w @ self.matrix(name, layer, role) @ w) for name in names}
 
 
-def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int,
-                     cfg: Rank1Config) -> tuple[list[Direction], list[dict]]:
+def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int, cfg: Rank1Config,
+                     seed: int = 0) -> tuple[list[Direction], list[dict]]:
     """Tested directions of one (layer, role) and their control families; the matching summaries."""
     layer, role = tm.layer, tm.role
     side, sources = sources_of(role)
@@ -314,7 +304,7 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int,
             tid = f"{prefix}/{source}#{j + 1}"
             t = evecs[:, j]
             add(tid, "tested", source, j, t)
-            match = variance_matched(Q, t, cfg.n_matched, cfg.tol, family_generator(cfg.seed, "matched", tid))
+            match = variance_matched(Q, t, cfg.n_matched, cfg.tol, family_generator(seed, "matched", tid))
             for i in range(cfg.n_matched):
                 add(f"{tid}/matched#{i}", "matched", source, None, match.directions[:, i], tid,
                     overlap=float(match.overlaps[i]))
@@ -330,7 +320,7 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int,
                     add(f"{tid}/layer{other}", "layer", source, j, w, tid, origin=other, overlap=abs(float(w @ t)))
         for rank in lower_ranks(cfg.n_top, dim, cfg.n_lower):
             add(f"{prefix}/{source}/lower#{rank + 1}", "lower", source, rank, evecs[:, rank])
-    haar = haar_directions(dim, cfg.n_random, family_generator(cfg.seed, "haar", tm.key, side))
+    haar = haar_directions(dim, cfg.n_random, family_generator(seed, "haar", tm.key, side))
     for i in range(cfg.n_random):
         add(f"{prefix}/haar#{i}", "haar", "haar", None, haar[:, i])
     return dirs, matching

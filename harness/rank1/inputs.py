@@ -1,5 +1,5 @@
 """The inputs of ``harness rank1`` (a pipeline run's recipe, or a checkpoint with a preference file)
-and the run itself; the command-line parser is in harness/rank1_cli.py."""
+and the run itself; the command-line parser is in harness/rank1/cli.py."""
 
 from __future__ import annotations
 
@@ -10,17 +10,14 @@ from pathlib import Path
 import torch
 
 from weightgeom.core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
-from weightgeom.core.config import load_config
+from weightgeom.core.config import Rank1Config, load_config
 from weightgeom.core.data import load_preference_pairs, load_texts
 from weightgeom.core.shards import load_corpus
 from weightgeom.core.stage_inputs import alignment_tokenizer, corpus_cache, load_pairs, split_pairs
 from weightgeom.core.tokenizer import load_tokenizer
-from weightgeom.harness.rank1.experiment import Rank1Config, run_rank1
+from weightgeom.harness.rank1.experiment import run_rank1
 from weightgeom.harness.rank1.report import rank1_section, write_rank1_report
-from weightgeom.harness.rank1.stage import rank1_config
 from weightgeom.harness.reports.asymmetry import write_asymmetry_report
-
-DEFAULT_TEXT_BLOCKS = 16  # with a checkpoint directory (a run directory takes its recipe's rank1.text_blocks)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -36,19 +33,23 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")
     inputs = _run_inputs(path, args) if (path / "config.yaml").is_file() else _checkpoint_inputs(path, args)
-    train, held, max_pairs = inputs["pairs"], inputs["eval_pairs"], inputs["max_pairs"]
-    if max_pairs is not None:
-        train = train[:max_pairs]
+    config = config_from_args(args, inputs["config"])
+    train, held = inputs["pairs"], inputs["eval_pairs"]
+    if config.max_pairs is not None:
+        train = train[: config.max_pairs]
+    blocks = inputs["text_blocks"][: config.text_blocks]
     print(f"[rank1] base {inputs['base']}: {len(train)} pairs for G, {len(held)} held-out pairs, "
-          f"{inputs['text_blocks'].shape[0]} text blocks of {inputs['text_blocks'].shape[1]} tokens")
-    result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=inputs["text_blocks"],
-                       config=config_from_args(args, inputs["config"]), max_len=inputs["max_len"],
-                       tokenizer=inputs["tokenizer"], dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+          f"{blocks.shape[0]} text blocks of {blocks.shape[1]} tokens")
+    seed, beta = run_settings(args, inputs["seed"], inputs["beta"])
+    result = run_rank1(inputs["base"], pairs=train, eval_pairs=held, text_blocks=blocks, config=config, seed=seed,
+                       beta=beta, max_len=inputs["max_len"], tokenizer=inputs["tokenizer"],
+                       dtype=getattr(torch, args.dtype), progress=not args.no_progress)
     result.config.update(source=str(path), text_source=inputs["text_source"], eval_fraction=inputs["eval_fraction"])
     report = write_rank1_report(result, inputs["out"])
     print(f"[rank1] {report}")
     if inputs["out"] == path / "rank1" and (path / "align").is_dir():
-        print(f"[rank1] asymmetry report with the rank-1 section: {write_asymmetry_report(path, sections=rank1_section(path))}")
+        asymmetry = write_asymmetry_report(path, sections=rank1_section(path))
+        print(f"[rank1] asymmetry report with the rank-1 section: {asymmetry}")
     return 0
 
 
@@ -77,11 +78,10 @@ def _run_inputs(run_dir: Path, args) -> dict:
     if len(eval_blocks) == 0:
         raise ValueError(f"the recipe's pretraining corpus has no eval split (data.eval_fraction = "
                          f"{cfg.data.eval_fraction}); there is no held-out text to measure CE and KL on")
-    # the defaults are the recipe's rank1 section (the pipeline's rank1 stage): same flags, same result
-    return {"base": base, "pairs": train, "eval_pairs": held, "config": rank1_config(cfg),
-            "max_pairs": args.max_pairs or cfg.rank1.max_pairs,
-            "text_blocks": eval_blocks[: args.text_blocks or cfg.rank1.text_blocks],
-            "tokenizer": tokenizer, "max_len": args.max_len or cfg.align.max_len,
+    # the defaults are the recipe's rank1 section, seed and align.beta (the pipeline's rank1 stage): same
+    # flags, same result
+    return {"base": base, "pairs": train, "eval_pairs": held, "config": cfg.rank1, "seed": cfg.seed,
+            "beta": cfg.align.beta, "text_blocks": eval_blocks, "tokenizer": tokenizer, "max_len": args.max_len or cfg.align.max_len,
             "out": Path(args.out) if args.out else run_dir / "rank1",
             "eval_fraction": args.eval_fraction or cfg.align.eval_fraction,
             "text_source": f"held-out split of the recipe's corpus ({cfg.data.source})"}
@@ -99,8 +99,9 @@ def _checkpoint_inputs(ckpt: Path, args) -> dict:
     tokenizer = load_tokenizer(str(ckpt), 0, Path("."))
     train, held = _split(_pairs_file(args.pairs), args.eval_fraction or 0.2, args.seed or 0)
     seq_len = args.seq_len or 128
-    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks or DEFAULT_TEXT_BLOCKS)
-    return {"base": ckpt, "pairs": train, "eval_pairs": held, "config": Rank1Config(), "max_pairs": args.max_pairs,
+    defaults = Rank1Config(max_pairs=None)  # with a checkpoint: every training pair gives G, unless --max-pairs
+    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks or defaults.text_blocks)
+    return {"base": ckpt, "pairs": train, "eval_pairs": held, "config": defaults, "seed": 0, "beta": 0.1,
             "text_blocks": blocks, "tokenizer": tokenizer, "max_len": args.max_len or 128, "out": Path(args.out),
             "eval_fraction": args.eval_fraction or 0.2,
             "text_source": f"{args.text or 'stdlib'} (held out only if the checkpoint never trained on it)"}
@@ -133,7 +134,13 @@ def text_blocks(texts: list[str], tokenizer, seq_len: int, n_blocks: int) -> tor
 
 
 def config_from_args(args: argparse.Namespace, defaults: Rank1Config) -> Rank1Config:
-    """``defaults`` with the flags that were given (``--roles``, ``--eps``, ``--seed``, ...) in their place;
-    a flag left out is None (``--seed 0`` and ``--n-lower 0`` are given)."""
+    """``defaults`` with the flags that were given (``--roles``, ``--eps``, ``--max-pairs``, ...) in their
+    place; a flag left out is None (``--n-lower 0`` is given). ``--seed`` and ``--beta`` are the run's
+    settings, applied beside the config (:func:`run_from_args`)."""
     given = {f.name: getattr(args, f.name) for f in fields(Rank1Config) if getattr(args, f.name, None) is not None}
     return replace(defaults, **given)
+
+
+def run_settings(args: argparse.Namespace, seed: int, beta: float) -> tuple[int, float]:
+    """``(seed, beta)``: the flags when given (``--seed 0`` is given), else the run's."""
+    return (args.seed if args.seed is not None else seed), (args.beta if args.beta is not None else beta)

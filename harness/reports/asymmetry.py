@@ -3,8 +3,8 @@
 Reads ``RUN/pretrain/metrics.jsonl`` and ``RUN/align/{objective}/metrics.jsonl`` (the last
 geometry row of each run is the final cumulative delta of that phase) and writes
 ``RUN/report/report.md`` with PNG plots, ``verdicts.json`` (one entry per claim of
-harness/claims.py) and ``health.json`` (harness/health.py). Every verdict is computed from the
-numbers with the rules in harness/claims.py, which the report prints next to it; nothing assumes
+harness/reports/claims.py) and ``health.json`` (harness/reports/health.py). Every verdict is computed from the
+numbers with the rules in harness/reports/claims.py, which the report prints next to it; nothing assumes
 the paper is right.
 """
 

@@ -144,7 +144,7 @@ def _missing(phases: list[Phase], what: str) -> str:
 def verdicts(phases: list[Phase]) -> list[Verdict]:
     """One :class:`Verdict` per claim of :data:`CLAIMS`, in that order."""
     ce = next((p for p in phases if p.kind == "ce"), None)
-    dpo = [p for p in phases if p.grade == 1.0 and p.kind in ("trl", "dpo", "graded")]
+    dpo = [p for p in phases if p.grade == 1.0]  # DPO-like: a grade-1 contrast (a mixture has no grade)
     no_dpo = "no grade-1 (DPO-like) objective in this run"
     no_ce = "no CE pretraining phase in this run (alignment started from init_from)"
     out = []

@@ -6,14 +6,14 @@ for the summary, ``RUN/run_info.json`` and the newest checkpoint's ``config.json
 ``health.json`` beside it:
 
 * the run summary (model, parameters, seed, k, versions, steps and tokens or pairs seen);
-* the health block (memorisation, preference accuracy at chance, non-finite values; harness/health.py);
+* the health block (memorisation, preference accuracy at chance, non-finite values; harness/reports/health.py);
 * training curves (loss, held-out loss, preference accuracy when present);
 * the final relative RSF per layer and role (input side vs ``C_a``; output side vs the prediction
   subspace and vs ``C_delta``), with z-scores against random subspaces;
 * relative RSF of each role over steps (the within-run trajectory of the cumulative delta);
 * covariance spectra and the relative-RSF-vs-k curve, recomputed from the snapshot tensors.
 
-Pipelines (pretrain + alignment objectives) get the asymmetry report in harness/asymmetry.py.
+Pipelines (pretrain + alignment objectives) get the asymmetry report in harness/reports/asymmetry.py.
 Definitions of every number: docs/metrics.md; the report's sections and rules: docs/reports.md.
 """
 
@@ -54,7 +54,7 @@ from weightgeom.hooks.roles import GROUP_OF_ROLE, ROLES
 FAMILIES = (("rsf_in", "z_in", "input side vs top-k of C_a"),
             ("rsf_out_pred", "z_out_pred", "output side vs the prediction subspace"),
             ("rsf_out_delta", "z_out_delta", "output side vs top-k of C_delta"))
-# The lines drawn on each family's plots: the isotropic level and the verdicts' thresholds (harness/claims.py).
+# The lines drawn on each family's plots: the isotropic level and the verdicts' thresholds (harness/reports/claims.py).
 THRESHOLDS = {"rsf_in": (ISOTROPIC, (CONCENTRATED, f"concentrated above ({CONCENTRATED:g})")),
               "rsf_out_pred": (ISOTROPIC, (NEAR_ISOTROPIC, f"concentrated above / near-isotropic below "
                                                            f"({NEAR_ISOTROPIC:g})")),
@@ -164,7 +164,7 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                 lines += [f"### `{prefix}`: {meaning}", "", rsf_table(final, prefix, zprefix), ""]
         lines += ["## Trajectories", "",
                   "Per role, one line per layer; dashed gray: the isotropic level 1.0; dotted red: the verdicts' "
-                  "threshold (harness/claims.py).", ""]
+                  "threshold (harness/reports/claims.py).", ""]
         for prefix, _, meaning in FAMILIES:
             if any(keys.layer_of(k, prefix) and is_finite(v) for r in rows for k, v in r.items()):
                 plot_rsf_over_steps(rows, prefix, out_dir / f"{prefix}.png", f"{prefix}: {meaning}",

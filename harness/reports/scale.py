@@ -1,7 +1,7 @@
 """The scale report: each claim's figures across a sweep of sizes and pretraining lengths.
 
 Reads every ``RUN/{i:02d}/`` pipeline of a sweep (its config.yaml and metrics files), recomputes the
-asymmetry verdicts per run (harness/claims.py), and writes one table and one plot: at what size
+asymmetry verdicts per run (harness/reports/claims.py), and writes one table and one plot: at what size
 does each claim start to hold?
 """
 

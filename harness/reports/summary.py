@@ -141,13 +141,6 @@ def _fmt_last(found: tuple[int, float] | None) -> str:
     return f"{found[1]:.3g} (step {found[0]})" if found else "-"
 
 
-def phase_train_section(cfg: dict, phase: PhaseFiles) -> dict:
-    """The recipe's train section that drove ``phase`` (``align.train`` for alignment phases)."""
-    if phase.alignment:
-        return ((cfg.get("align") or {}).get("train") or {})
-    return cfg.get("train") or {}
-
-
 def pairs_per_step(cfg: dict) -> int | None:
     """Preference pairs per optimizer step of the alignment phases (``align.train``), None if unknown."""
     t = (cfg.get("align") or {}).get("train") or {}

@@ -524,7 +524,7 @@ def test_cli_prepare_data_end_to_end(tokenizer, corpus, tmp_path):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(hf_home / "datasets")}
     out = tmp_path / "prepared"
     local_tokenizer = str(tokenizer.name_or_path)  # the fixture's saved directory: a LOCAL_DIR tokenizer
-    cmd = [sys.executable, "-m", "weightgeom.harness.cli", "prepare-data", str(root), "stdlib", "--out", str(out),
+    cmd = [sys.executable, "-m", "weightgeom", "prepare-data", str(root), "stdlib", "--out", str(out),
            "--tokenizer", local_tokenizer, "--eval-fraction", "0.05", "--num-proc", "2", "--seed", "3",
            "--max-tokens", "60000", "--shard-tokens", "25000", "--no-progress"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

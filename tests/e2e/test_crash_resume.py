@@ -76,7 +76,7 @@ def cli_args(out: Path, cache: Path, name: str) -> list[str]:
 
 
 def run(code: str | None, args: list[str], **env) -> subprocess.CompletedProcess:
-    prefix = [sys.executable, "-c", code] if code else [sys.executable, "-m", "weightgeom.harness.cli"]
+    prefix = [sys.executable, "-c", code] if code else [sys.executable, "-m", "weightgeom"]
     import os  # noqa: PLC0415
 
     return subprocess.run([*prefix, *args], cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -1,6 +1,6 @@
 """CUDA checks (skipped without a GPU; CI has none): the whole pipeline under bf16 on the GPU, and
 the instruments' statistics on the GPU equal the CPU's. The bodies live in tests/gpu_checks.py and
-run on the CPU in tests/test_gpu_checks_on_cpu.py, so they are exercised on every CI run.
+run on the CPU in tests/e2e/test_gpu_checks_on_cpu.py, so they are exercised on every CI run.
 
 Run on a GPU machine: ``pytest -m gpu -q`` (or ``bash benchmarks/gpu_check.sh``)."""
 

@@ -1,5 +1,5 @@
 """The GPU tests' bodies (tests/gpu_checks.py) run once on the CPU, with fewer steps: CI has no GPU,
-so this is what keeps tests/test_gpu.py's code paths working between GPU sessions."""
+so this is what keeps tests/e2e/test_gpu.py's code paths working between GPU sessions."""
 
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
             "align.train.log_every=2", "align.objectives=[{name: g1.00, loss: graded, grade: 1.0},"
             " {name: dpo, loss: trl}]", "--no-progress"]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    commands = {"one": [sys.executable, "-m", "weightgeom.harness.cli"],
-                "two": [torchrun, "--nproc_per_node", "2", "-m", "weightgeom.harness.cli"]}
+    commands = {"one": [sys.executable, "-m", "weightgeom"],
+                "two": [torchrun, "--nproc_per_node", "2", "-m", "weightgeom"]}
     for name, command in commands.items():
         done = subprocess.run([*command, "run", "asymmetry_smoke", f"name={name}", *args], capture_output=True,
                               text=True, timeout=900)
@@ -105,7 +105,7 @@ def test_fsdp_resumes_in_one_process(runs, tmp_path):
     shutil.rmtree(resumed / "pretrain" / "checkpoints" / "step_0000008")
     shutil.rmtree(resumed / "align")
     args = [a.replace(f"output_dir={fsdp.parent}", f"output_dir={tmp_path}") for a in args]
-    done = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "run", "asymmetry_smoke", "name=fsdp", *args,
+    done = subprocess.run([sys.executable, "-m", "weightgeom", "run", "asymmetry_smoke", "name=fsdp", *args,
                            "--resume", "latest"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     compare_runs(fsdp, resumed, "pretrain")

@@ -1,5 +1,5 @@
 """weightgeom.hooks.gram: upper-block-triangle Gram products in fp32 / tf32 / bf16, against dense float64 math,
-and the suite's ``gram_precision`` option end to end (on CPU; tests/test_gpu.py repeats it on CUDA)."""
+and the suite's ``gram_precision`` option end to end (on CPU; tests/e2e/test_gpu.py repeats it on CUDA)."""
 
 from __future__ import annotations
 

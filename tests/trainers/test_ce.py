@@ -119,10 +119,10 @@ def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     args = [f"output_dir={tmp_path}", f"tokenizer.cache_dir={cache_dir}", "stages=[pretrain]", "train.steps=10",
             "train.log_every=5", "instruments.every_n=5", "instruments.zscores=false", "--no-progress"]
-    single = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "run", "asymmetry_smoke", "name=one", *args],
+    single = subprocess.run([sys.executable, "-m", "weightgeom", "run", "asymmetry_smoke", "name=one", *args],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "weightgeom.harness.cli", "run", "asymmetry_smoke",
+    multi = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "weightgeom", "run", "asymmetry_smoke",
                             "name=two", *args], capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-2000:]
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")

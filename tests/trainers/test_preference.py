@@ -51,13 +51,13 @@ def test_graded_dpo_learns_the_embedded_set_and_counts_policy_tokens_only(pretra
 
 
 def test_trl_dpo_with_lora_and_real_instruments_ignores_the_reference_pass(tmp_path):
-    """fp32 here; the same check under bf16 autocast runs in tests/test_gpu_checks_on_cpu.py and on GPUs."""
+    """fp32 here; the same check under bf16 autocast runs in tests/e2e/test_gpu_checks_on_cpu.py and on GPUs."""
     check_trl_dpo_lora(tmp_path, steps=4, bf16=False)
 
 
 def test_the_preference_loop_reads_the_device_once_per_step_and_once_per_logged_row(pretrained, tmp_path,
                                                                                       monkeypatch):
-    """As the CE loop (tests/test_divergence.py): the guard's one read per step, one per logged row
+    """As the CE loop (tests/trainers/test_guard.py): the guard's one read per step, one per logged row
     (the pair-weighted pref/* sums come back together), none per micro-batch."""
     cfg, ckpt = pretrained
     cfg = copy.deepcopy(cfg)

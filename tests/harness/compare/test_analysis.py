@@ -234,7 +234,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     out = tmp_path / "report"
     args = ["--text", str(text_file), "--k", "4", "--n-tokens", "600", "--seq-len", "48", "--batch-size", "4",
             "--device", "cpu"]
-    proc = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "compare", str(base_dir), str(after_dir), *args,
+    proc = subprocess.run([sys.executable, "-m", "weightgeom", "compare", str(base_dir), str(after_dir), *args,
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| role | ‖dW‖/‖W‖ | RSF_in |" in proc.stdout and f"report: {out / 'report.md'}" in proc.stdout
@@ -248,7 +248,7 @@ def test_cli_end_to_end_in_a_subprocess(tokenizer, text_file, tmp_path):
     assert saved["metrics"] == pytest.approx(in_process.metrics(), rel=1e-12)
 
     # the measured C_a, saved in snapshot format, passes back through --c-a with the same result
-    proc = subprocess.run([sys.executable, "-m", "weightgeom.harness.cli", "compare", str(base_dir), str(after_dir), "--k", "4",
+    proc = subprocess.run([sys.executable, "-m", "weightgeom", "compare", str(base_dir), str(after_dir), "--k", "4",
                            "--device", "cpu", "--c-a", str(out / "c_a.safetensors"),
                            "--unembed", "base", "--out", str(tmp_path / "again")],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,11 +10,9 @@ import shutil
 
 import pytest
 
+from weightgeom.core.config import Rank1Config
 from weightgeom.harness.cli import main
-from weightgeom.harness.rank1.experiment import (
-    Rank1Config,
-    Rank1Result,
-)
+from weightgeom.harness.rank1.experiment import Rank1Result
 
 # ----- end to end: a tiny pipeline run, then `harness rank1` -------------------------------------------------
 
@@ -44,15 +42,18 @@ SMALL = ["--layers", "1", "--roles", "q", "o", "--n-top", "1", "--n-random", "3"
 
 def test_flags_given_replace_the_defaults_and_zero_counts_as_given():
     from weightgeom.harness.rank1.cli import add_rank1_parser  # noqa: PLC0415
-    from weightgeom.harness.rank1.inputs import config_from_args  # noqa: PLC0415
+    from weightgeom.harness.rank1.inputs import config_from_args, run_settings  # noqa: PLC0415
 
     parser = argparse.ArgumentParser()
     add_rank1_parser(parser.add_subparsers(dest="command"))
-    recipe = Rank1Config(roles=["q", "o"], layers=[1], n_lower=2, seed=5, beta=0.2, pred_centered=True)
-    args = parser.parse_args(["rank1", "RUN", "--seed", "0", "--n-lower", "0", "--tol", "0", "--eps", "0.25"])
-    assert config_from_args(args, recipe) == Rank1Config(roles=["q", "o"], layers=[1], n_lower=0, seed=0, beta=0.2,
-                                                         tol=0.0, eps=0.25, pred_centered=True)
+    recipe = Rank1Config(roles=["q", "o"], layers=[1], n_lower=2, pred_centered=True, max_pairs=64)
+    args = parser.parse_args(["rank1", "RUN", "--seed", "0", "--n-lower", "0", "--tol", "0", "--eps", "0.25",
+                              "--max-pairs", "8"])
+    assert config_from_args(args, recipe) == Rank1Config(roles=["q", "o"], layers=[1], n_lower=0, tol=0.0, eps=0.25,
+                                                         pred_centered=True, max_pairs=8)
+    assert run_settings(args, seed=5, beta=0.2) == (0, 0.2)
     assert config_from_args(parser.parse_args(["rank1", "RUN"]), recipe) == recipe
+    assert run_settings(parser.parse_args(["rank1", "RUN", "--beta", "0.3"]), seed=5, beta=0.2) == (5, 0.3)
     assert config_from_args(parser.parse_args(["rank1", "RUN", "--pred-centered"]), Rank1Config()).pred_centered
 
 

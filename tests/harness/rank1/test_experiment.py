@@ -12,11 +12,11 @@ import torch
 from tests.conftest import make_model
 from tests.harness.rank1.helpers import CPU, random_pairs, text_blocks
 from tests.tiny import tiny_tokenizer
+from weightgeom.core.config import Rank1Config
 from weightgeom.core.data import tokenize_pairs
 from weightgeom.harness.rank1.experiment import (
     FAMILIES,
     Forms,
-    Rank1Config,
     Rank1Result,
     build_directions,
     prediction_form,
@@ -35,10 +35,10 @@ def tiny_result():
     model = make_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tok = tiny_tokenizer()
-    cfg = Rank1Config(roles=("q", "o"), n_top=1, n_random=4, n_matched=3, n_lower=2, eps=0.5, seed=3)
+    cfg = Rank1Config(roles=("q", "o"), n_top=1, n_random=4, n_matched=3, n_lower=2, eps=0.5)
     result = rank1_experiment(model, train_data=tokenize_pairs(random_pairs(12), tok, 16),
                               eval_data=tokenize_pairs(random_pairs(6, seed=1), tok, 16), text_blocks=text_blocks(),
-                              config=cfg)
+                              config=cfg, seed=3)
     return model, before, result
 
 
@@ -74,12 +74,11 @@ def test_control_directions_are_reproducible_from_the_seed():
     stats = measure_statistics(model, tracked, train_data=data, heldout_data=data, text_blocks=text_blocks(),
                                beta=0.1, batch_size=8, device=CPU)
     forms = Forms(stats, prediction_form(model))
-    cfg = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3, seed=11)
+    cfg = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3)
     for tm in (t for t in tracked if t.layer == 1):
-        first, _ = build_directions(tm, forms, 2, cfg)
-        again, _ = build_directions(tm, Forms(stats, prediction_form(model)), 2, cfg)
-        reseeded = Rank1Config(roles=("k", "down"), n_top=2, n_random=5, n_matched=4, n_lower=3, seed=12)
-        other, _ = build_directions(tm, forms, 2, reseeded)
+        first, _ = build_directions(tm, forms, 2, cfg, seed=11)
+        again, _ = build_directions(tm, Forms(stats, prediction_form(model)), 2, cfg, seed=11)
+        other, _ = build_directions(tm, forms, 2, cfg, seed=12)
         assert [d.id for d in first] == [d.id for d in again]
         assert all(torch.equal(a.vector, b.vector) for a, b in zip(first, again))
         random_ids = [i for i, d in enumerate(first) if d.family in ("haar", "matched")]
