@@ -5,7 +5,8 @@
 
 Writes a deterministic synthetic corpus once (``--work``, default /tmp/bench_data): .jsonl files of
 about 10 M tokens each, documents of 50-1500 words drawn from a fixed 4096-word vocabulary (the
-stdlib's most frequent words) with Zipf frequencies. A corpus of N M tokens is the first N/10 files. For each size and num_proc it
+stdlib's most frequent words) with Zipf frequencies. A corpus of N M tokens is the first N/10 files. For each size and
+num_proc it
 runs, each in a fresh child process:
 
 - prepare: `weightgeom.core.shards.prepare_corpus` with the embedded stdlib BPE (vocab 4096); wall time,
@@ -121,7 +122,8 @@ def child_prepare(args: argparse.Namespace) -> None:
     index = read_index(args.out)
     own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + workers.ru_utime + workers.ru_stime
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "load_1min": os.getloadavg()[0], "tokens": index["tokens"], "documents": index["documents"],
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "load_1min": os.getloadavg()[0],
+                      "tokens": index["tokens"], "documents": index["documents"],
                       "rss_start_kb": rss_start,
                       "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "workers_peak_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from weightgeom.core.models import build_tiny_model  # noqa: E402
-from weightgeom.hooks.gram import Gram  # noqa: E402
-from weightgeom.hooks.roles import resolve_tracked  # noqa: E402
-from weightgeom.hooks.suite import InstrumentSuite, SuiteConfig  # noqa: E402
+from weightgeom.core.models import build_tiny_model
+from weightgeom.hooks.gram import Gram
+from weightgeom.hooks.roles import resolve_tracked
+from weightgeom.hooks.suite import InstrumentSuite, SuiteConfig
 
 TARGETS = {"cpu": "<= 1.05x (default tiny model, hidden 128)",
            "cuda": "<= 1.05x full-rate default sides, <= 1.02x with max_tokens = 1/4 (hidden 1024, L12, 16 x 1024)"}
@@ -408,7 +408,8 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
         except ImportError:
             pass
         else:
-            pair, _ = time_pair("curvlinops KFAC (vs forward + backward)", lambda: Runner(hidden, shape, optimizer=False),
+            pair, _ = time_pair("curvlinops KFAC (vs forward + backward)",
+                                lambda: Runner(hidden, shape, optimizer=False),
                                 lambda: CurvlinopsKFAC(hidden, shape, cfg), shape, args.steps, args.warmup)
             rows.append(pair)
             kfac = None
@@ -416,7 +417,8 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
     memory = None
     if not args.no_memory:
         memory = tuple(peak_memory(kind, hidden, shape, cfg, args.probe_argv) for kind in ("plain", "instrumented"))
-    return {"hidden": hidden, "params_M": params, "pairs": rows, "kfac": kfac, "compute_ms": statistics.median(compute_ms),
+    return {"hidden": hidden, "params_M": params, "pairs": rows, "kfac": kfac,
+            "compute_ms": statistics.median(compute_ms),
             "n_metrics": len(metrics), "cov_bytes": cov_bytes, "upd_bytes": upd_bytes, "dims": dims, "memory": memory,
             "gram_error": gram_error_table(hidden, shape) if args.gram_error else []}
 

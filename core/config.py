@@ -317,7 +317,8 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
-    stages: list[Literal["pretrain", "align", "rank1", "report"]] = field(default_factory=lambda: ["pretrain", "report"])
+    stages: list[Literal["pretrain", "align", "rank1", "report"]] = field(
+        default_factory=lambda: ["pretrain", "report"])
     init_from: str | None = None  # a checkpoint / HF model dir to start from (align-only runs)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)

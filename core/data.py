@@ -221,10 +221,10 @@ def build_embedded_preferences(
 
     A split point is drawn uniformly over corpus positions (then moved to the end of its line);
     prompt = the `prompt_chars` characters before it, chosen = the newline there plus the whole
-    lines that fit in the next `completion_chars` characters, rejected = the same text with its whitespace-separated words
-    permuted and the whitespace (indentation, newlines) left in place. Chosen and rejected thus
-    have the same characters, length and layout (no length confound, a known DPO shortcut); only
-    word order differs, which any LM trained on the corpus scores: a character 6-gram already
+    lines that fit in the next `completion_chars` characters, rejected = the same text with its
+    whitespace-separated words permuted and the whitespace (indentation, newlines) left in place.
+    Chosen and rejected thus have the same characters, length and layout (no length confound, a
+    known DPO shortcut); only word order differs, which any LM trained on the corpus scores: a character 6-gram already
     prefers chosen in ~99% of stdlib pairs (shuffling whole lines instead gave ~66%).
     Needs >= 2 distinct words in the window. Deterministic given `seed`.
     """

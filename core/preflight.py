@@ -136,8 +136,8 @@ def skeleton_model(cfg: RunConfig, model_dir: str | None = None, key: str = "ini
         if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"{key}: {model_dir} holds a {model_type!r} model, which has no role table; supported: "
-                f"{sorted(ARCHITECTURES)}. Add an ArchSpec row to weightgeom.hooks.roles.ARCHITECTURES (block list, final "
-                "norm, unembedding, each role's module path), or run with instruments.enabled=false")
+                f"{sorted(ARCHITECTURES)}. Add an ArchSpec row to weightgeom.hooks.roles.ARCHITECTURES (block list, "
+                "final norm, unembedding, each role's module path), or run with instruments.enabled=false")
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError, KeyError) as err:

@@ -47,7 +47,8 @@ def config_changes(saved: dict, cfg: RunConfig) -> list[str]:
         return [f"the saved config cannot be read by this version ({err})"]
     now = to_dict(cfg)
     flat_before, flat_now = _flatten(before), _flatten(now)
-    return [f"{key}: {flat_before.get(key)!r} -> {flat_now.get(key)!r}" for key in sorted(set(flat_before) | set(flat_now))
+    return [f"{key}: {flat_before.get(key)!r} -> {flat_now.get(key)!r}"
+            for key in sorted(set(flat_before) | set(flat_now))
             if flat_before.get(key) != flat_now.get(key) and not key.startswith(RESUME_MAY_CHANGE)]
 
 

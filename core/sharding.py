@@ -70,5 +70,6 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict
                                      src_data_rank=None)
         return value
 
-    return {"state": {i: {k: cut(params[i], v) for k, v in per_param.items()} for i, per_param in state["state"].items()},
+    return {"state": {i: {k: cut(params[i], v) for k, v in per_param.items()}
+                      for i, per_param in state["state"].items()},
             "param_groups": state["param_groups"]}

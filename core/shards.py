@@ -185,7 +185,8 @@ def _tokenize_to_stream(files: list[SourceFile], tokenizer: Any, tmp: Path, *, t
                 budget = _WINDOW_CHARS
                 if max_tokens is not None:  # size the window to the tokens still wanted (+10%)
                     per_token = chars_done / tokens_done if tokens_done else 4.0
-                    budget = min(_WINDOW_CHARS, max(_MIN_WINDOW_CHARS, math.ceil(1.1 * per_token * (max_tokens - written))))
+                    wanted = math.ceil(1.1 * per_token * (max_tokens - written))
+                    budget = min(_WINDOW_CHARS, max(_MIN_WINDOW_CHARS, wanted))
                 window, n_chars = [], 0
                 for text in docs:
                     window.append(text)
@@ -633,7 +634,8 @@ def load_corpus(data_cfg: Any, tokenizer: Any, seed: int, cache_dir: str | Path,
     train = PackedBlocks(train_tokens, seq_len)
     if len(train) < 1:
         raise ValueError(f"corpus is too small for seq_len={seq_len}: the train split of {directory} has "
-                         f"{len(train_tokens)} tokens, less than one block. Add text, raise max_tokens or lower seq_len.")
+                         f"{len(train_tokens)} tokens, less than one block. Add text, raise max_tokens or lower "
+                         "seq_len.")
     n_eval = len(eval_tokens) // seq_len
     if eval_tokens.n_documents and n_eval < 1:
         raise ValueError(f"corpus is too small for seq_len={seq_len}: the eval split of {directory} has "

@@ -133,7 +133,8 @@ def build_sinks(run_dir: Path, report_to: list[str], accelerator=None, purge_ste
     if "tensorboard" in report_to:
         sinks.append(TensorBoardSink(run_dir / TB_DIR, purge_step=purge_step))
     for name in tracker_names(report_to):
-        params = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v) for k, v in (config or {}).items()}
+        params = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                  for k, v in (config or {}).items()}
         sinks.append(AccelerateTrackerSink(name, project=project or run_dir.name, logging_dir=run_dir / "trackers",
                                            config=params))
     return MultiSink(sinks)

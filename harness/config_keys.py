@@ -1,7 +1,8 @@
 """``harness keys``: every recipe key with its type, default and the comment beside its field.
 
-Built from the config dataclasses themselves (``weightgeom.core.config``, ``weightgeom.hooks.suite.SuiteConfig``), so the
-list cannot drift from what the loader accepts. Alignment objectives are listed per ``loss``.
+Built from the config dataclasses themselves (``weightgeom.core.config``,
+``weightgeom.hooks.suite.SuiteConfig``), so the list cannot drift from what the loader accepts.
+Alignment objectives are listed per ``loss``.
 """
 
 from __future__ import annotations

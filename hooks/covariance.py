@@ -295,7 +295,8 @@ class CovarianceInstrument(Instrument):
                         d = g if rows is None else g.index_select(1, self._rows_device(key, rows, g.device))
                         # Scaled before squaring (not c^2 on the GEMM): unscaled per-token deltas are ~1/N
                         # small and their squares could reach fp32 subnormals (slow and inexact).
-                        d = d * self.loss_normalizer if d.dtype == self.dtype else d.to(self.dtype).mul_(self.loss_normalizer)
+                        c = self.loss_normalizer
+                        d = d * c if d.dtype == self.dtype else d.to(self.dtype).mul_(c)
                         self._add_output(key, d, kept.count)
             return None  # a returned tensor would replace the gradient
 

@@ -99,7 +99,8 @@ class Gram:
         except (RuntimeError, TypeError) as err:  # a torch without it: same numbers, fp32 speed
             if not self._warned:
                 warnings.warn(f"gram_precision='bf16': torch.mm(..., out_dtype=float32) failed ({err}); "
-                              "computing the bf16-rounded products in fp32 instead (same values, no speed-up)", stacklevel=2)
+                              "computing the bf16-rounded products in fp32 instead (same values, no speed-up)",
+                              stacklevel=2)
                 self._warned = True
             return left.to(out_dtype) @ right.to(out_dtype)
 
@@ -107,7 +108,8 @@ class Gram:
         """``[((r0, r1), X[:, r0:r1]^T X[:, r0:])]`` for the blocks of :func:`gram_bounds`."""
         op = self._operand(x)
         with self._context(x):
-            return [((r0, r1), self._product(op[:, r0:r1].T, op[:, r0:], x.dtype)) for r0, r1 in gram_bounds(x.shape[1])]
+            return [((r0, r1), self._product(op[:, r0:r1].T, op[:, r0:], x.dtype))
+                    for r0, r1 in gram_bounds(x.shape[1])]
 
     def accumulate(self, acc: Tensor, x: Tensor) -> None:
         """``acc += X^T X`` on the upper block triangle, in place."""

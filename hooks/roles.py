@@ -68,9 +68,9 @@ class RoleSpec:
 
 # How a family's HF config names the sizes that `model:` recipes set (weightgeom.core.models builds tiny models
 # from these); a family without `num_kv_heads` has no grouped-query attention.
-LLAMA_CONFIG_NAMES = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-                      "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size",
-                      "max_seq_len": "max_position_embeddings"}
+LLAMA_CONFIG_NAMES = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                      "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+                      "intermediate_size": "intermediate_size", "max_seq_len": "max_position_embeddings"}
 
 
 @dataclass(frozen=True)

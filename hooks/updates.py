@@ -151,7 +151,8 @@ class UpdateInstrument(Instrument):
         if name == "delta":
             kept = self._current(tm) - self.w0[tm.key]
         else:
-            kept = {"W0": self.w0, "update": self.update, "grad": self.grad, "grad_sum": self.grad_sum}[name].get(tm.key)
+            store = {"W0": self.w0, "update": self.update, "grad": self.grad, "grad_sum": self.grad_sum}[name]
+            kept = store.get(tm.key)
         if kept is None:
             return None
         return tm.gather(kept) if self._rows_only(tm) else kept

@@ -36,7 +36,8 @@ def reference_logps(model, data: dict, batch_size: int, device) -> tuple[torch.T
 
 
 @torch.no_grad()
-def preference_eval(model, data: dict, ref: tuple, loss_fn: PreferenceLoss, batch_size: int, device) -> dict[str, float]:
+def preference_eval(model, data: dict, ref: tuple, loss_fn: PreferenceLoss, batch_size: int,
+                    device) -> dict[str, float]:
     """Preference metrics of the current policy on held-out pairs (``eval/pref_*`` keys)."""
     was_training = model.training
     model.eval()

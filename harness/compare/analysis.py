@@ -10,8 +10,8 @@ split, GPT-2's Conv1D transposed) of two checkpoints of one architecture, ``dW =
 * output side (write roles o, down): relative ``RSF_out(dW; V_k)`` with ``V_k`` the prediction
   subspace of the unembedding (top-k right singular vectors of ``W_U diag(g)``, all-ones
   direction projected out for LayerNorm models), from AFTER's ``W_U`` by default (``unembed``);
-* exact z-scores against Haar-random k-subspaces (closed form, as the live metrics), eigengaps, and the relative RSF for every k of
-  ``k_curve``.
+* exact z-scores against Haar-random k-subspaces (closed form, as the live metrics), eigengaps, and
+  the relative RSF for every k of ``k_curve``.
 
 The numbers are the live metrics' (``weightgeom.hooks.suite.InstrumentSuite.compute``): the same geometry
 functions, the same k cap (``min(k, dim - 1)``), the same key names (:meth:`CompareResult.metrics`).
@@ -212,7 +212,9 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
     """
     k_curve = tuple(int(v) for v in k_curve)
     _check_options(k, k_curve, unembed, c_a_model, n_tokens, seq_len, batch_size)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if c_a is None and text != "stdlib" and not Path(text).exists():  # fail before loading two models
         raise FileNotFoundError(f"--text {text!r} does not exist; use 'stdlib', a local file or a directory")
     base = _load("BASE", base_dir, device)
@@ -272,7 +274,8 @@ def _same_model_type(base: nn.Module, after: nn.Module) -> str:
     return types[0]
 
 
-def _deltas(tracked_base: list[TrackedMatrix], tracked_after: list[TrackedMatrix]) -> tuple[dict[str, Tensor], list[MatrixResult]]:
+def _deltas(tracked_base: list[TrackedMatrix],
+            tracked_after: list[TrackedMatrix]) -> tuple[dict[str, Tensor], list[MatrixResult]]:
     """``dW = W_after - W_base`` (fp32, out x in) per key, after checking both have the same matrices."""
     after = {tm.key: tm for tm in tracked_after}
     missing = [tm.key for tm in tracked_base if tm.key not in after]

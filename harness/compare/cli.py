@@ -41,9 +41,12 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("base", help="BASE model directory (config.json + weights), e.g. RUN/pretrain/checkpoints/step_N")
     p.add_argument("after", help="AFTER model directory of the same architecture and shapes")
     p.add_argument("--text", default="stdlib",
-                   help="text sample for C_a: 'stdlib' (embedded corpus, default), a .txt/.jsonl/.json/.parquet file or a directory")
-    p.add_argument("--text-field", default="text", help="column holding the text in .jsonl/.json/.parquet (default: text)")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help=f"subspace dimension (default {DEFAULT_K}; capped at dim - 1)")
+                   help="text sample for C_a: 'stdlib' (embedded corpus, default), a .txt/.jsonl/.json/.parquet "
+                        "file or a directory")
+    p.add_argument("--text-field", default="text",
+                   help="column holding the text in .jsonl/.json/.parquet (default: text)")
+    p.add_argument("--k", type=int, default=DEFAULT_K,
+                   help=f"subspace dimension (default {DEFAULT_K}; capped at dim - 1)")
     p.add_argument("--k-curve", type=_int_list, default=list(DEFAULT_K_CURVE),
                    help=f"k values of the RSF-vs-k curves (default {','.join(map(str, DEFAULT_K_CURVE))})")
     p.add_argument("--unembed", choices=UNEMBED_CHOICES, default="after",
@@ -67,7 +70,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    """Run :func:`weightgeom.harness.compare.analysis.compare` from parsed arguments; print the table and the report path."""
+    """Run :func:`weightgeom.harness.compare.analysis.compare` from parsed arguments; print the table and the report
+    path."""
     from weightgeom.harness.compare.analysis import compare  # noqa: PLC0415 (torch and transformers: not for --help)
     from weightgeom.harness.compare.report import mean_table  # noqa: PLC0415
 

@@ -161,8 +161,8 @@ def sample_token_batches(tokenizer: PreTrainedTokenizerBase, texts: list[str], *
 
 
 @torch.no_grad()
-def measure_input_covariances(model: nn.Module, tracked: list[TrackedMatrix],
-                              batches: list[tuple[Tensor, Tensor]], source: str) -> tuple[InputCovariances, ForwardCovariance]:
+def measure_input_covariances(model: nn.Module, tracked: list[TrackedMatrix], batches: list[tuple[Tensor, Tensor]],
+                              source: str) -> tuple[InputCovariances, ForwardCovariance]:
     """Run ``model`` (eval mode, no grad) over ``batches`` and return ``C_a`` per input group of
     ``tracked`` (modules of ``model``), plus the accumulator (its ``state_dict`` is snapshot-format)."""
     device = next(model.parameters()).device
@@ -199,7 +199,8 @@ def snapshot_covariances(state: dict[str, Tensor], group_dims: dict[str, int], p
         group = keys.matrix_key(layer, name)
         if group not in group_dims:
             raise ValueError(f"--c-a {path}: {key} is for input group {group!r}, which this model does not have "
-                             f"(its groups: {', '.join(sorted(group_dims))}); the snapshot was written for another model")
+                             f"(its groups: {', '.join(sorted(group_dims))}); the snapshot was written for another "
+                             "model")
         n = group_dims[group]
         if tuple(state[key].shape) != (n, n):
             raise ValueError(f"--c-a {path}: {key} has shape {tuple(state[key].shape)}, but this model's {group} is "

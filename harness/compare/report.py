@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from weightgeom.harness.reports.markdown import markdown_table  # noqa: E402
-from weightgeom.harness.reports.plots import plot_rsf_k_curve  # noqa: E402
-from weightgeom.hooks.roles import WRITE_ROLES  # noqa: E402
+from weightgeom.harness.reports.markdown import markdown_table
+from weightgeom.harness.reports.plots import plot_rsf_k_curve
+from weightgeom.hooks.roles import WRITE_ROLES
 
 if TYPE_CHECKING:
     from weightgeom.harness.compare.analysis import CompareResult

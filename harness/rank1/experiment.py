@@ -212,8 +212,8 @@ def rank1_experiment(model: nn.Module, *, train_data: dict, eval_data: dict, tex
     finally:
         model.train(was_training)
     records = [d.record() for d in directions]
-    config = {**cfg.edits(), "seed": seed, "beta": beta, "eps_small": cfg.small, "n_layers": n_layers, "layers": list(layers),
-              "roles": list(cfg.roles), "n_train_pairs": stats.n_pairs,
+    config = {**cfg.edits(), "seed": seed, "beta": beta, "eps_small": cfg.small, "n_layers": n_layers,
+              "layers": list(layers), "roles": list(cfg.roles), "n_train_pairs": stats.n_pairs,
               "n_eval_pairs": len(eval_data["chosen_input_ids"]), "text_blocks": list(text_blocks.shape),
               "model_type": getattr(getattr(model, "config", None), "model_type", None)}
     return Rank1Result(config, base, statistics, records, zscores(records, directions), matching)

@@ -81,7 +81,8 @@ def _run_inputs(run_dir: Path, args) -> dict:
     # the defaults are the recipe's rank1 section, seed and align.beta (the pipeline's rank1 stage): same
     # flags, same result
     return {"base": base, "pairs": train, "eval_pairs": held, "config": cfg.rank1, "seed": cfg.seed,
-            "beta": cfg.align.beta, "text_blocks": eval_blocks, "tokenizer": tokenizer, "max_len": args.max_len or cfg.align.max_len,
+            "beta": cfg.align.beta, "text_blocks": eval_blocks, "tokenizer": tokenizer, "max_len": args.max_len or
+            cfg.align.max_len,
             "out": Path(args.out) if args.out else run_dir / "rank1",
             "eval_fraction": args.eval_fraction or cfg.align.eval_fraction,
             "text_source": f"held-out split of the recipe's corpus ({cfg.data.source})"}
@@ -100,7 +101,8 @@ def _checkpoint_inputs(ckpt: Path, args) -> dict:
     train, held = _split(_pairs_file(args.pairs), args.eval_fraction or 0.2, args.seed or 0)
     seq_len = args.seq_len or 128
     defaults = Rank1Config(max_pairs=None)  # with a checkpoint: every training pair gives G, unless --max-pairs
-    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, args.text_blocks or defaults.text_blocks)
+    n_blocks = args.text_blocks or defaults.text_blocks
+    blocks = text_blocks(load_texts(args.text or "stdlib"), tokenizer, seq_len, n_blocks)
     return {"base": ckpt, "pairs": train, "eval_pairs": held, "config": defaults, "seed": 0, "beta": 0.1,
             "text_blocks": blocks, "tokenizer": tokenizer, "max_len": args.max_len or 128, "out": Path(args.out),
             "eval_fraction": args.eval_fraction or 0.2,

@@ -26,10 +26,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from weightgeom.harness.rank1.experiment import Rank1Result  # noqa: E402
-from weightgeom.harness.reports.markdown import fmt, markdown_table  # noqa: E402
+from weightgeom.harness.rank1.experiment import Rank1Result
+from weightgeom.harness.reports.markdown import fmt, markdown_table
 
 JSON_NAME, MD_NAME, PNG_NAME = "rank1.json", "rank1.md", "rank1.png"
 FAMILY_COLORS = {"haar": "0.55", "matched": "tab:blue", "lower": "tab:green", "layer": "tab:orange"}

@@ -28,7 +28,8 @@ def run_rank1_stage(cfg: RunConfig, run_dir: Path, base: Path, *, tokenizer, pai
         raise ValueError("the rank1 stage measures CE and KL on held-out text: set data.eval_fraction > 0")
     train = pairs[: s.max_pairs] if s.max_pairs else pairs
     result = run_rank1(base, pairs=train, eval_pairs=eval_pairs, text_blocks=held_text[: s.text_blocks], config=s,
-                       seed=cfg.seed, beta=cfg.align.beta, max_len=cfg.align.max_len, tokenizer=tokenizer, dtype=torch.float32, progress=progress)
+                       seed=cfg.seed, beta=cfg.align.beta, max_len=cfg.align.max_len, tokenizer=tokenizer,
+                       dtype=torch.float32, progress=progress)
     result.config.update(source=str(run_dir), text_source=f"held-out split of the recipe's corpus ({cfg.data.source})",
                          eval_fraction=cfg.align.eval_fraction)
     return write_rank1_report(result, Path(run_dir) / RANK1_DIR)

@@ -91,7 +91,8 @@ def spikiness_table(phases: list[Phase], k: int | None) -> str:
     rows = []
     for p in phases:
         f = p.final
-        names = sorted({parsed.name for k in f if (parsed := keys.parse(k)) and parsed.family in ("spike_in", "spike_out")})
+        names = sorted({parsed.name for k in f
+                        if (parsed := keys.parse(k)) and parsed.family in ("spike_in", "spike_out")})
         for side in ("spike_in", "spike_out"):
             for name in names:
                 stats = [_layer_mean(f, side, name, s) for s in ("top1", "topk", "pr", "erank")]

@@ -15,13 +15,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
-from weightgeom.hooks import keys  # noqa: E402
-from weightgeom.hooks.roles import ROLES  # noqa: E402
+from weightgeom.hooks import keys
+from weightgeom.hooks.roles import ROLES
 
 Threshold = tuple[float, str]  # (y value, legend label)
 ISOTROPIC: Threshold = (1.0, "isotropic (1.0)")

@@ -149,7 +149,8 @@ def write_run_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     lines = [f"# Run report: {run_dir.name}", "",
              f"Phase `{phase}`. Relative RSF = RSF / (k / dim) with k = {inst.get('k', '?')}: 1.0 is what an "
              "isotropic delta scores. Values are for the cumulative weight delta since the run's start; z-scores "
-             "compare it with Haar-random k-subspaces (exact, closed form). Everything below is read from the run's saved "
+             "compare it with Haar-random k-subspaces (exact, closed form). Everything below is read from the "
+             "run's saved "
              f"files. Definitions: {metrics_doc_link(out_dir)}.", ""]
     lines += summary_section(run_dir, cfg, [PhaseFiles(phase, run_dir, rows, alignment)])
     lines += health_block(warnings, notes)

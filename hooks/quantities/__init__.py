@@ -1,7 +1,8 @@
 """Metric quantities: one small class per family of streamed metrics (as Cockpit keeps one per quantity).
 
-A quantity reads a :class:`weightgeom.hooks.measurement.Measurement` and returns a :class:`weightgeom.hooks.measurement.Values`
-(metric tensors on the instruments' device, synchronised with the host once per computation). To add a
+A quantity reads a :class:`weightgeom.hooks.measurement.Measurement` and returns a
+:class:`weightgeom.hooks.measurement.Values` (metric tensors on the instruments' device, synchronised
+with the host once per computation). To add a
 metric, write a class with ``compute(measurement) -> Values`` in a new file here, add it to
 :data:`DEFAULT_QUANTITIES` (or pass ``quantities=`` to the suite) and list its keys in
 docs/architecture.md. Keys are built with ``weightgeom.hooks.keys``.

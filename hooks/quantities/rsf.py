@@ -60,7 +60,8 @@ def gaps(family: str, items: list[tuple[Written, Tensor, int]]) -> Values:
     for w, evals, k in items:
         by_k[(k, evals.shape[0])].append((w, evals))
     for (k, _), group in by_k.items():
-        out.add([keys.at(family, w.tm.key) for w, _ in group], geo.eigengap_batched(torch.stack([e for _, e in group]), k))
+        spectra = torch.stack([e for _, e in group])
+        out.add([keys.at(family, w.tm.key) for w, _ in group], geo.eigengap_batched(spectra, k))
     return out
 
 

@@ -238,7 +238,8 @@ def test_blocks_are_slices_of_the_stream_across_shards(tokenizer, corpus, tmp_pa
     # An order relabels blocks: blocks[i] is stored block order[i].
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     shuffled = PackedBlocks(TokenShards(out, "train"), seq, order=order)
-    assert torch.equal(shuffled[0:5], expected[order[:5]]) and torch.equal(shuffled[torch.tensor([2])], expected[order[[2]]])
+    assert torch.equal(shuffled[0:5], expected[order[:5]])
+    assert torch.equal(shuffled[torch.tensor([2])], expected[order[[2]]])
 
 
 def _rss_file_kb() -> int:

@@ -60,7 +60,8 @@ def inputs(tmp_path_factory, tokenizer_cache):
     write("r_heads.yaml", "model: {hidden_size: 30, num_heads: 4}\n")
     write("r_arch.yaml", "model: {arch: bert}\n")
     write("r_loss.yaml", "stages: [pretrain, align]\nalign: {objectives: [{name: x, loss: nope}]}\n")
-    write("r_dupe.yaml", "stages: [pretrain, align]\nalign: {objectives: [{name: a, loss: dpo}, {name: a, loss: dpo}]}\n")
+    write("r_dupe.yaml",
+          "stages: [pretrain, align]\nalign: {objectives: [{name: a, loss: dpo}, {name: a, loss: dpo}]}\n")
     write("r_other_key.yaml", "stages: [pretrain, align]\nalign: {objectives: [{name: a, loss: graded, lam: 0.3}]}\n")
     write("r_section.yaml", "train: 5\n")
     # corpora
@@ -157,16 +158,19 @@ CASES = [
     ("corpus_broken_jsonl", "ce_tiny", ["data.source={broken.jsonl}"], "broken.jsonl: line 2 is not valid JSON"),
     ("corpus_jsonl_lists", "ce_tiny", ["data.source={lists.jsonl}"], "lists.jsonl: line 1: expected a JSON object"),
     ("corpus_no_text_field", "ce_tiny", ["data.source={no_field.jsonl}"], "no column 'text'"),
-    ("corpus_number_field", "ce_tiny", ["data.source={number_field.jsonl}"], "number_field.jsonl: line 1: column 'text' holds int"),
+    ("corpus_number_field", "ce_tiny", ["data.source={number_field.jsonl}"],
+     "number_field.jsonl: line 1: column 'text' holds int"),
     ("corpus_garbage_parquet", "ce_tiny", ["data.source={garbage.parquet}"], "could not read as parquet"),
     ("corpus_not_utf8", "ce_tiny", ["data.source={latin1.jsonl}"], "latin1.jsonl: line 1 is not UTF-8"),
     ("corpus_one_document", "ce_tiny", ["data.source={tiny.txt}"], "has 1 document(s)"),
     # preference files
     ("prefs_missing_file", "dpo_local_model", ["align.data={prefs_ok.jsonl}.gone"], "align.data"),
-    ("prefs_missing_column", "dpo_local_model", ["align.data={prefs_missing_col.jsonl}"], "missing column(s) ['rejected']"),
+    ("prefs_missing_column", "dpo_local_model", ["align.data={prefs_missing_col.jsonl}"],
+     "missing column(s) ['rejected']"),
     ("prefs_empty_field", "dpo_local_model", ["align.data={prefs_empty_field.jsonl}"], "empty fields"),
     ("prefs_all_identical", "dpo_local_model", ["align.data={prefs_identical.jsonl}"], "no valid preference pair"),
-    ("prefs_broken_line", "dpo_local_model", ["align.data={prefs_broken.jsonl}"], "prefs_broken.jsonl:2: not valid JSON"),
+    ("prefs_broken_line", "dpo_local_model", ["align.data={prefs_broken.jsonl}"],
+     "prefs_broken.jsonl:2: not valid JSON"),
     ("prefs_bad_message", "dpo_local_model", ["align.data={prefs_bad_message.jsonl}"], "message 0"),
     ("prefs_extension", "dpo_local_model", ["align.data={prefs.txt}"], "unknown extension '.txt'"),
     ("prefs_mixed_formats", "dpo_local_model", ["align.data={prefs_mixed.jsonl}"], "row 1"),
@@ -175,7 +179,8 @@ CASES = [
     ("model_no_config", "dpo_local_model", ["init_from={m_no_config}"], "has no config.json"),
     ("model_no_weights", "dpo_local_model", ["init_from={m_no_weights}"], "model dir without weights"),
     ("model_config_not_json", "dpo_local_model", ["init_from={m_bad_json}"], "config.json is not a JSON object"),
-    ("model_unsupported_arch", "dpo_local_model", ["init_from={m_bert}"], "holds a 'bert' model, which has no role table"),
+    ("model_unsupported_arch", "dpo_local_model", ["init_from={m_bert}"],
+     "holds a 'bert' model, which has no role table"),
     ("model_unknown_type", "dpo_local_model", ["init_from={m_unknown_type}"], "holds a 'flux_capacitor' model"),
     ("model_empty_weights", "dpo_local_model", ["init_from={m_empty_weights}"], "model.safetensors"),
     ("model_garbage_weights", "dpo_local_model", ["init_from={m_garbage_weights}"], "model.safetensors"),

@@ -1,6 +1,7 @@
-"""Shared by the instrument tests: one instrumented training run on a tiny Llama (3 steps, SGD or AdamW, padded batches), with every
-brute-force reference the quantities' tests need: second moments of the stored inputs and output
-gradients, the weights before, during and after, and each step's raw gradient."""
+"""Shared by the instrument tests: one instrumented training run on a tiny Llama (3 steps, SGD or
+AdamW, padded batches), with every brute-force reference the quantities' tests need: second moments
+of the stored inputs and output gradients, the weights before, during and after, and each step's raw
+gradient."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def trained(request) -> Trained:
     masks = [b["attention_mask"] for b in data]
     now = {name: m.weight.detach().double() for name, m in watched.items()}
     return Trained(suite=suite, model=model, C_a=second_moment(rec.inputs["attn_in"], masks), C_a_step1=C_a_step1,
-                   C_o_in=second_moment(rec.inputs["o_in"], masks), C_down_in=second_moment(rec.inputs["down_in"], masks),
+                   C_o_in=second_moment(rec.inputs["o_in"], masks),
+                   C_down_in=second_moment(rec.inputs["down_in"], masks),
                    C_delta=second_moment([e.grad for e in rec.eps["o"]], masks, scales=norms),
                    dW={name: now[name] - start[name] for name in watched},
                    update={name: now[name] - before[name] for name in watched}, grads=dict(grads))

@@ -101,7 +101,8 @@ def test_global_state_equals_single_process(results):
     for r, res in enumerate(ranks):
         assert res["global"].keys() == single["local"].keys()
         for key, value in single["local"].items():
-            if key.startswith("meta/") or key.endswith("count"):  # the subsampling generator's state: the same seed on every rank
+            # the subsampling generator's state: the same seed on every rank
+            if key.startswith("meta/") or key.endswith("count"):
                 assert torch.equal(res["global"][key], value), (r, key)
             else:  # shards and the full batch round differently in fp32 (measured: ~1e-7 relative)
                 rel = float((res["global"][key] - value).norm() / value.norm())

@@ -211,7 +211,8 @@ def test_closed_form_null_moments_match_haar_samples(side, shape, k):
     mean, var = geo.rsf_null_moments(dW[None], k, side)
     assert samples.mean().item() == pytest.approx(mean.item(), rel=0.01)
     assert samples.var().item() == pytest.approx(var.item(), rel=0.05)
-    rsf = geo.rsf_in(dW, orthonormal(shape[1], k, seed=43)) if side == "in" else geo.rsf_out(dW, orthonormal(shape[0], k, seed=43))
+    basis = orthonormal(shape[1] if side == "in" else shape[0], k, seed=43)
+    rsf = geo.rsf_in(dW, basis) if side == "in" else geo.rsf_out(dW, basis)
     sampled = geo.zscore_vs_random(dW, rsf, k, side, n_samples=20_000, seed=7)
     assert geo.rsf_zscore(dW, rsf, k, side) == pytest.approx(sampled, rel=0.05, abs=0.05)
 

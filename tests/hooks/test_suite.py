@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.conftest import make_batch, make_model, token_loss_sum
 from tests.hooks.brute_force import REL, K, Recorder, batches, layer, second_moment, step_once
@@ -16,6 +17,7 @@ from weightgeom.hooks import geometry as geo
 from weightgeom.hooks import keys
 from weightgeom.hooks.quantities import DEFAULT_QUANTITIES
 from weightgeom.hooks.roles import ROLES
+from weightgeom.hooks.schedule import Schedule
 from weightgeom.hooks.suite import InstrumentSuite
 
 
@@ -92,8 +94,6 @@ def test_metrics_returned_exactly_at_scheduled_steps(every_n, log_spaced, expect
 
 
 def test_schedule_predicate():
-    from weightgeom.hooks.schedule import Schedule
-
     assert [s for s in range(0, 40) if Schedule(every_n=1000, log_spaced=True)(s)] == [1, 2, 4, 8, 16, 32]
     assert [s for s in range(0, 20) if Schedule(every_n=7)(s)] == [7, 14]
     two = [s for s in range(0, 17) if Schedule(every_n=1000, log_spaced=True, points_per_octave=2)(s)]
@@ -232,8 +232,6 @@ def _train(model, opt, suite, data, first_step=1):
 
 
 def test_state_round_trip_gives_identical_compute(tmp_path):
-    from safetensors.torch import load_file
-
     model = make_model("llama")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     suite = InstrumentSuite(model, input_roles=ROLES, k=K, every_n=1000)

@@ -179,7 +179,8 @@ def test_both_sides_match_brute_force(arch, tokenizer, text_file, tmp_path):
     V_after = brute_prediction_basis(after, arch, k)
     V_base = brute_prediction_basis(base, arch, k)
     roles = {key.split("/")[1] for key in deltas}
-    assert roles == ({"q", "k", "v", "o", "gate", "up", "down"} if arch == "llama" else {"q", "k", "v", "o", "up", "down"})
+    expected = {"q", "k", "v", "o", "gate", "up", "down"} if arch == "llama" else {"q", "k", "v", "o", "up", "down"}
+    assert roles == expected
     for key, dW in deltas.items():
         layer, role = key.split("/")
         assert got[f"delta_norm/{key}"] == pytest.approx(dW.norm().item(), rel=1e-6)
@@ -196,7 +197,8 @@ def test_both_sides_match_brute_force(arch, tokenizer, text_file, tmp_path):
         else:
             assert f"rsf_out_pred/{key}" not in got  # only write roles have a prediction-side RSF
     # --unembed base swaps which W_U is the headline
-    swapped = compare(base_dir, after_dir, text=str(text_file), k=k, unembed="base", zscores=False, device="cpu", **SAMPLE)
+    swapped = compare(base_dir, after_dir, text=str(text_file), k=k, unembed="base", zscores=False, device="cpu",
+                      **SAMPLE)
     for m, s in zip(result.matrices, swapped.matrices):
         assert (s.rsf_out_pred, s.rsf_out_pred_alt) == (m.rsf_out_pred_alt, m.rsf_out_pred)
 

@@ -10,7 +10,8 @@ from tests.tiny import PROMPTS
 from weightgeom.hooks.roles import resolve_tracked
 
 CPU = torch.device("cpu")
-WORDS = ["the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "yes", "no", "good", "bad", "very"]
+WORDS = ["the", "a", "cat", "dog", "bird", "sat", "ran", "flew", "on", "under", "mat", "tree", "yes", "no", "good",
+         "bad", "very"]
 
 
 def random_pairs(n: int, seed: int = 0) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from weightgeom.harness.reports import plots
 
@@ -89,8 +90,6 @@ def test_per_role_plots_training_curves_and_k_curves_keep_legends_off_the_data(f
 
 
 def test_spectra_skip_non_finite_covariances(figures):
-    import torch
-
     state = {"cov_in/L0/attn_in/sum_outer": torch.eye(4), "cov_in/L1/attn_in/sum_outer": torch.full((4, 4), math.nan),
              "cov_out/L0/o/sum_outer": torch.diag(torch.tensor([4.0, 1.0, 1.0]))}
     plots.plot_spectra(state, "unused.png")

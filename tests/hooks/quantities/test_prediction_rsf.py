@@ -4,6 +4,7 @@ singular vectors of ``W_U diag(g)``), with z-scores and the eigengap ``gap_pred`
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.hooks.brute_force import REL, K
 from weightgeom.hooks import geometry as geo
@@ -26,8 +27,6 @@ def test_rsf_out_pred_of_each_view_z_and_gap_match_brute_force(trained):
 def test_prediction_subspace_is_built_by_hand_from_the_unembedding_and_gain(trained):
     """The brute force above uses geometry.prediction_subspace; here the subspace is the SVD of
     W_U diag(g) written out, so a wrong gain convention inside it would fail."""
-    import torch
-
     model = trained.model
     W = model.lm_head.weight.detach().double() * model.model.norm.weight.detach().double()[None, :]
     V = torch.linalg.svd(W, full_matrices=False).Vh[:K].T
