@@ -27,9 +27,10 @@ from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_
 from weightgeom.hooks.gram import Gram, symmetric
 from weightgeom.hooks.roles import ROLES
 from weightgeom.hooks.suite import InstrumentSuite
+from weightgeom.trainers.callback import WeightGeomCallback
 from weightgeom.trainers.ce import pretrain
 from weightgeom.trainers.preference import align
-from weightgeom.trainers.trl_dpo import InstrumentCallback, run_trl_dpo
+from weightgeom.trainers.trl_dpo import PreferenceRows, run_trl_dpo
 
 TOKENS_PER_BATCH = 27  # make_batch(): 3 x 10 tokens, 3 of them padding
 
@@ -223,7 +224,8 @@ def check_trl_dpo_lora(tmp_path: Path, steps: int = 4, bf16: bool = True) -> dic
     model = make_model("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, config)
-    suite = InstrumentSuite(model, k=4, every_n=2)
+    sink = ListSink()
+    instruments = WeightGeomCallback(k=4, every_n=2, sink=sink, summary=False)
     seen = {"grad": 0, "no_grad": 0}
 
     def count(module, args, kwargs):
@@ -231,17 +233,16 @@ def check_trl_dpo_lora(tmp_path: Path, steps: int = 4, bf16: bool = True) -> dic
         seen["grad" if torch.is_grad_enabled() else "no_grad"] += int(mask.sum())
 
     handle = model.get_base_model().register_forward_pre_hook(count, with_kwargs=True)
-    sink = ListSink()
     try:
         with fresh_accelerate_state():
             trainer = run_trl_dpo(model, tiny_tokenizer(), constant_pairs(8), tmp_path / "trl", steps=steps,
                                   lr=1e-2, beta=0.5, batch_size=2, max_length=16, seed=0,
-                                  callbacks=[InstrumentCallback(suite, sink)], extra_args={"bf16": bf16})
+                                  callbacks=[instruments, PreferenceRows(sink)], extra_args={"bf16": bf16})
     finally:
         handle.remove()
     assert trainer.state.global_step == steps
     assert seen["no_grad"] > 0, "TRL ran no reference pass: the check would prove nothing"
-    state = suite.cov.global_state()
+    state = instruments.suite.cov.global_state()
     assert int(state["cov_in/L0/attn_in/count"]) == seen["grad"] > 0
     assert int(state["cov_out/L1/o/count"]) == seen["grad"]
     geometry = [row for _, row in sink.rows if "rsf_in/L0/q" in row]

@@ -8,6 +8,7 @@ imports both sides there.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -30,7 +31,10 @@ def run(*cmd, cwd=None) -> str:
 def installed(tmp_path_factory):
     """``(python, site-packages)`` of a fresh venv with the wheel and four same-named user packages."""
     root = tmp_path_factory.mktemp("wheel")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", REPO)
+    source = root / "src"  # a copy: building in the checkout would leave build/ and *.egg-info there
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "runs", "__pycache__", ".whl"))
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", root / "dist", source)
     wheel = next((root / "dist").glob("weightgeom_harness-*.whl"))
     venv.create(root / "env", with_pip=True)
     python = root / "env" / "bin" / "python"

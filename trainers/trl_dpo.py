@@ -1,15 +1,12 @@
-"""DPO through TRL's ``DPOTrainer``, with the instruments riding along as a ``TrainerCallback``.
+"""DPO through TRL's ``DPOTrainer``: the recipe's ``loss: trl`` objectives, instrumented by the same
+:class:`weightgeom.trainers.callback.WeightGeomCallback` a user adds to any HF trainer.
 
-The trainer adapts to the instruments, not the reverse: the suite sees the same events as in our
-own loops (attach, loss normaliser, raw gradient before the optimizer step, update after it).
+Callbacks of the recipe stage, in the order the Trainer calls them:
 
-    Trainer event            callback does
-    on_train_begin           suite.attach(model, torch optimizer)   (TRL builds the optimizer inside train())
-    on_step_begin            suite.set_loss_normalizer(pairs in this optimizer step)
-    on_pre_optimizer_step    suite.before_optimizer_step()          (gradients are populated and clipped)
-    on_step_end              suite.after_optimizer_step(step, force=last step) -> geometry metrics when due
-    on_log                   TRL's rewards/* and loss -> pref/*, merged with that step's geometry -> sink
-    on_train_end             suite.detach()   (run_trl_dpo also detaches in ``finally`` if training raises)
+    GuardCallback          the divergence guard and stop signals (what TrainingSession does for our loops)
+    WeightGeomCallback     the instruments: suite, loss normaliser (pairs x accumulation steps), metric rows
+                           to the run directory, statistics for the final checkpoint
+    PreferenceRows         TRL's logged loss and rewards/* as this project's pref/* keys, to the run directory
 
 Pitfalls of TRL on this stack (measured with TRL 1.16) and how they are handled here:
 - TRL replaces the LM head with a fused function: hooks on ``lm_head`` never fire (we hook none).
@@ -17,8 +14,8 @@ Pitfalls of TRL on this stack (measured with TRL 1.16) and how they are handled 
   which fails for a model built from config: we pass a frozen deep copy instead.
 - With PEFT the reference is the adapter-disabled model: a no-grad forward through the same
   modules, which the instruments must (and do) ignore.
-- TRL turns gradient checkpointing on by default; it re-runs forwards and would double count the
-  covariances, so it is off here.
+- TRL turns activation checkpointing on by default. The instruments count recomputed forwards once
+  (exactly), but on these small models recomputing costs more time than it saves memory: it is off here.
 """
 
 from __future__ import annotations
@@ -28,9 +25,8 @@ import copy
 import dataclasses
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import datasets
 import torch
@@ -44,7 +40,8 @@ from weightgeom.core.processes import process_state
 from weightgeom.core.rundir import RunDirectory
 from weightgeom.core.runinfo import model_facts, now, versions
 from weightgeom.hooks.protocol import Suite
-from weightgeom.hooks.suite import build_suite
+from weightgeom.hooks.suite import NullSuite
+from weightgeom.trainers.callback import WeightGeomCallback
 from weightgeom.trainers.guard import DivergenceError, DivergenceGuard, gradient_norm
 from weightgeom.trainers.interrupt import Interrupted, StopSignals
 from weightgeom.trainers.losses import DPOLoss, check_beta
@@ -64,97 +61,17 @@ TRL_TO_HARNESS = {
 }
 
 
-class Sink(Protocol):
-    def log(self, metrics: dict, step: int) -> None: ...
+class PreferenceRows(TrainerCallback):
+    """TRL's log rows under this project's names (:data:`TRL_TO_HARNESS`) to ``sink`` (anything with
+    ``log(row, step)``), with ``phase`` when given. The geometry rows come from the WeightGeomCallback."""
 
-
-def micro_batches_in_step(step: int, grad_accum: int, batches_per_epoch: int | None) -> int:
-    """Micro-batches the HF Trainer accumulates into optimizer step ``step`` (0-based, global):
-    ``grad_accum``, except the last step of each epoch, which takes the remainder of the epoch's
-    ``batches_per_epoch`` (None = unknown length, always ``grad_accum``)."""
-    if not batches_per_epoch:
-        return grad_accum
-    steps_per_epoch = -(-batches_per_epoch // grad_accum)
-    if step % steps_per_epoch == steps_per_epoch - 1:
-        return batches_per_epoch - grad_accum * (steps_per_epoch - 1)
-    return grad_accum
-
-
-class InstrumentCallback(TrainerCallback):
-    """Drives an instrument ``suite`` from HF Trainer events and streams metrics to ``sink``.
-
-    Loss normaliser: TRL's loss is the mean over the pairs of a micro-batch, and the Trainer divides
-    it again by the number of micro-batches accumulated into the step. Each token's ``delta`` is
-    therefore ``1 / (batch_size * micro_batches)`` times the gradient of its own pair's loss, and the
-    normaliser set before each step is that product, so ``C_delta`` holds per-pair gradients. This is
-    exact when every micro-batch is full (``run_trl_dpo`` drops the last partial batch of an epoch) and
-    per process (DDP averages parameter gradients, not the per-token ``delta`` the hooks see).
-
-    Args:
-        suite: the instruments (:class:`Suite`), or None to forward TRL's metrics only.
-        sink: receives one row per logged step: ``pref/*``, ``train/lr``, ``train/grad_norm`` and the
-            step's geometry metrics; ``phase`` is added to each row when given.
-    """
-
-    def __init__(self, suite: Suite | None, sink: Sink, *, phase: str | None = None) -> None:
-        self.suite, self.sink, self.phase = suite, sink, phase
-        self._attached = False
-        self._pending: tuple[int, dict[str, float]] | None = None  # geometry waiting for its step's log row
-
-    def detach(self) -> None:
-        """Remove the suite's hooks; safe to call twice (on_train_end, then ``finally``)."""
-        if self._attached:
-            self._attached = False
-            self.suite.detach()
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.suite is None:
-            return
-        # accelerate wraps the torch optimizer; the suite's step hooks belong on the real one.
-        optimizer = getattr(optimizer, "optimizer", optimizer)
-        self._attached = True  # set first: a half-finished attach is still undone by detach()
-        self.suite.attach(model, optimizer)
-
-    def on_step_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if self.suite is None:
-            return
-        batches = len(train_dataloader) if train_dataloader is not None else None
-        micro = micro_batches_in_step(state.global_step, args.gradient_accumulation_steps, batches)
-        self.suite.set_loss_normalizer(args.per_device_train_batch_size * micro)
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.suite is not None:
-            self.suite.before_optimizer_step()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.suite is None:
-            return
-        self._flush()  # an earlier step's geometry that no log row picked up (logging_steps > 1)
-        # The phase's last step is always measured, whatever the schedule.
-        metrics = self.suite.after_optimizer_step(state.global_step, force=state.global_step >= state.max_steps)
-        if metrics:
-            self._pending = (state.global_step, metrics)
+    def __init__(self, sink, *, phase: str | None = None) -> None:
+        self.sink, self.phase = sink, phase
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         row = {ours: float(logs[theirs]) for theirs, ours in TRL_TO_HARNESS.items() if theirs in (logs or {})}
-        if self._pending is not None and self._pending[0] == state.global_step:
-            row.update(self._pending[1])
-            self._pending = None
         if row:
-            self._log(row, state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._flush()
-        self.detach()
-
-    def _flush(self) -> None:
-        if self._pending is not None:
-            step, metrics = self._pending
-            self._pending = None
-            self._log(metrics, step)
-
-    def _log(self, row: dict[str, float], step: int) -> None:
-        self.sink.log({"phase": self.phase, **row} if self.phase else row, step)
+            self.sink.log({"phase": self.phase, **row} if self.phase else row, state.global_step)
 
 
 class GuardCallback(TrainerCallback):
@@ -165,11 +82,17 @@ class GuardCallback(TrainerCallback):
     all-zero gradient for ``guard.patience`` steps too. ``on_step_end``: non-finite instrument sums
     raise before any metric is computed from them; a received SIGTERM/SIGINT raises
     :class:`Interrupted` (a TRL objective keeps no mid-run checkpoint: it restarts on resume). Put it
-    before an :class:`InstrumentCallback` in the callback list, so it runs first.
+    before the :class:`WeightGeomCallback` in the callback list, so its check runs before any metric.
     """
 
-    def __init__(self, guard: DivergenceGuard, *, suite=None, signals: StopSignals | None = None) -> None:
-        self.guard, self.suite, self.signals = guard, suite, signals
+    def __init__(self, guard: DivergenceGuard, *, suite: Suite | Callable[[], Suite | None] | None = None,
+                 signals: StopSignals | None = None) -> None:
+        self.guard, self._suite, self.signals = guard, suite, signals
+
+    @property
+    def suite(self) -> Suite | None:
+        """The instruments (a callable is asked each time: a WeightGeomCallback builds its suite in on_train_begin)."""
+        return self._suite() if callable(self._suite) else self._suite
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -262,8 +185,8 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
 
     Training is fp32 (no bf16 autocast, like our own loops), on CPU when CUDA is absent, logs every
     step, saves nothing (save checkpoints from the returned trainer), and keeps every micro-batch
-    full (``dataloader_drop_last``) so the instruments' loss normaliser is exact. Every
-    :class:`InstrumentCallback` in ``callbacks`` is detached when training ends, also if it raises.
+    full (``dataloader_drop_last``). Every :class:`WeightGeomCallback` in ``callbacks`` is detached
+    when training ends, also if it raises.
     """
     from peft import PeftModel  # noqa: PLC0415
     from trl import DPOConfig, DPOTrainer  # noqa: PLC0415  (slow import, only when used)
@@ -300,7 +223,7 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
             trainer.train()
     finally:
         for callback in callbacks:
-            if isinstance(callback, InstrumentCallback):
+            if isinstance(callback, WeightGeomCallback):
                 callback.detach()
     return trainer
 
@@ -346,10 +269,11 @@ def fit_prompts(pairs: list[dict], tokenizer, max_len: int) -> list[dict]:
 
 def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, tokenizer, pairs: list[dict],
                    eval_pairs: list[dict] | None = None, progress: bool = True, overwrite: bool = False) -> RunResult:
-    """One ``loss: trl`` objective of a recipe: DPO through TRL from ``init_dir``, instrumented,
-    written to ``run_dir`` like every other alignment run (config, metrics, tb/, snapshot,
-    checkpoint). LoRA (``align.lora``) is applied here, before the instruments resolve their
-    modules, so they hook the LoRA wrappers; TRL then uses the adapter-disabled model as reference.
+    """One ``loss: trl`` objective of a recipe: DPO through TRL from ``init_dir``, instrumented by
+    :class:`WeightGeomCallback`, written to ``run_dir`` like every other alignment run (config, metrics,
+    tb/, snapshot, checkpoint). LoRA (``align.lora``) is applied here; the callback builds the
+    instruments from the model TRL trains, so they hook the LoRA wrappers; TRL then uses the
+    adapter-disabled model as reference.
     """
     t, a = cfg.align.train, cfg.align
     torch.manual_seed(cfg.seed)
@@ -364,7 +288,6 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
     eval_loss = DPOLoss(a.beta)  # held-out metrics with sigmoid DPO, whatever TRL's loss_type
     eval_data = tokenize_pairs(eval_pairs, tokenizer, a.max_len) if eval_pairs else None
     eval_ref = reference_logps(model.to(device), eval_data, t.batch_size, device) if eval_data else None
-    suite = build_suite(model, cfg.instruments, cfg.seed)
     if t.batch_size % processes.num_processes:
         raise ValueError(f"align.train.batch_size={t.batch_size} is the global batch; it must be divisible by the "
                          f"{processes.num_processes} processes (TRL takes a per-process batch)")
@@ -373,16 +296,19 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
                  world_size=processes.num_processes, device=str(device), **model_facts(model))
     phase = f"align/{objective.name}"
     guard = DivergenceGuard("stop", t.stall_patience, phase=phase)
-    callback = InstrumentCallback(suite, files, phase=phase)
+    # the instruments: the same callback a user adds to their own trainer, writing to this run's directory
+    instruments = (WeightGeomCallback(cfg.instruments, sink=files, phase=phase, summary=False, seed=cfg.seed)
+                   if cfg.instruments.enabled else None)
     try:
         with StopSignals(phase) as signals:
+            guarded = GuardCallback(guard, suite=lambda: instruments.suite if instruments else None, signals=signals)
+            callbacks = [guarded, *([instruments] if instruments else []), PreferenceRows(files, phase=phase)]
             trainer = run_trl_dpo(model, tokenizer, fit_prompts(pairs, tokenizer, a.max_len), run_dir / "trl",
                                   ref_model=ref_model, steps=t.steps, lr=t.lr, beta=a.beta,
                                   loss_type=objective.loss_type, batch_size=t.batch_size // processes.num_processes,
-                                  grad_accum=t.grad_accum,
-                                  max_length=a.max_len, seed=cfg.seed,
-                                  callbacks=[GuardCallback(guard, suite=suite, signals=signals), callback],
+                                  grad_accum=t.grad_accum, max_length=a.max_len, seed=cfg.seed, callbacks=callbacks,
                                   extra_args=trainer_settings(t, progress))
+        suite = instruments.suite if instruments else NullSuite()
         model = trainer.model
         final: dict[str, float] = {}
         if eval_data is not None:

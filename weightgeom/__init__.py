@@ -37,7 +37,7 @@ _EXPORTS = {
     "RunConfig": "weightgeom.core.config",
     "load_config": "weightgeom.core.config",
     "read_metrics": "weightgeom.core.sinks",
-    "InstrumentCallback": "weightgeom.trainers.trl_dpo",
+    "WeightGeomCallback": "weightgeom.trainers.callback",
     "run_recipe": "weightgeom.harness.pipeline",
     "write_report": "weightgeom.harness.pipeline",
     "compare": "weightgeom.harness.compare.analysis",
@@ -45,8 +45,8 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "ARCHITECTURES", "ArchSpec", "Fused", "InstrumentCallback", "InstrumentSuite", "NullSuite", "RoleSpec",
-    "RunConfig", "Suite", "SuiteConfig", "__version__", "build_suite", "compare", "load_config", "read_metrics",
+    "ARCHITECTURES", "ArchSpec", "Fused", "InstrumentSuite", "NullSuite", "RoleSpec", "RunConfig", "Suite",
+    "SuiteConfig", "WeightGeomCallback", "__version__", "build_suite", "compare", "load_config", "read_metrics",
     "resolve_tracked", "run_rank1", "run_recipe", "write_report",
 ]
 
@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from weightgeom.hooks.protocol import Suite
     from weightgeom.hooks.roles import ARCHITECTURES, ArchSpec, Fused, RoleSpec, resolve_tracked
     from weightgeom.hooks.suite import InstrumentSuite, NullSuite, SuiteConfig, build_suite
-    from weightgeom.trainers.trl_dpo import InstrumentCallback
+    from weightgeom.trainers.callback import WeightGeomCallback
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""TRL DPOTrainer with the instruments as a callback: a tiny Llama from config, a word-level tokenizer."""
+"""TRL DPOTrainer as the recipe's ``loss: trl`` stage runs it (the WeightGeomCallback and the pref/* rows): a
+tiny Llama from config, a word-level tokenizer."""
 
 from __future__ import annotations
 
@@ -13,43 +14,14 @@ from transformers import TrainerCallback
 
 from tests.conftest import make_model
 from tests.tiny import ListSink, constant_pairs, tiny_tokenizer
-from weightgeom.trainers.trl_dpo import InstrumentCallback, checkpointing_off, micro_batches_in_step, run_trl_dpo
+from weightgeom.trainers.callback import WeightGeomCallback
+from weightgeom.trainers.trl_dpo import PreferenceRows, checkpointing_off, run_trl_dpo
 
 
 def train(tmp_path, pairs, callbacks=(), **overrides):
     kwargs = dict(steps=3, lr=1e-2, beta=0.5, batch_size=2, max_length=16, seed=0, callbacks=callbacks)
     kwargs.update(overrides)
     return run_trl_dpo(make_model("llama"), tiny_tokenizer(), pairs, tmp_path, **kwargs)
-
-
-class RecordingSuite:
-    """Stands in for weightgeom.hooks.suite.InstrumentSuite: records the calls and what it could see."""
-
-    def __init__(self, geometry_every: int = 2) -> None:
-        self.events: list[str] = []
-        self.normalizers: list[float] = []
-        self.grads_present: list[bool] = []
-        self.geometry_every = geometry_every
-        self.model = self.optimizer = None
-
-    def attach(self, model, optimizer) -> None:
-        self.events.append("attach")
-        self.model, self.optimizer = model, optimizer
-
-    def detach(self) -> None:
-        self.events.append("detach")
-
-    def set_loss_normalizer(self, n: float) -> None:
-        self.normalizers.append(n)
-
-    def before_optimizer_step(self) -> None:
-        self.events.append("before")
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.grads_present.append(all(p.grad is not None for p in trainable))
-
-    def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None:
-        self.events.append("after")
-        return {"geo/step": float(step)} if force or step % self.geometry_every == 0 else None
 
 
 class RaiseAtStep(TrainerCallback):
@@ -61,16 +33,6 @@ class RaiseAtStep(TrainerCallback):
             raise RuntimeError("boom")
 
 
-@pytest.mark.parametrize("batches, accum, expected", [
-    (4, 2, [2, 2, 2, 2]),     # epoch divides evenly
-    (5, 2, [2, 2, 1, 2, 2, 1]),  # last step of each epoch takes the remainder
-    (1, 3, [1, 1]),           # fewer batches than accumulation steps
-    (None, 3, [3, 3]),        # unknown length
-])
-def test_micro_batches_in_step_follows_the_trainers_chunking(batches, accum, expected):
-    assert [micro_batches_in_step(s, accum, batches) for s in range(len(expected))] == expected
-
-
 def test_dpo_loss_falls_on_a_learnable_pair_set(tmp_path):
     trainer = train(tmp_path, constant_pairs(4), steps=6)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -80,38 +42,55 @@ def test_dpo_loss_falls_on_a_learnable_pair_set(tmp_path):
     assert trainer.state.log_history[-2]["rewards/accuracies"] == 1.0
 
 
-def test_callback_drives_suite_and_forwards_preference_metrics(tmp_path):
-    suite, sink = RecordingSuite(), ListSink()
-    # 6 pairs / batch 2 = 3 micro-batches per epoch, accumulated 2 then 1: 2 optimizer steps per epoch.
-    trainer = train(tmp_path, constant_pairs(6), [InstrumentCallback(suite, sink, phase="align/dpo")],
-                    steps=3, grad_accum=2)
-
-    assert suite.events == ["attach"] + ["before", "after"] * 3 + ["detach"]
-    assert type(suite.optimizer).__module__.startswith("torch.optim")  # accelerate's wrapper removed
-    assert {id(p) for g in suite.optimizer.param_groups for p in g["params"]} == \
-        {id(p) for p in trainer.model.parameters()}
-    assert suite.model is trainer.model
-    assert suite.grads_present == [True] * 3
-    assert suite.normalizers == [4, 2, 4]  # pairs whose mean loss (over micro-batches) made each step
-
-    assert [step for step, _ in sink.rows] == [1, 2, 3]
+def test_the_stage_callbacks_set_each_steps_pairs_and_forward_preference_metrics(tmp_path):
+    """6 pairs / batch 2 = 3 micro-batches per epoch, accumulated 2 then 1: the normaliser of each step is
+    the pairs whose mean loss (over its micro-batches) made it; TRL's rows reach the sink as pref/*."""
+    sink = ListSink()
+    instruments = WeightGeomCallback(k=2, every_n=2, log_spaced=False, sink=sink, phase="align/dpo", summary=False)
+    normalizers = []
+    trainer = train(tmp_path, constant_pairs(6), [instruments, PreferenceRows(sink, phase="align/dpo"),
+                                                  RecordNormalizer(instruments, normalizers)], steps=3, grad_accum=2)
+    assert normalizers == [4, 4, 2, 4, 4]  # per micro-batch: steps of 2, 1 (the epoch's remainder), 2 micro-batches
+    assert instruments.rule.startswith("pairs of the micro-batch x accumulation steps")
+    geometry = [(step, row) for step, row in sink.rows if "rsf_in/all/q" in row]
+    assert [step for step, _ in geometry] == [2, 3]  # by the schedule, and the phase's last step
+    prefs = [(step, row) for step, row in sink.rows if "pref/loss" in row]
     history = [row for row in trainer.state.log_history if "rewards/chosen" in row]
-    for (step, row), trl_row in zip(sink.rows, history, strict=True):
+    assert [step for step, _ in prefs] == [1, 2, 3]
+    for (_, row), trl_row in zip(prefs, history, strict=True):
         assert row["phase"] == "align/dpo"
         assert row["pref/loss"] == pytest.approx(trl_row["loss"])
         assert row["pref/reward_chosen"] == pytest.approx(trl_row["rewards/chosen"])
         assert row["pref/reward_rejected"] == pytest.approx(trl_row["rewards/rejected"])
         assert row["pref/margin"] == pytest.approx(trl_row["rewards/margins"])
         assert row["pref/accuracy"] == pytest.approx(trl_row["rewards/accuracies"])
-        # geometry merged into its step's row: step 2 by the schedule, step 3 as the phase's last step
-        assert ("geo/step" in row) == (step in (2, 3))
 
 
-def test_suite_is_detached_when_training_raises(tmp_path):
-    suite = RecordingSuite()
+class RecordNormalizer(TrainerCallback):
+    """Wraps the suite's set_loss_normalizer once the WeightGeomCallback has built it."""
+
+    def __init__(self, instruments, out: list) -> None:
+        self.instruments, self.out = instruments, out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        suite = self.instruments.suite
+        original = suite.set_loss_normalizer
+
+        def record(n):
+            self.out.append(n)
+            original(n)
+
+        suite.set_loss_normalizer = record
+
+
+def test_hooks_are_removed_when_training_raises(tmp_path):
+    model = make_model("llama")
+    instruments = WeightGeomCallback(k=2, every_n=1, sink=ListSink())
     with pytest.raises(RuntimeError, match="boom"):
-        train(tmp_path, constant_pairs(4), [InstrumentCallback(suite, ListSink()), RaiseAtStep(2)])
-    assert suite.events == ["attach", "before", "after", "before", "after", "detach"]
+        run_trl_dpo(model, tiny_tokenizer(), constant_pairs(4), tmp_path, steps=3, lr=1e-2, beta=0.5, batch_size=2,
+                    max_length=16, seed=0, callbacks=[instruments, RaiseAtStep(2)])
+    assert instruments.suite is not None and not instruments.suite.cov.is_attached
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_lora_trains_only_the_adapters(tmp_path):
