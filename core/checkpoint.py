@@ -19,8 +19,10 @@ finishes it when only the final rename was missing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "trainer_state.pt"
@@ -47,12 +50,14 @@ def checkpoint_step(path: Path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def manifest_problem(path: Path) -> str | None:
+def manifest_problem(path: Path, *, legacy: bool = True) -> str | None:
     """Why ``path`` is not a complete checkpoint, or None when it is.
 
-    Complete: ``MANIFEST.json`` parses and every file it lists exists with the listed size.
-    Checkpoints written before manifests existed (no ``MANIFEST.json``; they were renamed into place
-    only after ``trainer_state.pt`` was written) count as complete when that file is non-empty.
+    Complete: ``MANIFEST.json`` parses and every file it lists exists with the listed size. With
+    ``legacy``, a final ``step_N`` directory written before manifests existed (no ``MANIFEST.json``;
+    such saves were renamed into place only after ``trainer_state.pt`` was written) counts as
+    complete when that file is non-empty; a ``.tmp`` directory never does (its save may have been cut
+    anywhere, also inside ``trainer_state.pt``).
     """
     path = Path(path)
     if not path.is_dir():
@@ -60,7 +65,7 @@ def manifest_problem(path: Path) -> str | None:
     manifest = path / MANIFEST_FILE
     if not manifest.is_file():
         state = path / STATE_FILE
-        if state.is_file() and state.stat().st_size > 0:
+        if legacy and checkpoint_step(path) is not None and state.is_file() and state.stat().st_size > 0:
             return None  # legacy checkpoint
         return f"no {MANIFEST_FILE} (the save did not finish)"
     try:
@@ -106,7 +111,8 @@ def clean_stale(run_dir: Path) -> list[str]:
         return done
     for leftover in sorted(ckpts.glob("step_*.tmp")) + sorted(ckpts.glob("step_*.old")):
         final = leftover.with_name(leftover.name.rsplit(".", 1)[0])
-        if not final.exists() and checkpoint_step(final) is not None and manifest_problem(leftover) is None:
+        if (not final.exists() and checkpoint_step(final) is not None
+                and manifest_problem(leftover, legacy=False) is None):  # only a save that wrote its manifest
             leftover.rename(final)
             done.append(f"completed {final.name} (its save was interrupted before the final rename)")
         else:
@@ -130,13 +136,19 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: tuple[Path, ...] = ()) 
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG's state as tensors and plain Python values (what ``torch.load(weights_only=True)`` reads)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -194,25 +206,39 @@ def write_manifest(path: Path, step: int) -> None:
     _fsync_dir(path)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions, a vanished directory); nothing
+    half-written is left, the earlier checkpoints are untouched."""
+
+
 def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step: int,
                     instruments: dict[str, torch.Tensor] | None = None, extra: dict | None = None,
                     model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write a complete checkpoint at ``path`` (see the module docstring for the crash-safety order).
     ``model_state`` / ``optimizer_state``: whole state dicts gathered beforehand from a sharded model
-    (core/sharding.py), written instead of the model's and optimizer's own."""
+    (core/sharding.py), written instead of the model's and optimizer's own. ``extra``: more trainer
+    state (tensors and plain values only: it is read back with ``weights_only``). A failed write
+    raises :class:`CheckpointWriteError` naming the path and removes the partial ``.tmp``."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if instruments:
-        save_file({k: v.contiguous() for k, v in instruments.items()}, str(tmp / INSTRUMENTS_FILE))
-    optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
-    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), **(extra or {})}, tmp / STATE_FILE)
-    write_manifest(tmp, step)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=model_state)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if instruments:
+            save_file({k: v.contiguous() for k, v in instruments.items()}, str(tmp / INSTRUMENTS_FILE))
+        optimizer_state = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng": rng_state(), **(extra or {})}, tmp / STATE_FILE)
+        write_manifest(tmp, step)
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(errno_of(err), f"could not write the checkpoint of step {step} ({describe(err)}); "
+                                   "nothing half-written was kept and earlier checkpoints are untouched: free space "
+                                   "(or fix the permissions) there, then continue with --resume latest",
+                                   str(path)) from err
     if path.exists():  # a re-save of the same step: move the old one aside, never delete it first
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -225,6 +251,19 @@ def save_checkpoint(path: Path, *, model, tokenizer, optimizer, scheduler, step:
     return path
 
 
+def errno_of(err: BaseException) -> int:
+    """The errno of an OSError, else the one a full disk gives (what torch's write errors mostly are)."""
+    return err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC
+
+
+def describe(err: BaseException) -> str:
+    """One line for an I/O failure, without a library's traceback-style text."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text[:200]
+
+
 def load_trainer_state(path: Path) -> dict:
     path = Path(path)
     problem = manifest_problem(path)
@@ -232,7 +271,13 @@ def load_trainer_state(path: Path) -> dict:
         raise FileNotFoundError(f"{path} is not a complete checkpoint ({problem}); pass a directory under "
                                 "RUN/checkpoints/ written by `harness run`, or --resume latest")
     try:
-        return torch.load(path / STATE_FILE, weights_only=False)
+        # tensors and plain data only: a pickle that names any other object (which could run code) is refused
+        return torch.load(path / STATE_FILE, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path / STATE_FILE} holds objects other than tensors and plain data, so loading it could "
+                         "run code; refused. A checkpoint written by this version never does: this file was made by "
+                         "something else (or by a version before 2026-12). Start a new run from the weights with "
+                         f"init_from={path} (weights are read as safetensors, no code)") from None
     except (EOFError, RuntimeError, OSError) as err:
         raise ValueError(f"{path / STATE_FILE} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
                          "damaged: delete it and resume from an earlier one") from err

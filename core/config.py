@@ -333,10 +333,29 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(not ("align" in self.stages and not self.align.objectives), "align.objectives",
                  "is empty, but stages include 'align': list at least one objective, or drop 'align' from stages")
+        _require(bool(self.output_dir.strip()), "output_dir", "is empty: give a directory (e.g. runs)")
+        problem = run_name_problem(self.name)
+        _require(problem is None, "name", f"{problem}: the run directory is output_dir/name, always strictly inside "
+                                          f"output_dir, so name must be one plain folder name (e.g. name=my_run)")
 
     @property
     def run_dir(self) -> Path:
+        """``output_dir / name``: strictly inside ``output_dir`` (``name`` is one plain folder name)."""
         return Path(self.output_dir) / self.name
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a run directory inside ``output_dir`` (None when it can): it must be one
+    path component, not empty, ``.`` or ``..``, with no separator and not absolute."""
+    if not name or not name.strip():
+        return f"is empty ({name!r})"
+    if name in (".", "..") or name.strip(". ") == "":
+        return f"is {name!r}, which names output_dir itself or a folder above it"
+    if "/" in name or "\\" in name or Path(name).is_absolute() or len(Path(name).parts) != 1:
+        return f"is {name!r}, a path, not a folder name"
+    if "\0" in name:
+        return "holds a NUL character"
+    return None
 
 
 # Keys of earlier versions, and what replaced them (an error that says what to write instead).

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_dataset
 from transformers import PreTrainedTokenizerBase
 
 from weightgeom.core.text_sources import TABLE_FORMATS, iter_documents, resolve_sources, source_list
@@ -48,32 +47,70 @@ def load_texts(source: str | list[str], text_field: str = "text", max_docs: int 
     return texts
 
 
-def _read_table(path: Path) -> Dataset:
-    """A .json/.jsonl/.parquet file as a `datasets.Dataset` (one split, all rows)."""
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a .json/.jsonl/.parquet file as dicts, and the column names (of the first row for
+    JSON, of the schema for parquet)."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
     if path.suffix not in TABLE_FORMATS:
         raise ValueError(f"{path}: unknown extension {path.suffix!r}; supported: {', '.join(TABLE_FORMATS)}.")
-    if path.suffix == ".jsonl":
-        check_jsonl(path)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq  # noqa: PLC0415 (a dependency of datasets)
+    if path.suffix in (".jsonl", ".json"):
+        rows = _json_rows(path)
+        return rows, list(rows[0]) if rows else []
+    import pyarrow.parquet as pq  # noqa: PLC0415 (a dependency of datasets)
 
-        try:
-            pq.read_schema(path)
-        except Exception as err:  # noqa: BLE001 (pyarrow's own error types, re-raised as ValueError)
-            raise ValueError(f"{path}: could not read as parquet ({err})") from None
     try:
-        return load_dataset(TABLE_FORMATS[path.suffix], data_files=str(path), split="train")
-    except Exception as err:  # datasets wraps parse errors in generic build errors
-        cause = f" ({err.__cause__})" if err.__cause__ else ""
-        raise ValueError(f"{path}: could not read as {TABLE_FORMATS[path.suffix]}: {err}{cause}") from err
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 (pyarrow's own error types, re-raised as ValueError)
+        raise ValueError(f"{path}: could not read as parquet ({err})") from None
+    return table.to_pylist(), table.column_names
+
+
+def _json_rows(path: Path) -> list[dict]:
+    """The rows of a .jsonl / .json file: JSON lines (one object per line), a list of objects, or a
+    columnar object of equal-length lists (``{"prompt": [...], "chosen": [...], ...}``). A UTF-8 byte
+    order mark is accepted, as it is for corpora. Errors name the file and the line or row."""
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        except json.JSONDecodeError:
+            whole = None  # not one JSON document: JSON lines in a .json file, as datasets also reads them
+        if isinstance(whole, list):
+            bad = next((i for i, row in enumerate(whole) if not isinstance(row, dict)), None)
+            if bad is not None:
+                raise ValueError(f"{path}: row {bad} is a {type(whole[bad]).__name__}; expected a list of objects")
+            return whole
+        if isinstance(whole, dict):
+            return _columnar_rows(whole, path)
+        if whole is not None:
+            raise ValueError(f"{path}: a top-level {type(whole).__name__}; expected a list of objects, an object of "
+                             "columns, or JSON lines")
+    check_jsonl(path)
+    with path.open(encoding="utf-8-sig") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _columnar_rows(columns: dict, path: Path) -> list[dict]:
+    """``{column: [values]}`` (every value a list, all of one length) as rows; one object of scalars is
+    one row."""
+    lists = {k: v for k, v in columns.items() if isinstance(v, list)}
+    messages = any(isinstance(v[0], dict) for v in lists.values() if v)  # one conversational row, not columns
+    if not lists or len(lists) < len(columns) or messages:
+        return [columns]  # one object: a single row (JSON lines with one line)
+    lengths = {k: len(v) for k, v in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"{path}: an object of columns whose lists differ in length ({lengths}); each column needs "
+                         "one value per row")
+    n = next(iter(lengths.values()))
+    return [{k: v[i] for k, v in lists.items()} for i in range(n)]
 
 
 def check_jsonl(path: Path) -> None:
     """Every non-blank line of a .jsonl file is a JSON object; else a ValueError naming the line
     (1-based) and column. ``datasets`` reports such a file without the line."""
-    with Path(path).open(encoding="utf-8", errors="strict") as handle:
+    with Path(path).open(encoding="utf-8-sig", errors="strict") as handle:
         try:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -155,14 +192,17 @@ def load_preference_pairs(path: str | Path) -> tuple[list[dict], PreferenceStats
     Returns dicts with plain-string `prompt`, `chosen`, `rejected`.
     """
     path = Path(path)
-    table = _read_table(path)
-    missing = [c for c in PREFERENCE_COLUMNS if c not in table.column_names]
+    rows, columns = _read_rows(path)
+    missing = [c for c in PREFERENCE_COLUMNS if c not in columns]
     if missing:
         raise ValueError(
-            f"{path}: missing column(s) {missing}; found columns {table.column_names}. "
+            f"{path}: missing column(s) {missing}; found columns {columns}. "
             "Preference data needs explicit prompt, chosen and rejected columns."
         )
-    rows = table.select_columns(list(PREFERENCE_COLUMNS)).to_list()
+    absent = next((i for i, row in enumerate(rows) if any(c not in row for c in PREFERENCE_COLUMNS)), None)
+    if absent is not None:
+        raise ValueError(f"{path}: row {absent} lacks column(s) "
+                         f"{[c for c in PREFERENCE_COLUMNS if c not in rows[absent]]} (rows are 0-based)")
     conversational = bool(rows) and isinstance(rows[0]["chosen"], list)
     pairs, empty_rows = [], {c: [] for c in PREFERENCE_COLUMNS}
     for row_idx, row in enumerate(rows):
@@ -301,6 +341,30 @@ def prompt_budget(n_prompt: int, n_completion: int, max_len: int) -> int:
     return min(n_prompt, max(max_len - n_completion, max_len // 2))
 
 
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_len: int
+             ) -> tuple[list[int], list[int], list[int]]:
+    """``(prompt, chosen, rejected)`` token ids cut to fit ``max_len``: the prompt loses tokens from the
+    left first (:func:`prompt_budget`, both completions' lengths counted), then the completions are
+    cut from the right. Chosen and rejected share the kept prompt."""
+    keep_p = prompt_budget(len(prompt), max(len(chosen), len(rejected)), max_len)
+    return prompt[len(prompt) - keep_p:], chosen[: max_len - keep_p], rejected[: max_len - keep_p]
+
+
+def identical_after_truncation(pairs: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int) -> list[int]:
+    """Indices of the pairs whose chosen and rejected sequences are the same tokens once cut to ``max_len``
+    (:func:`fit_pair`, eos appended as trainers do): they carry no preference (margin exactly 0)."""
+    def encode(field: str) -> list[list[int]]:
+        return tokenizer([p[field] for p in pairs], add_special_tokens=False, verbose=False)["input_ids"]
+
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for i, (p, c, r) in enumerate(zip(encode("prompt"), encode("chosen"), encode("rejected"))):
+        _, c, r = fit_pair(p, c + eos, r + eos, max_len)
+        if c == r:
+            out.append(i)
+    return out
+
+
 def tokenize_pairs(
     pairs: list[dict], tokenizer: PreTrainedTokenizerBase, max_len: int, append_eos: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -328,11 +392,9 @@ def tokenize_pairs(
     prompts, chosen, rejected = encode("prompt"), encode("chosen"), encode("rejected")
     rows = {"chosen": [], "rejected": []}
     for p, c, r in zip(prompts, chosen, rejected):
-        c, r = c + eos, r + eos
-        keep_p = prompt_budget(len(p), max(len(c), len(r)), max_len)
-        prompt = p[len(p) - keep_p :]
-        for side, completion in (("chosen", c), ("rejected", r)):
-            rows[side].append((prompt, completion[: max_len - keep_p]))
+        prompt, c, r = fit_pair(p, c + eos, r + eos, max_len)
+        rows["chosen"].append((prompt, c))
+        rows["rejected"].append((prompt, r))
     width = max(len(p) + len(c) for side in rows.values() for p, c in side)
     out = {}
     for side, side_rows in rows.items():

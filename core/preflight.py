@@ -11,14 +11,18 @@ path) and returns warnings: settings that run, but not as the recipe reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from weightgeom.core.config import ConfigError, RunConfig
+from weightgeom.core.locations import check_output_dir
 from weightgeom.core.models import check_local_model_dir, tiny_config
 from weightgeom.core.sinks import tracker_problems
 from weightgeom.core.text_sources import TABLE_FORMATS, TEXT_EXTENSIONS
@@ -30,6 +34,8 @@ from weightgeom.hooks.suite import SuiteConfig
 def preflight(cfg: RunConfig) -> list[str]:
     """Every check below, in the order a run would hit them; returns warnings (see the module docstring)."""
     stages = set(cfg.stages)
+    check_output_dir(cfg.output_dir, "output_dir")
+    check_output_dir(cfg.tokenizer.cache_dir, "tokenizer.cache_dir")
     if "pretrain" in stages:
         check_text_sources(cfg.data.source, "data.source")
     if "align" in stages and cfg.align.data != "embedded":
@@ -54,6 +60,7 @@ def preflight(cfg: RunConfig) -> list[str]:
                         "stop at a non-finite step")
     skeleton = skeleton_model(cfg, model_dir, key)
     if model_dir is not None:
+        check_weights(model_dir, key)
         check_vocabulary(cfg, skeleton, model_dir, key)
     if cfg.instruments.enabled:
         warnings += check_instruments(skeleton, cfg.instruments)
@@ -91,6 +98,58 @@ def _named(key: str, check, value):
         raise FileNotFoundError(f"{key}: {err}") from err
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from err
+
+
+def check_weights(model_dir: str | Path, key: str) -> None:
+    """The weights in ``model_dir`` are the model its ``config.json`` describes: every parameter present
+    (tied ones may be absent) with the configured shape. transformers' own loader on the ``meta``
+    device decides (its key renamings and tied weights included), reading file headers only; without
+    this check a mismatch would silently train a randomly initialised model."""
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, device_map="meta", local_files_only=True,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ConfigError(f"{key}: the weights in {model_dir} cannot be read against its config.json "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+    expected = sum(1 for _ in model.named_parameters())
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if mismatched:
+        shown = "; ".join(f"{name}: checkpoint {tuple(a)} vs config {tuple(b)}" for name, a, b in
+                          (_mismatch(m) for m in mismatched[:3]))
+        raise ConfigError(f"{key}: {len(mismatched)} weights in {model_dir} have other shapes than its config.json "
+                          f"gives ({shown}); the config and the weights are of different models: put the config.json "
+                          "the weights were saved with beside them")
+    if missing:
+        unexpected = sorted(info.get("unexpected_keys") or [])
+        other = f"; the files hold other names instead, e.g. {unexpected[:2]}" if unexpected else ""
+        raise ConfigError(f"{key}: the weights in {model_dir} lack {len(missing)} of the {expected} parameters its "
+                          f"config.json describes (e.g. {missing[:3]}){other}. They would be randomly initialised: "
+                          "put the config.json the weights were saved with beside them")
+
+
+def _mismatch(entry) -> tuple[str, tuple, tuple]:
+    """``(name, checkpoint shape, model shape)`` of one ``mismatched_keys`` entry (a tuple or a name)."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:
+        return entry[0], entry[1], entry[2]
+    return str(entry), (), ()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a loading report (MISSING / MISMATCH tables) and a progress bar; this check says
+    it in one line."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_text_sources(source: str | list[str], key: str) -> None:

@@ -32,6 +32,7 @@ from weightgeom.core.sinks import MultiSink, build_sinks, truncate_after
 SNAPSHOT_DIR = "instruments"
 RUN_INFO = "run_info.json"
 CONFIG_FILE = "config.yaml"
+RUN_MARKER = ".weightgeom-run"  # in every directory a run created: only such a directory is ever replaced
 # Keys a resumed run may change: where the tokenizer cache lives and where metrics go change no number.
 # Settings a resumed run may change: where the run and the caches live (a run directory may be moved
 # or renamed), and where metrics are sent. Everything else shapes the numbers.
@@ -57,8 +58,16 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
     ``train.steps`` would silently reshape the learning-rate schedule) is an error naming each key."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        return
-    changes = config_changes(yaml.safe_load(path.read_text()) or {}, cfg)
+        raise ConfigError(f"--resume: {run_dir} has no {CONFIG_FILE}, so the recipe it was started with is unknown and "
+                          "a resume could silently continue under another one; start the run again (--overwrite), "
+                          f"or start a new run from a checkpoint with init_from={Path(run_dir) / 'checkpoints'}/step_N")
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--resume: {path} cannot be read ({err}); the run's recipe is unknown") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} is not a mapping of recipe keys; the run's recipe is unknown")
+    changes = config_changes(saved, cfg)
     if changes:
         raise ConfigError(f"--resume: the recipe differs from the one {run_dir} was started with "
                           f"({path}): {'; '.join(changes)}. A resumed run must continue the same recipe (the "
@@ -67,19 +76,52 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
                           "and another name")
 
 
-def prepare_run_dir(run_dir: Path, cfg: RunConfig, *, resuming: bool = False, overwrite: bool = False) -> Path:
-    """Create ``run_dir`` and write the resolved config. An existing non-empty directory is an error
-    unless ``overwrite`` (replace it) or ``resuming`` (continue it, with the same config:
-    :func:`check_resume_config`)."""
+def is_run_dir(path: Path) -> bool:
+    """``path`` is a directory this project created as a run (it holds :data:`RUN_MARKER`)."""
+    return (Path(path) / RUN_MARKER).is_file() and not Path(path).is_symlink()
+
+
+def existing_run_problem(run_dir: Path, *, overwrite: bool) -> str | None:
+    """Why ``run_dir`` may not be (re)created, or None. A directory that exists and is not empty is
+    replaced only with ``overwrite`` and only when it holds this project's run marker: ``--overwrite``
+    never deletes anything a run did not write (a sibling project, a parent folder, an older run's
+    folder from before markers existed)."""
     run_dir = Path(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resuming:
-        if not overwrite:
-            raise FileExistsError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
-                                  f"--resume to continue it, or choose another name (name=...)")
-        shutil.rmtree(run_dir)
+    if run_dir.is_symlink():
+        return f"{run_dir} is a symbolic link; choose another name (name=...) or output_dir"
+    if not run_dir.exists():
+        return None
+    if not run_dir.is_dir():
+        return f"{run_dir} exists and is a file, not a run directory; choose another name (name=...) or output_dir"
+    if not any(run_dir.iterdir()):
+        return None
+    if not is_run_dir(run_dir):
+        return (f"{run_dir} exists, is not empty and is not a weightgeom run directory (no {RUN_MARKER}); nothing "
+                "there is deleted, also not with --overwrite: choose another name (name=...) or output_dir, or "
+                "empty it yourself")
+    if not overwrite:
+        return (f"{run_dir} already holds a run: pass --overwrite to replace it, --resume latest to continue it, "
+                "or choose another name (name=...)")
+    return None
+
+
+def prepare_run_dir(run_dir: Path, cfg: RunConfig, *, resuming: bool = False, overwrite: bool = False) -> Path:
+    """Create ``run_dir`` (with the run marker) and write the resolved config. An existing non-empty
+    directory is an error unless ``resuming`` (continue it, with the same config:
+    :func:`check_resume_config`) or ``overwrite`` and it is a run directory (:func:`existing_run_problem`)."""
+    run_dir = Path(run_dir)
     if resuming:
         check_resume_config(run_dir, cfg)
+    else:
+        problem = existing_run_problem(run_dir, overwrite=overwrite)
+        if problem is not None:
+            raise FileExistsError(problem)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            shutil.rmtree(run_dir)  # a run directory (its marker checked above), with --overwrite
     run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / RUN_MARKER
+    if not marker.is_file():
+        marker.write_text(json.dumps({"format": 1, "name": cfg.name}) + "\n")
     save_config(cfg, run_dir / CONFIG_FILE)
     return run_dir
 
@@ -131,7 +173,8 @@ class RunDirectory:
         self.sinks.log(row, step)
 
     def save(self, step: int, *, model, tokenizer, optimizer, scheduler, instruments: dict[str, torch.Tensor],
-             snapshot: bool, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+             snapshot: bool, model_state: dict | None = None, optimizer_state: dict | None = None,
+             extra: dict | None = None) -> Path:
         """A checkpoint at ``step`` (and, with ``snapshot``, the instrument state as a report snapshot).
         ``instruments`` (and, for a sharded model, ``model_state`` / ``optimizer_state``) are computed on
         every process beforehand (collectives); only the main process writes."""
@@ -139,7 +182,7 @@ class RunDirectory:
         if self.is_main:
             save_checkpoint(path, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                             step=step, instruments=instruments, model_state=model_state,
-                            optimizer_state=optimizer_state)
+                            optimizer_state=optimizer_state, extra=extra)
             if snapshot and instruments:  # the same bytes as the checkpoint's copy: a hard link, not a second file
                 link_or_copy(path / INSTRUMENTS_FILE, snapshot_path(self.path, step))
             prune_checkpoints(self.path, self.keep_checkpoints, protect=(path,))

@@ -138,7 +138,8 @@ def prepare_corpus(
     dtype = token_dtype(max(fingerprint["vocab_size"], fingerprint["max_id"] + 1))
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         n_tokens, n_docs, capped = _tokenize_to_stream(files, tokenizer, tmp, text_field=text_field, dtype=dtype,
                                                        num_proc=num_proc, max_tokens=max_tokens, progress=progress)
@@ -159,6 +160,7 @@ def prepare_corpus(
         with (tmp / INDEX_NAME).open("w") as fh:  # written last, inside tmp
             fh.write(json.dumps(index, indent=1) + "\n")
             _sync(fh)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); a corpus is ordinary data
         try:
             tmp.rename(out_dir)  # atomic; also replaces an empty out_dir
         except OSError as err:
@@ -167,6 +169,34 @@ def prepare_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` beside ``out_dir`` left by a prepare whose process is gone (killed);
+    one whose process still runs (a concurrent prepare) is kept. Returns what was removed."""
+    removed = []
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _tokenize_to_stream(files: list[SourceFile], tokenizer: Any, tmp: Path, *, text_field: str, dtype: np.dtype,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +142,28 @@ def build_sinks(run_dir: Path, report_to: list[str], accelerator=None, purge_ste
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop rows with ``step > step`` (a resumed run rewrites them), keeping the file otherwise intact."""
+    """Drop rows with ``step > step`` (a resumed run rewrites them), keeping the file otherwise intact.
+    A last line cut mid-write (what a crash leaves) is dropped too; a damaged line before it is an
+    error naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the row being written when the run stopped
+                print(f"[resume] {path}: dropped its last line, cut mid-write ({err.msg})", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object ({err.msg}); only the last line of a metrics file "
+                             "can be cut by a crash: repair or remove that line, then resume") from None
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -11,9 +11,10 @@
     harness recipes                                     # the bundled recipes, one line each
     harness keys [train.]                               # every recipe key: type, default, meaning
 
-Exit codes: 0 done; 2 bad input (recipe, data, model; nothing was written); 3 training diverged
-(non-finite values or a dead model; the last good checkpoint is kept); 128 + N stopped by signal N
-(130 Ctrl-C, 143 SIGTERM) after saving a checkpoint.
+Exit codes: 0 done; 2 bad input (recipe, data, model, output location; nothing was written); 3
+training diverged (non-finite values or a dead model; the last good checkpoint is kept); 4 the file
+system refused a write (disk full, permissions; the message names the path; complete checkpoints are
+kept); 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM) after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def resolve_recipe(name: str) -> Path:
                             f"({sorted(recipes.bundled())})")
 
 
-EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 3
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_FILE_SYSTEM = 2, 3, 4
 MAX_DEFAULT_THREADS = 8
 
 
@@ -101,8 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", help="checkpoint directory, or 'latest' (pipelines: 'latest' only)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (also none from transformers)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default: OMP_NUM_THREADS, else cores / "
-                                                 f"local processes, at most {MAX_DEFAULT_THREADS})")
+    add_threads_flag(run)
     report = sub.add_parser("report", help="write RUN_DIR/report/report.md and plots from saved files")
     report.add_argument("run_dir")
     validate = sub.add_parser("validate", help="load and validate a recipe, print the resolved config")
@@ -111,10 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the bundled recipes")
     keys = sub.add_parser("keys", help="list every recipe key with its type, default and meaning")
     keys.add_argument("filter", nargs="?", help="only keys containing this text, e.g. train.")
-    add_compare_parser(sub)
-    add_prepare_data_parser(sub)
-    add_rank1_parser(sub)
+    for add in (add_compare_parser, add_prepare_data_parser, add_rank1_parser):
+        add_threads_flag(add(sub))
     return parser
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: OMP_NUM_THREADS, else cores / "
+                                                    f"local processes, at most {MAX_DEFAULT_THREADS})")
 
 
 def _set_threads(explicit: int | None) -> None:
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, line in bundled_recipes():
             print(f"{name:<20} {line}")
         return 0
-    if args.command == "run":
+    if args.command in ("run", "compare", "rank1", "prepare-data"):
         _set_threads(args.threads)
     # Imported after parsing so that `harness --help` answers in a blink: the pipeline imports torch,
     # transformers and TRL (seconds).
@@ -174,15 +178,18 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _command(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"harness: error: {err}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+        print(f"harness: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:  # the file system refused (disk full, permissions): one line with the path and the fix
+        print(f"harness: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FILE_SYSTEM
     except DivergenceError as err:
         print(f"harness: stopped: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except Interrupted as err:
         print(f"harness: {err}", file=sys.stderr)
-        command = shlex.join(["harness", "run", args.recipe, *args.overrides, "--resume", "latest"])
+        command = shlex.join(resume_command(args))
         print(f"harness: continue with: {command}" if err.checkpoint is not None else
               f"harness: run the command again; with --resume latest, finished stages and checkpoints are kept "
               f"({command})", file=sys.stderr)
@@ -192,6 +199,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _close_process_group()
+
+
+def _one_line(err: Exception) -> str:
+    """Our own errors carry their message; an OSError raised by the system (it has an errno) is said as
+    ``PATH: reason; fix`` instead of a bare ``[Errno N] ...``."""
+    if isinstance(err, OSError) and err.errno is not None:
+        from weightgeom.core.locations import os_error_line  # noqa: PLC0415
+
+        return os_error_line(err)
+    return str(err)
+
+
+def resume_command(args: argparse.Namespace) -> list[str]:
+    """The command that continues an interrupted ``harness run``: the same recipe, overrides and flags
+    (``--threads``, ``--no-progress``), with ``--resume latest`` in place of any ``--resume`` or ``--overwrite``."""
+    flags = (["--threads", str(args.threads)] if args.threads is not None else []) + \
+        (["--no-progress"] if args.no_progress else [])
+    return ["harness", "run", args.recipe, *args.overrides, *flags, "--resume", "latest"]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

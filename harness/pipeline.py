@@ -18,11 +18,19 @@ from pathlib import Path
 
 import yaml
 
-from weightgeom.core.checkpoint import checkpoint_dir, checkpoint_step, clean_stale, is_complete, latest_checkpoint
+from weightgeom.core.checkpoint import (
+    checkpoint_dir,
+    checkpoint_step,
+    clean_stale,
+    is_complete,
+    latest_checkpoint,
+    manifest_problem,
+)
 from weightgeom.core.config import ConfigError, RunConfig, apply_override, from_dict, save_config, to_dict
+from weightgeom.core.data import identical_after_truncation
 from weightgeom.core.preflight import preflight
 from weightgeom.core.processes import main_print, on_main
-from weightgeom.core.rundir import check_resume_config, prepare_run_dir
+from weightgeom.core.rundir import check_resume_config, existing_run_problem, prepare_run_dir
 from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
 from weightgeom.core.tokenizer import tokenizer_from_config
 from weightgeom.harness.rank1.report import rank1_section
@@ -61,20 +69,47 @@ def run_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = F
 
 
 def check_recipe(cfg: RunConfig, *, resume: str | None = None, overwrite: bool = False) -> None:
-    """Everything that can be checked before training: inputs and model (weightgeom.core.preflight), the
-    objectives' settings, and whether the run directory may be written (it exists and neither
-    --overwrite nor --resume was given; or --resume with a changed recipe). Warnings go to stderr."""
+    """Everything that can be checked before training: inputs and model (core.preflight), the
+    objectives' settings, and whether the run directory may be written: a new run needs a free name
+    (or --overwrite on a run directory); ``--resume`` needs this run's own checkpoint and its recipe.
+    Warnings go to stderr."""
     for warning in preflight(cfg):
         print(f"[check] warning: {warning}", file=sys.stderr)
     validate_recipe(cfg)
     run_dir = cfg.run_dir
-    if resume is not None:
-        if resume == "latest" and not run_dir.is_dir():
+    if resume is None:
+        problem = existing_run_problem(run_dir, overwrite=overwrite)
+        if problem is not None:
+            raise FileExistsError(problem)
+    elif resume == "latest":
+        if not run_dir.is_dir():
             raise FileNotFoundError(f"--resume latest: {run_dir} does not exist; start the run without --resume")
         check_resume_config(run_dir, cfg)
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run: pass --overwrite to replace it, "
-                              f"--resume latest to continue it, or choose another name (name=...)")
+    else:
+        check_resume_path(Path(resume), cfg)
+
+
+def check_resume_path(path: Path, cfg: RunConfig) -> None:
+    """``--resume PATH``: a complete checkpoint of this very run (``RUN/checkpoints/step_N``), whose
+    recipe is this one; a pipeline resumes with ``latest`` only."""
+    if {"align", "rank1"} & set(cfg.stages):
+        raise ConfigError("--resume: a pipeline resumes with --resume latest (finished stages are kept, unfinished "
+                          f"ones continue from their newest checkpoint), not with a path ({path})")
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such directory; pass a checkpoint of this run "
+                                f"({cfg.run_dir}/checkpoints/step_N) or --resume latest")
+    if checkpoint_step(path) is None and ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+        raise ConfigError(f"--resume {path}: that is a run directory; --resume takes one of its checkpoints "
+                          f"({path}/checkpoints/step_N), or 'latest' with that run's name= and output_dir=")
+    if not is_complete(path):
+        why = manifest_problem(path) or "its name is not step_N"
+        raise ConfigError(f"--resume {path}: not a complete checkpoint ({why}); pass one listed under "
+                          f"{cfg.run_dir}/checkpoints/, or --resume latest")
+    owner = path.resolve().parent.parent
+    if owner != cfg.run_dir.resolve():
+        raise ConfigError(f"--resume {path}: a checkpoint of the run {owner}, not of this one ({cfg.run_dir}); resume "
+                          f"that run (its name= and output_dir=), or start a new run from it with init_from={path}")
+    check_resume_config(owner, cfg)
 
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, overwrite: bool = False,
@@ -88,8 +123,11 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     # validate the inputs every stage needs before the run directory exists
     validate_recipe(cfg)
     pairs_all, pair_stats = load_pairs(cfg)
-    if "pretrain" in cfg.stages:
-        tokenizer_from_config(cfg.tokenizer)  # trained (and cached) now: its errors precede the run directory
+    # the tokenizer the alignment stages will use: the recipe's (trained and cached now, so its errors
+    # precede the run directory), or the one saved with init_from
+    pair_tokenizer = tokenizer_from_config(cfg.tokenizer) if "pretrain" in cfg.stages else \
+        alignment_tokenizer(cfg, Path(cfg.init_from))
+    pairs_all = usable_pairs(cfg, pairs_all, pair_stats, pair_tokenizer)
     pretrain_dir = Path(run_dir) / "pretrain"
     resume_path = None
     if resume and "pretrain" in cfg.stages:
@@ -129,6 +167,31 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
     if "report" in cfg.stages:
         on_main(write_report, run_dir)
     return Path(run_dir)
+
+
+def usable_pairs(cfg: RunConfig, pairs: list[dict], stats: dict, tokenizer) -> list[dict]:
+    """``pairs`` without those identical once cut to ``align.max_len`` (counted in ``stats`` as
+    ``identical_after_truncation``), checked to fill one global batch after the held-out split; both
+    before the run directory exists, so a bad file costs a second and no directory."""
+    same = set(identical_after_truncation(pairs, tokenizer, cfg.align.max_len)) if pairs else set()
+    stats["identical_after_truncation"] = len(same)
+    if same:
+        main_print(f"[data] dropped {len(same)} of {len(pairs)} pairs whose chosen and rejected are the same tokens "
+                   f"once cut to align.max_len={cfg.align.max_len} (no preference left: raise align.max_len to keep "
+                   "them)", file=sys.stderr)
+        pairs = [p for i, p in enumerate(pairs) if i not in same]
+    stats["used"] = len(pairs)
+    if not pairs:
+        raise ConfigError(f"align.data ({stats['source']}): no pair is left once chosen and rejected are cut to "
+                          f"align.max_len={cfg.align.max_len}: raise align.max_len")
+    train, held = split_pairs(pairs, cfg.align.eval_fraction, cfg.seed)
+    batch = cfg.align.train.batch_size
+    if "align" in cfg.stages and len(train) < batch:
+        raise ConfigError(f"align.data ({stats['source']}): {len(train)} training pairs ({len(pairs)} usable, "
+                          f"{len(held)} held out by align.eval_fraction={cfg.align.eval_fraction}) cannot fill one "
+                          f"batch of align.train.batch_size={batch}: add pairs, lower align.train.batch_size or "
+                          "align.eval_fraction")
+    return pairs
 
 
 def create_pipeline_dir(run_dir: Path, cfg: RunConfig, pair_stats: dict, *, overwrite: bool, resuming: bool) -> None:

@@ -42,9 +42,12 @@ def add_prepare_data_parser(subparsers: argparse._SubParsersAction) -> argparse.
 def prepare_data_command(args: argparse.Namespace) -> int:
     """Run ``prepare-data`` for parsed `args`; prints a one-line summary and returns 0.
     Bad input raises (FileNotFoundError / FileExistsError / ValueError) for the CLI to report."""
+    from weightgeom.core.locations import check_output_file  # noqa: PLC0415
     from weightgeom.core.shards import DEFAULT_SHARD_TOKENS, prepare_corpus, read_index  # noqa: PLC0415
     from weightgeom.core.tokenizer import load_tokenizer  # noqa: PLC0415
 
+    check_output_file(args.out, "--out")
+    check_output_file(args.tokenizer_cache, "--tokenizer-cache")
     started = time.perf_counter()
     tokenizer = load_tokenizer(args.tokenizer, args.vocab_size, Path(args.tokenizer_cache).expanduser())
     out = prepare_corpus(args.sources, tokenizer, args.out, text_field=args.text_field,

@@ -55,10 +55,22 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int, n_batches: int, devic
 
 class LossWindow:
     """Token loss and throughput since the last logged step, over all processes. The loss sums stay on
-    the device (in float64) until ``flush``: no host sync per micro-batch."""
+    the device (in float64) until ``flush``: no host sync per micro-batch. A checkpoint written inside a
+    window keeps its sums (:meth:`state`), so the first row after a resume is the row an uninterrupted
+    run logs."""
 
     def __init__(self) -> None:
         self.loss, self.tokens, self.start = 0.0, 0, time.perf_counter()
+
+    def state(self, session: TrainingSession) -> dict:
+        """The window's sums over all processes (a collective; checkpoints are saved on every process)."""
+        totals = session.reduce_sum({"loss": float(self.loss), "tokens": float(self.tokens)})
+        return {"loss": totals["loss"], "tokens": int(totals["tokens"])}
+
+    def restore(self, state: dict, session: TrainingSession) -> None:
+        """Sums of :meth:`state`, kept by the main process only (the next flush sums over processes)."""
+        if state and session.rank == 0:
+            self.loss, self.tokens = float(state["loss"]), int(state["tokens"])
 
     def add(self, loss_sum: torch.Tensor, tokens: int) -> None:
         self.loss, self.tokens = self.loss + loss_sum.detach().double(), self.tokens + tokens
@@ -88,6 +100,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
                               tokenizer=tokenizer, resume=resume, overwrite=overwrite, progress=progress)
     per_step = t.batch_size * t.grad_accum  # global blocks per optimizer step
     window = LossWindow()
+    window.restore(session.carry("loss_window", lambda: window.state(session)), session)
     with session:
         for step in session.steps():
             idx = batch_indices(len(train_blocks), per_step, step - 1, cfg.seed)

@@ -109,6 +109,7 @@ class TrainingSession:
         self.optimizer = make_optimizer(model.parameters(), train)
         self.scheduler = make_scheduler(self.optimizer, train)
         self.suite = build_suite(model, cfg.instruments, cfg.seed)
+        self.restored: dict = {}  # a resumed run's carried state (see carry)
         self.start_step = self._resume(Path(resume)) if resume is not None else 0
         # One process owns the directory (under torchrun the others would race it).
         self.files = RunDirectory(run_dir, cfg, resume_step=self.start_step if resume is not None else None,
@@ -134,9 +135,12 @@ class TrainingSession:
         self._loss_bad: torch.Tensor | None = None  # on the device: a micro-batch loss of this step was not finite
         self._stash = None  # covariance sums before the step in flight (on_nonfinite: skip only)
         self._saved_step = self.start_step if resume is not None else None
+        # a loop's own state that must survive a resume (e.g. the CE loss window): name -> () -> plain dict
+        self._carried: dict = {}
 
     def _resume(self, checkpoint: Path) -> int:
         state = load_trainer_state(checkpoint)
+        self.restored = state.get("carried", {})
         # Checkpoints hold whole optimizer tensors: a sharded model takes its own shards of them.
         sharded = any(isinstance(p, DTensor) for g in self.optimizer.param_groups for p in g["params"])
         self.optimizer.load_state_dict(local_optimizer_state(self.optimizer, state["optimizer"]) if sharded
@@ -186,6 +190,12 @@ class TrainingSession:
         self.accelerator.wait_for_everyone()
         raise Interrupted(self.signals.received or signal.SIGTERM, step, checkpoint_dir(self.files.path, step),
                           self.phase, note="; continue with --resume latest")
+
+    def carry(self, name: str, state) -> dict:
+        """Keep ``state()`` (tensors and plain values, the same on every process) in every mid-run
+        checkpoint under ``name``; returns what a resumed run restored for it ({} otherwise)."""
+        self._carried[name] = state
+        return self.restored.get(name, {})
 
     def autocast(self):
         return self.accelerator.autocast()
@@ -266,6 +276,7 @@ class TrainingSession:
         else:
             self.files.save(step, model=model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                             scheduler=self.scheduler, instruments=self.suite.snapshot_state(), snapshot=False,
+                            extra={"carried": {name: get() for name, get in self._carried.items()}},
                             **whole_states(model, self.optimizer))
         self._saved_step = step
 

@@ -215,9 +215,11 @@ def run_trl_dpo(model: nn.Module, tokenizer, pairs: list[dict], out_dir: str | P
     if trainer.pop_callback(ProgressCallback) is not None:  # ... and with tqdm on, its bar writes them
         trainer.add_callback(QuietProgressCallback())
     if len(trainer.train_dataset) < batch_size:
-        raise ValueError(f"only {len(trainer.train_dataset)} of {len(pairs)} pairs remain after TRL drops those whose "
-                         f"prompt fills max_length={max_length}; need at least batch_size={batch_size}: "
-                         f"raise max_length, shorten prompts or add pairs")
+        kept, given = len(trainer.train_dataset), len(pairs)
+        why = (f"TRL dropped {given - kept} whose prompt fills max_length={max_length}; raise max_length, shorten "
+               "prompts or add pairs" if kept < given else "add pairs or lower batch_size")
+        raise ValueError(f"{kept} of {given} preference pairs remain, fewer than one batch of batch_size={batch_size}: "
+                         f"{why}")
     try:
         with _quiet():
             trainer.train()

@@ -72,9 +72,11 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 def compare_command(args: argparse.Namespace) -> int:
     """Run :func:`weightgeom.harness.compare.analysis.compare` from parsed arguments; print the table and the report
     path."""
+    from weightgeom.core.locations import check_output_file  # noqa: PLC0415
     from weightgeom.harness.compare.analysis import compare  # noqa: PLC0415 (torch and transformers: not for --help)
     from weightgeom.harness.compare.report import mean_table  # noqa: PLC0415
 
+    check_output_file(args.out, "--out")  # before any model is loaded
     result = compare(args.base, args.after, text=args.text, text_field=args.text_field, k=args.k,
                      k_curve=args.k_curve, unembed=args.unembed, c_a=args.c_a, c_a_model=args.c_a_model,
                      n_tokens=args.n_tokens, seq_len=args.seq_len, batch_size=args.batch_size,

@@ -12,6 +12,7 @@ import torch
 from weightgeom.core.checkpoint import checkpoint_dir, is_complete, latest_checkpoint
 from weightgeom.core.config import Rank1Config, load_config
 from weightgeom.core.data import load_preference_pairs, load_texts
+from weightgeom.core.locations import check_output_file
 from weightgeom.core.shards import load_corpus
 from weightgeom.core.stage_inputs import alignment_tokenizer, corpus_cache, load_pairs, split_pairs
 from weightgeom.core.tokenizer import load_tokenizer
@@ -32,6 +33,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ValueError(f"--text-blocks must be >= 1, got {args.text_blocks}")
     if args.max_pairs is not None and args.max_pairs < 1:
         raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")
+    if args.out:
+        check_output_file(args.out, "--out")  # before minutes of edits, not after
     inputs = _run_inputs(path, args) if (path / "config.yaml").is_file() else _checkpoint_inputs(path, args)
     config = config_from_args(args, inputs["config"])
     train, held = inputs["pairs"], inputs["eval_pairs"]

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save
 
 from weightgeom.core.models import build_tiny_model
+from weightgeom.core.rundir import RUN_MARKER
 from weightgeom.core.tokenizer import train_stdlib_tokenizer
 from weightgeom.harness.cli import main
 
@@ -218,11 +219,19 @@ def test_bad_input_fails_clean_before_the_run_directory(case, inputs, tmp_path, 
     assert not (out / name).exists(), "a run directory was created for bad input"
 
 
-def test_an_existing_run_is_neither_touched_nor_reused(inputs, tmp_path, capsys):
+@pytest.mark.parametrize("marked", [True, False], ids=["run_dir", "foreign_dir"])
+def test_an_existing_directory_is_neither_touched_nor_reused(inputs, tmp_path, capsys, marked):
     run = tmp_path / "taken"
     run.mkdir()
     (run / "metrics.jsonl").write_text("{}\n")
+    if marked:
+        (run / RUN_MARKER).write_text("{}\n")
     code = main(["run", "ce_tiny", f"output_dir={tmp_path}", "name=taken", f"tokenizer.cache_dir={inputs['cache']}",
                  "tokenizer.vocab_size=512", "--no-progress"])
-    assert code == 2 and "already holds a run" in capsys.readouterr().err
-    assert [p.name for p in run.iterdir()] == ["metrics.jsonl"]
+    err = capsys.readouterr().err
+    assert code == 2
+    if marked:  # a run: --overwrite would replace it, and the message says so
+        assert "already holds a run: pass --overwrite" in err
+    else:  # not a run: nothing suggests --overwrite, which would refuse it too
+        assert "is not a weightgeom run directory" in err and "pass --overwrite" not in err
+    assert sorted(p.name for p in run.iterdir()) == sorted(["metrics.jsonl"] + ([RUN_MARKER] if marked else []))
