@@ -272,12 +272,36 @@ def resolve_tracked(model: nn.Module, roles: tuple[str, ...] | list[str] = ROLES
     return tracked
 
 
+class NoUnembedding(ValueError):
+    """The model has no unembedding module (e.g. a reward model's ``score`` head instead of ``lm_head``)."""
+
+
+def has_unembedding(model: nn.Module, arch: ArchSpec | str | None = None) -> bool:
+    """Whether the model has the unembedding its role table names: a sequence-classification model
+    (a reward model) built on a causal LM's body has the blocks and the final norm but no ``lm_head``."""
+    return _unembedding_module(unwrap_model(model), arch_spec_for(model, arch)) is not None
+
+
+def _unembedding_module(base: nn.Module, spec: ArchSpec) -> nn.Module | None:
+    if not spec.unembed:
+        return None
+    try:
+        return base.get_submodule(spec.unembed)
+    except AttributeError:
+        return None
+
+
 def unembedding(model: nn.Module, arch: ArchSpec | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """``(W_U (vocab, d), final-norm gain (d,) or None, layernorm)`` as whole fp32 copies (gathered
-    when the model is sharded: a collective)."""
+    when the model is sharded: a collective). Raises :class:`NoUnembedding` when the model has none
+    (check with :func:`has_unembedding`)."""
     spec = arch_spec_for(model, arch)
     base = unwrap_model(model)
-    head = _base_layer(base.get_submodule(spec.unembed))
+    head = _unembedding_module(base, spec)
+    if head is None:
+        raise NoUnembedding(f"{type(base).__name__} has no unembedding module {spec.unembed!r} (a reward or "
+                            "classification model?): there is no prediction subspace to measure against")
+    head = _base_layer(head)
     norm = base.get_submodule(spec.final_norm)
     gain = getattr(norm, "weight", None)
     return (full(head.weight.detach()).float().clone(),

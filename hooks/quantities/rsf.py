@@ -86,9 +86,12 @@ class InputRSF:
 
 
 class PredictionRSF:
-    """``rsf_out_pred{,_update,_grad}``, ``z_out_pred`` for the write roles, and ``gap_pred``."""
+    """``rsf_out_pred{,_update,_grad}``, ``z_out_pred`` for the write roles, and ``gap_pred``; nothing
+    for a model without an unembedding (a reward model: the suite's ``skipped`` says so)."""
 
     def compute(self, m: Measurement) -> Values:
+        if not m.has_prediction:
+            return Values()
         items = []
         for w in m.written:
             if w.tm.role in WRITE_ROLES:
