@@ -43,6 +43,7 @@ from weightgeom.hooks.roles import (
     has_unembedding,
     resolve_tracked,
     unembedding,
+    untracked_modules,
     unwrap_model,
 )
 from weightgeom.hooks.schedule import Schedule
@@ -147,17 +148,21 @@ class InstrumentSuite:
         self.upd = UpdateInstrument(self.tracked)
         self.frozen: dict[str, torch.Tensor] = {}
         self._has_unembedding = has_unembedding(model, arch)
+        self._untracked = untracked_modules(model, arch)
 
     @property
     def skipped(self) -> list[str]:
         """What this model's instruments cannot measure, one human-readable line each (empty when
-        nothing is skipped), for a caller to print once, e.g. a reward model's missing prediction subspace."""
+        nothing is skipped), for a caller to print once: a reward model's missing prediction subspace,
+        weights no role covers (a mixture-of-experts layer's experts and router)."""
         out = []
         if not self._has_unembedding:
             head = arch_spec_for(self.model, self.arch).unembed
             out.append(f"no prediction subspace: {type(unwrap_model(self.model)).__name__} has no unembedding "
                        f"({head!r}), so rsf_out_pred*, z_out_pred* and gap_pred are not computed and snapshots "
                        "hold no pred/W_U")
+        if self._untracked:
+            out.append("not tracked (no role covers them): " + "; ".join(self._untracked))
         return out
 
     # ----- lifecycle ------------------------------------------------------------------------------

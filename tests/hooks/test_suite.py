@@ -367,7 +367,9 @@ def test_reward_model_without_unembedding_trains_and_skips_the_prediction_subspa
     assert not hasattr(model, "lm_head") and hasattr(model, "score")
     batch = make_batch(batch=4, seq=10, pad_last=3)  # rows (0, 1) and (2, 3): chosen, rejected
     suite = InstrumentSuite(model, k=K, every_n=1, dtype=torch.float64, metric_dtype="float64")
-    assert len(suite.skipped) == 1 and "no prediction subspace" in suite.skipped[0] and "lm_head" in suite.skipped[0]
+    no_pred, untracked = suite.skipped  # one line each
+    assert "no prediction subspace" in no_pred and "lm_head" in no_pred
+    assert untracked == "not tracked (no role covers them): score (Linear (1, 32)) (outside the blocks)"
     rec = Recorder({}, deltas={"o": layer(model, 1).self_attn.o_proj})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with suite.attached(model, opt):
