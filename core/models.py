@@ -1,7 +1,7 @@
 """Models: tiny transformers built from config, and local checkpoints. Nothing is downloaded.
 
-Attention uses `attn_implementation="sdpa"` everywhere (fast on CPU and GPU; the instruments hook
-linear layers, so the attention kernel does not change what they see).
+Attention uses `attn_implementation="sdpa"` (fast on CPU and GPU; the instruments hook linear layers,
+so the attention kernel does not change what they see), or "eager" for a family without it (Gemma2).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int
                 tie_word_embeddings: bool) -> PretrainedConfig:
     """The transformers config of ``arch`` with these sizes, every dropout probability set to 0.
 
-    Size names are translated with the architecture's ``config_names`` (hooks/roles.py), so a new row
-    there is all a new family needs."""
+    Size names are translated with the architecture's ``config_names`` (hooks/roles.py) and its
+    ``tiny_settings`` are applied (e.g. 4 experts for a mixture of experts), so a new row there is all a
+    new family needs."""
     names = ARCHITECTURES[arch].config_names
     sizes = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
              "intermediate_size": intermediate_size, "max_seq_len": max_seq_len}
@@ -43,17 +44,26 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int, num_layers: int
     elif num_kv_heads != num_heads:
         raise ValueError(f"{arch} has no grouped-query attention; leave num_kv_heads unset (got {num_kv_heads}).")
     # Token ids in the stock configs (e.g. GPT-2's 50256) would point outside a tiny vocabulary.
+    fields = {name: v for k, v in sizes.items() for name in _names(names[k])}
     config = AutoConfig.for_model(arch, vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
                                   bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                                  **{names[k]: v for k, v in sizes.items()})
+                                  **fields, **ARCHITECTURES[arch].tiny_settings)
     for name, value in list(vars(config).items()):
         if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
             setattr(config, name, 0.0)
     if getattr(config, "head_dim", None) is not None:  # e.g. Qwen3 defaults to 128 whatever the width
         config.head_dim = hidden_size // num_heads
-    if hasattr(config, "sliding_window"):
-        config.sliding_window = None
+    if getattr(config, "sliding_window", None):  # a window that is on (Qwen2-MoE keeps 0 for off and needs it)
+        # Full attention everywhere: no window, or (Gemma2/3, whose layer_types alternate sliding and full
+        # layers and need a number) a window as long as the context.
+        sliding_layers = "sliding_attention" in (getattr(config, "layer_types", None) or ())
+        config.sliding_window = max_seq_len if sliding_layers else None
     return config
+
+
+def _names(name: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A size's config field names: one, or several that all get it (a MoE config's expert widths)."""
+    return (name,) if isinstance(name, str) else name
 
 
 def build_tiny_model(
@@ -91,9 +101,14 @@ def build_tiny_model(
                          max_seq_len=max_position_embeddings, tie_word_embeddings=tie_word_embeddings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32
-        )
+        try:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION,
+                                                     dtype=torch.float32)
+        except ValueError as err:  # a family without sdpa (Gemma2: attention-logit soft-capping) says so here
+            if "scaled_dot_product_attention" not in str(err):
+                raise
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0  # belt and braces: some dropouts are not driven by a config field

@@ -3,7 +3,8 @@
 Everything here is cheap (file system look-ups and a weightless model skeleton on PyTorch's
 ``meta`` device), so a bad path, a model directory without weights, an architecture without a
 role table, a tracker whose package is missing or an ``instruments.k`` the model cannot honour
-fails in about a second, before the tokenizer is trained and before the run directory exists.
+fails in about a second, before the tokenizer is trained and before the run directory exists. (A model
+type without a row passes when the instruments' generic fallback maps it by module names.)
 
 ``preflight(cfg)`` raises :class:`weightgeom.core.config.ConfigError` (or ``FileNotFoundError`` for a missing
 path) and returns warnings: settings that run, but not as the recipe reads.
@@ -27,7 +28,7 @@ from weightgeom.core.models import check_local_model_dir, tiny_config
 from weightgeom.core.sinks import tracker_problems
 from weightgeom.core.text_sources import TABLE_FORMATS, TEXT_EXTENSIONS
 from weightgeom.core.tokenizer import check_tokenizer_dir
-from weightgeom.hooks.roles import ARCHITECTURES, WRITE_ROLES, resolve_tracked
+from weightgeom.hooks.roles import ARCHITECTURES, WRITE_ROLES, InferredRolesWarning, arch_spec_for, resolve_tracked
 from weightgeom.hooks.suite import SuiteConfig
 
 
@@ -192,7 +193,7 @@ def skeleton_model(cfg: RunConfig, model_dir: str | None = None, key: str = "ini
             model_type = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
         except (ValueError, AttributeError) as err:
             raise ConfigError(f"{key}: {model_dir}/config.json is not a JSON object ({err})") from None
-        if model_type not in ARCHITECTURES:
+        if model_type not in ARCHITECTURES and not _roles_inferable(model_dir):
             raise ConfigError(
                 f"{key}: {model_dir} holds a {model_type!r} model, which has no role table; supported: "
                 f"{sorted(ARCHITECTURES)}. Add an ArchSpec row to weightgeom.hooks.roles.ARCHITECTURES (block list, "
@@ -206,6 +207,20 @@ def skeleton_model(cfg: RunConfig, model_dir: str | None = None, key: str = "ini
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise ConfigError(f"{key if model_dir else 'model'}: transformers cannot build this model: {err}") from err
+
+
+def _roles_inferable(model_dir: str) -> bool:
+    """Whether the instruments' generic fallback maps a model type that has no row (roles found by module
+    names, weightgeom.hooks.roles.arch_spec_for), checked on a weightless skeleton. Its warning naming the
+    mapping is left to the skeleton the instruments check next, and to the run."""
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", InferredRolesWarning)
+            arch_spec_for(AutoModelForCausalLM.from_config(config))
+    except Exception:  # noqa: BLE001 (unreadable, unbuildable or unmappable alike: the caller's error says what to do)
+        return False
+    return True
 
 
 def measured_dims(model: nn.Module, cfg: SuiteConfig) -> dict[str, int]:

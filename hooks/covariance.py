@@ -17,7 +17,8 @@ How the hooks count (each point is a measured pitfall, see DESIGN.md section 3):
   way each token is counted once per backward, never per forward.
 * Padding is excluded with the ``attention_mask`` that the model's top-level forward received
   (captured by a pre-hook into a per-forward record), and the same kept-token index is used for
-  ``a`` and ``delta``. The index is computed once per top-level forward (one host sync when the
+  ``a`` and ``delta`` (also in a module that sees the tokens flattened to ``(B*T, d)``, as a MoE
+  layer's shared expert does). The index is computed once per top-level forward (one host sync when the
   mask lives on a GPU, none when it is on the CPU or absent) and shared by every module.
 * Reentrant gradient checkpointing (``use_reentrant=True``) runs the block's first forward without
   grad and takes the statistics in the recompute during backward, possibly after other forwards
@@ -242,6 +243,10 @@ class CovarianceInstrument(Instrument):
         """Tokens to count for ``token_shape`` in ``record``'s forward, computed once per forward and
         shape. The only host sync: ``nonzero`` of a mask that lives on a GPU."""
         shape = tuple(token_shape)
+        if record.mask is not None and shape == (record.mask.numel(),):
+            # Tokens flattened to (B*T, d) before the module (Qwen2-MoE's shared expert): the same tokens in
+            # the same order, so the same padding mask and subset as the (B, T) modules.
+            shape = tuple(record.mask.shape)
         kept = record.kept.get(shape)
         if kept is not None:
             return kept

@@ -20,7 +20,7 @@ from torch import Tensor
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks import keys
 from weightgeom.hooks.covariance import CovarianceInstrument
-from weightgeom.hooks.roles import TrackedMatrix, unembedding
+from weightgeom.hooks.roles import TrackedMatrix, has_unembedding, unembedding
 from weightgeom.hooks.updates import UpdateInstrument
 
 
@@ -118,6 +118,22 @@ class Measurement:
         nonzero = torch.stack([d.square().sum() > 0 for d in deltas]).tolist()  # one host sync
         return [Written(tm, dict(zip(keys.VIEWS, (d, self.upd.view(tm, "update"), self.upd.view(tm, "grad")))))
                 for tm, d, keep in zip(self.tracked, deltas, nonzero) if keep]
+
+    def residual_write(self, w: Written) -> Written:
+        """``w`` as the residual stream receives it, for the prediction-subspace RSF: where a norm sits
+        between the matrix's output and the residual add (OLMo2, Gemma2/3), every view ``M`` becomes
+        ``diag(g_post) M`` (the fixed part of that norm's Jacobian, at this step; docs/metrics.md);
+        elsewhere ``w`` itself."""
+        gain = w.tm.post_norm_gain()  # a collective when sharded: every rank measures every matrix
+        if gain is None:
+            return w
+        views = {view: None if M is None else M * gain.to(M.device, M.dtype)[:, None] for view, M in w.views.items()}
+        return Written(w.tm, views)
+
+    @cached_property
+    def has_prediction(self) -> bool:
+        """Whether the model has an unembedding (a reward model has none: no prediction subspace)."""
+        return has_unembedding(self.model, self.arch)
 
     def prediction(self, k: int) -> tuple[Tensor, Tensor]:
         """Top-k prediction subspace ``V`` (d, k) of the model's unembedding at this step, and all

@@ -26,7 +26,12 @@ from torch import nn
 
 @runtime_checkable
 class Suite(Protocol):
-    """Attach, step bookkeeping, metrics, the divergence guard's checks, and state."""
+    """Attach, step bookkeeping, metrics, the divergence guard's checks, and state.
+
+    ``skipped``: what the instruments cannot measure on this model, one human-readable line each (a
+    reward model has no unembedding, so no prediction subspace); empty when nothing is skipped."""
+
+    skipped: list[str]
 
     # ----- lifecycle
     def attach(self, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None) -> None: ...

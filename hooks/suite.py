@@ -34,7 +34,18 @@ from weightgeom.hooks.gram import GRAM_PRECISIONS
 from weightgeom.hooks.measurement import Measurement, Values
 from weightgeom.hooks.protocol import Suite
 from weightgeom.hooks.quantities import DEFAULT_QUANTITIES, Quantity
-from weightgeom.hooks.roles import DEFAULT_INPUT_ROLES, ROLES, WRITE_ROLES, ArchSpec, resolve_tracked, unembedding
+from weightgeom.hooks.roles import (
+    DEFAULT_INPUT_ROLES,
+    ROLES,
+    WRITE_ROLES,
+    ArchSpec,
+    arch_spec_for,
+    has_unembedding,
+    resolve_tracked,
+    unembedding,
+    untracked_modules,
+    unwrap_model,
+)
 from weightgeom.hooks.schedule import Schedule
 from weightgeom.hooks.updates import UpdateInstrument
 
@@ -136,6 +147,23 @@ class InstrumentSuite:
                                         max_tokens=c.max_tokens, seed=seed, gram_precision=c.gram_precision)
         self.upd = UpdateInstrument(self.tracked)
         self.frozen: dict[str, torch.Tensor] = {}
+        self._has_unembedding = has_unembedding(model, arch)
+        self._untracked = untracked_modules(model, arch)
+
+    @property
+    def skipped(self) -> list[str]:
+        """What this model's instruments cannot measure, one human-readable line each (empty when
+        nothing is skipped), for a caller to print once: a reward model's missing prediction subspace,
+        weights no role covers (a mixture-of-experts layer's experts and router)."""
+        out = []
+        if not self._has_unembedding:
+            head = arch_spec_for(self.model, self.arch).unembed
+            out.append(f"no prediction subspace: {type(unwrap_model(self.model)).__name__} has no unembedding "
+                       f"({head!r}), so rsf_out_pred*, z_out_pred* and gap_pred are not computed and snapshots "
+                       "hold no pred/W_U")
+        if self._untracked:
+            out.append("not tracked (no role covers them): " + "; ".join(self._untracked))
+        return out
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def attach(self, model: nn.Module | None = None, optimizer=None) -> None:
@@ -237,10 +265,11 @@ class InstrumentSuite:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {**self.cov.state_dict(), **self.upd.state_dict()}
         state.update({k: v.clone() for k, v in self.frozen.items()})
-        W_U, gain, _ = unembedding(self.model, self.arch)
-        state[keys.W_U] = W_U
-        if gain is not None:
-            state[keys.GAIN] = gain
+        if self._has_unembedding:
+            W_U, gain, _ = unembedding(self.model, self.arch)
+            state[keys.W_U] = W_U
+            if gain is not None:
+                state[keys.GAIN] = gain
         return state
 
     def snapshot_state(self) -> dict[str, torch.Tensor]:
@@ -277,6 +306,7 @@ class NullSuite:
 
     config = SuiteConfig(enabled=False)
     tracked: list = []
+    skipped: list[str] = []  # instruments off: nothing to report as skipped
 
     def attach(self, model: nn.Module | None = None, optimizer=None) -> None: ...
     def detach(self) -> None: ...

@@ -189,7 +189,7 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
 
     Args:
         base_dir, after_dir: local model directories (config.json + weights) of one supported
-            architecture (Llama family, GPT-2, GPT-NeoX) with identical shapes.
+            architecture of the role table (or one its fallback maps by module names) with identical shapes.
         text: the sample ``C_a`` is measured on: ``"stdlib"`` (the embedded corpus) or a local
             .txt/.jsonl/.json/.parquet file or directory (``text_field`` names the column).
         k: subspace dimension (capped at ``dim - 1`` per matrix, as in the live metrics).
@@ -399,6 +399,16 @@ def _input_side(result: CompareResult, deltas: dict[str, Tensor], tracked: list[
                             "text instead, or add the roles to input_roles).")
 
 
+def _post_norm_gains(model: nn.Module) -> dict[str, Tensor]:
+    """``{key: g_post (out,)}`` of the write matrices whose output passes a norm before the residual add."""
+    gains = {tm.key: tm.post_norm_gain() for tm in resolve_tracked(model, WRITE_ROLES)}
+    return {key: g for key, g in gains.items() if g is not None}
+
+
+def _written(dW: Tensor, gain: Tensor | None) -> Tensor:
+    return dW if gain is None else gain.to(dW.device, dW.dtype)[:, None] * dW
+
+
 def _output_side(result: CompareResult, deltas: dict[str, Tensor], base: nn.Module, after: nn.Module) -> None:
     W_after, gain_after, layernorm = unembedding(after)
     W_base, gain_base, _ = unembedding(base)
@@ -411,15 +421,20 @@ def _output_side(result: CompareResult, deltas: dict[str, Tensor], base: nn.Modu
     V_after, s_after = geo.prediction_subspace(W_after, gain_after, k=top, layernorm=layernorm)
     V_base, s_base = geo.prediction_subspace(W_base, gain_base, k=top, layernorm=layernorm)
     (V, svals), V_alt = ((V_after, s_after), V_base) if result.unembed == "after" else ((V_base, s_base), V_after)
+    # Behind a post-norm (OLMo2, Gemma2/3) the residual stream receives diag(g_post) dW, with the post-norm gain
+    # of the checkpoint whose W_U is used, as the live metrics do at measurement time (docs/metrics.md).
+    post_after, post_base = _post_norm_gains(after), _post_norm_gains(base)
+    post, post_alt = (post_after, post_base) if result.unembed == "after" else (post_base, post_after)
     result.gap_pred = geo.eigengap(svals.pow(2), k)
     result.pred_overlap = (V_after[:, :k].T @ V_base[:, :k]).square().sum().item() / k
     for m in result.matrices:
         if m.no_delta or m.role not in WRITE_ROLES:
             continue
-        dW = deltas[m.key]
+        dW = _written(deltas[m.key], post.get(m.key))
         value = geo.rsf_out(dW, V[:, :k])
         m.rsf_out_pred, m.k_out = geo.relative_rsf(value, k, d), k
         m.z_out_pred = zscore(dW, value, k, "out", result.zscores)
-        m.rsf_out_pred_alt = geo.relative_rsf(geo.rsf_out(dW, V_alt[:, :k]), k, d)
+        dW_alt = _written(deltas[m.key], post_alt.get(m.key))
+        m.rsf_out_pred_alt = geo.relative_rsf(geo.rsf_out(dW_alt, V_alt[:, :k]), k, d)
         if _curve_ks(result.k_curve, d):
             m.curve_out = geo.rsf_curve(dW, V, _curve_ks(result.k_curve, d), side="out")

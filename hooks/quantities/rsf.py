@@ -5,7 +5,7 @@ Three quantities, one per subspace (docs/metrics.md):
 - :class:`InputRSF`: input side against the top-k eigenvectors of the live ``C_a`` of the matrix's
   input group (``rsf_in``), and against the top-k frozen after the phase's first step (``rsf_in_frozen``);
 - :class:`PredictionRSF`: output side against the prediction subspace of the unembedding
-  (``rsf_out_pred``; write roles only);
+  (``rsf_out_pred``; write roles only; behind a post-norm, of ``diag(g_post) dW``);
 - :class:`DeltaRSF`: output side against the top-k eigenvectors of the live ``C_delta`` (``rsf_out_delta``).
 
 Each reports the cumulative delta, the last update and the last gradient (``keys.VIEWS``), the exact
@@ -86,14 +86,17 @@ class InputRSF:
 
 
 class PredictionRSF:
-    """``rsf_out_pred{,_update,_grad}``, ``z_out_pred`` for the write roles, and ``gap_pred``."""
+    """``rsf_out_pred{,_update,_grad}``, ``z_out_pred`` for the write roles, and ``gap_pred``; nothing
+    for a model without an unembedding (a reward model: the suite's ``skipped`` says so)."""
 
     def compute(self, m: Measurement) -> Values:
+        if not m.has_prediction:
+            return Values()
         items = []
         for w in m.written:
             if w.tm.role in WRITE_ROLES:
                 k = min(m.k, w.shape[0] - 1)
-                items.append((w, m.prediction(k)[0], k))
+                items.append((m.residual_write(w), m.prediction(k)[0], k))  # post-norm: diag(g_post) dW
         out = relative_rsf_family(m, "rsf_out_pred", items)
         if items:
             k = items[0][2]

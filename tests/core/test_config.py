@@ -27,7 +27,9 @@ def write(tmp_path, text: str):
     ("train.lr=0", "key 'train.lr' must be > 0, got 0"),
     ("align.train.steps=0", "key 'align.train.steps' must be > 0"),
     ("model.num_heads=3", "key 'model.hidden_size' (128) must be divisible by model.num_heads (3)"),
-    ("model.arch=opt", "key 'model.arch' must be one of ['gpt2', 'gpt_neox', 'llama', 'mistral', 'qwen2', 'qwen3']"),
+    ("model.arch=opt", "key 'model.arch' must be one of ['gemma', 'gemma2', 'gemma3_text', 'gpt2', "
+                       "'gpt_neox', 'llama', 'mistral', 'mixtral', 'olmo', 'olmo2', 'phi3', 'qwen2', "
+                       "'qwen2_moe', 'qwen3', 'qwen3_moe']"),
     ("instruments.k=0", "instruments.k must be >= 1, got 0"),
     ("instruments.n_random=20", "key 'instruments.n_random' is gone: z-scores are now exact"),
     ("instruments.metric_dtype=float16", "key 'instruments.metric_dtype' must be one of ['float32', 'float64']"),

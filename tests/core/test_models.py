@@ -16,7 +16,8 @@ def tokens(batch: int = 2, length: int = 8) -> torch.Tensor:
 def test_each_arch_builds_runs_and_has_no_dropout(arch):
     model = build_tiny_model(arch, vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4)
     assert model.training
-    assert model.config._attn_implementation == "sdpa"
+    # sdpa wherever the family has it (Gemma2's attention-logit soft-capping has not: eager)
+    assert model.config._attn_implementation == ("eager" if arch == "gemma2" else "sdpa")
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout))
     ids = tokens()
     out = model(input_ids=ids, labels=ids)
@@ -90,3 +91,12 @@ def test_load_local_errors(tmp_path):
     (tmp_path / "training_args.bin").write_bytes(b"")
     with pytest.raises(ValueError, match=r"model dir without weights: .*found: config.json, training_args.bin"):
         load_local_model(tmp_path)
+
+
+def test_moe_rows_build_small_expert_layers():
+    """The MoE rows' tiny models: every expert width is the recipe's intermediate_size, 4 experts."""
+    model = build_tiny_model("qwen2_moe", vocab_size=VOCAB, hidden_size=32, num_heads=4, intermediate_size=24)
+    mlp = model.model.layers[0].mlp
+    assert mlp.experts.gate_up_proj.shape == (4, 48, 32) and mlp.shared_expert.down_proj.weight.shape == (32, 24)
+    mixtral = build_tiny_model("mixtral", vocab_size=VOCAB, hidden_size=32, num_heads=4, intermediate_size=24)
+    assert mixtral.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 24)

@@ -29,3 +29,10 @@ def test_each_suite_has_every_method_with_the_protocols_parameters(cls, name):
 
 def test_a_null_suite_is_a_suite_at_run_time():
     assert isinstance(NullSuite(), Suite)
+
+
+@pytest.mark.parametrize("cls", [InstrumentSuite, NullSuite])
+def test_each_suite_says_what_it_skipped(cls, tiny_llama):
+    suite = cls(tiny_llama) if cls is InstrumentSuite else cls()
+    assert suite.skipped == []  # a causal LM with every role: nothing skipped
+    assert isinstance(suite, Suite)

@@ -350,3 +350,41 @@ def test_one_host_synchronisation_per_computation(monkeypatch):
     metrics = suite.compute(3)
     assert len(metrics) > 100
     assert dict(calls) == {"tolist": 2}, dict(calls)
+
+
+def test_reward_model_without_unembedding_trains_and_skips_the_prediction_subspace(tmp_path):
+    """A sequence-classification model (a reward model: ``score`` head, no ``lm_head``): the suite attaches,
+    trains a step and computes every metric but the prediction-subspace ones, says so once in ``skipped``,
+    and its snapshots hold no pred/W_U. Its C_delta is still the brute force of the pair loss."""
+    import transformers  # noqa: PLC0415 (only this test builds a non-causal-LM head)
+
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=97, pad_token_id=2, num_labels=1)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    assert not hasattr(model, "lm_head") and hasattr(model, "score")
+    batch = make_batch(batch=4, seq=10, pad_last=3)  # rows (0, 1) and (2, 3): chosen, rejected
+    suite = InstrumentSuite(model, k=K, every_n=1, dtype=torch.float64, metric_dtype="float64")
+    no_pred, untracked = suite.skipped  # one line each
+    assert "no prediction subspace" in no_pred and "lm_head" in no_pred
+    assert untracked == "not tracked (no role covers them): score (Linear (1, 32)) (outside the blocks)"
+    rec = Recorder({}, deltas={"o": layer(model, 1).self_attn.o_proj})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with suite.attached(model, opt):
+        rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        loss_sum = -torch.nn.functional.logsigmoid(rewards[0::2] - rewards[1::2]).sum()
+        suite.set_loss_normalizer(2)  # the pair-mean loss divides by 2 pairs
+        (loss_sum / 2).backward()
+        opt.step()
+        metrics = suite.after_optimizer_step(1)
+    rec.remove()
+    assert metrics and not [k for k in metrics if "pred" in keys.family(k)]
+    assert keys.metric("rsf_in", 0, "q") in metrics and keys.metric("rsf_out_delta", 1, "o") in metrics
+    expected = second_moment([e.grad for e in rec.eps["o"]], [batch["attention_mask"]], scales=[2])
+    torch.testing.assert_close(suite.cov.covariance_out("L1/o"), expected, rtol=1e-6, atol=1e-12)
+    state = suite.snapshot_state()
+    assert keys.W_U not in state and keys.GAIN not in state
+    suite.save(tmp_path / "s.safetensors")
+    assert keys.W_U not in load_file(str(tmp_path / "s.safetensors"))

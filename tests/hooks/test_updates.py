@@ -87,10 +87,12 @@ def test_lora_effective_weight_delta():
 
 
 def test_unknown_architecture_error_says_how_to_add():
-    model = make_model("llama")
-    model.config.model_type = "mystery"
+    """No row, and nothing the fallback recognises (tests/hooks/test_fallback_roles.py has what it does)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="ARCHITECTURES"):
         resolve_tracked(model)
+    with pytest.raises(ValueError, match="ARCHITECTURES"):
+        resolve_tracked(make_model("llama"), arch="mystery")  # an explicit arch name must be a row
 
 
 def test_state_round_trip_restores_reference():

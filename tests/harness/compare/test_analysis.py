@@ -203,6 +203,37 @@ def test_both_sides_match_brute_force(arch, tokenizer, text_file, tmp_path):
         assert (s.rsf_out_pred, s.rsf_out_pred_alt) == (m.rsf_out_pred_alt, m.rsf_out_pred)
 
 
+@pytest.mark.parametrize("arch", ["olmo2", "gemma2"])
+def test_post_norm_output_side_is_what_the_residual_stream_receives(arch, tokenizer, text_file, tmp_path):
+    """OLMo2 / Gemma2 normalise o_proj's and down_proj's outputs before the residual add: the prediction-side
+    RSF is that of diag(g_post) dW, with the gains (Gemma: 1 + w) of the checkpoint whose W_U is used, as live."""
+    base_dir, after_dir = tiny_pair(tmp_path, arch, tokenizer)  # every parameter perturbed: gains too
+    k = 4
+    got = compare(base_dir, after_dir, text=str(text_file), k=k, k_curve=(1, 2), zscores=False, device="cpu",
+                  **SAMPLE).metrics()
+    base, after = load_local_model(base_dir), load_local_model(after_dir)
+    offset = 1.0 if arch == "gemma2" else 0.0
+
+    def gain(model, path):
+        return offset + model.get_submodule(path).weight.detach().double()
+
+    def basis(model):
+        M = model.lm_head.weight.detach().double() * gain(model, "model.norm")
+        return torch.linalg.svd(M, full_matrices=False).Vh[:k].T
+
+    posts = {"o": ("self_attn.o_proj", "post_attention_layernorm"),
+             "down": ("mlp.down_proj", "post_feedforward_layernorm")}
+    for i in range(2):
+        for role, (matrix, norm) in posts.items():
+            key, block = f"L{i}/{role}", f"model.layers.{i}."
+            weights = [m.get_submodule(block + matrix).weight.detach().double() for m in (after, base)]
+            dW = weights[0] - weights[1]
+            for model, name in ((after, "rsf_out_pred"), (base, "rsf_out_pred_alt")):
+                written = gain(model, block + norm)[:, None] * dW
+                expected = float((basis(model).T @ written).square().sum() / written.square().sum()) * D / k
+                assert got[f"{name}/{key}"] == pytest.approx(expected, rel=1e-6), (name, key)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox"])
 def test_fused_qkv_is_split_into_roles(arch, tokenizer, text_file, tmp_path):
     """Noise on the q part of the fused projection only: compare sees a delta in q and nowhere else."""
@@ -296,13 +327,15 @@ def test_error_shapes_differ_names_the_matrix(tokenizer, tmp_path):
 
 
 def test_error_unsupported_architecture_is_the_role_table_error(tmp_path):
+    """A family with no row that the generic fallback cannot map either (BERT: post-norm encoder blocks, no
+    final norm beside them; OPT, once used here, is now mapped by module names)."""
     import transformers  # noqa: PLC0415
 
-    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
-                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16)
-    opt = save_model(transformers.AutoModelForCausalLM.from_config(config), None, tmp_path / "opt")
-    with pytest.raises(ValueError, match=r"no role table for architecture 'opt'.*weightgeom.hooks.roles.ARCHITECTURES"):
-        compare(opt, opt)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+                                     num_attention_heads=2, max_position_embeddings=32, is_decoder=True)
+    bert = save_model(transformers.AutoModelForCausalLM.from_config(config), None, tmp_path / "bert")
+    with pytest.raises(ValueError, match=r"no role table for architecture 'bert'.*hooks\.roles\.ARCHITECTURES"):
+        compare(bert, bert)
 
 
 def test_error_snapshot_that_does_not_fit(tokenizer, tmp_path):
