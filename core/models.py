@@ -120,13 +120,22 @@ def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> Pr
 
     Raises FileNotFoundError for a missing path (hub names are never downloaded) and ValueError
     for a directory without config.json or without weights (model*.safetensors, pytorch_model*.bin,
-    or a sharded index), listing what the directory holds.
+    or a sharded index), listing what the directory holds, and for weights that leave parameters of
+    the configured model unset (transformers would initialise them at random and go on).
     """
     path = check_local_model_dir(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    except Exception as err:  # a damaged file surfaces as whatever the reading library raises
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                           output_loading_info=True)
+    except Exception as err:
         raise ValueError(f"model dir {str(path)!r} could not be loaded ({type(err).__name__}: {err})") from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        total = sum(1 for _ in model.named_parameters())
+        raise ValueError(f"model dir {str(path)!r}: its weights lack {len(missing)} of the {total} parameters its "
+                         f"config.json describes (e.g. {missing[:3]}); they would be randomly initialised: put the "
+                         "config.json the weights were saved with beside them")
+    return model
 
 
 def check_local_model_dir(path: str | Path) -> Path:

@@ -118,9 +118,9 @@ def check_weights(model_dir: str | Path, key: str) -> None:
     if mismatched:
         shown = "; ".join(f"{name}: checkpoint {tuple(a)} vs config {tuple(b)}" for name, a, b in
                           (_mismatch(m) for m in mismatched[:3]))
-        raise ConfigError(f"{key}: {len(mismatched)} weights in {model_dir} have other shapes than its config.json "
-                          f"gives ({shown}); the config and the weights are of different models: put the config.json "
-                          "the weights were saved with beside them")
+        raise ConfigError(f"{key}: the weights in {model_dir} have other shapes than its config.json gives, for "
+                          f"{len(mismatched)} parameters ({shown}); the config and the weights are of different "
+                          "models: put the config.json the weights were saved with beside them")
     if missing:
         unexpected = sorted(info.get("unexpected_keys") or [])
         other = f"; the files hold other names instead, e.g. {unexpected[:2]}" if unexpected else ""

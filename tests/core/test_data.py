@@ -12,6 +12,7 @@ from weightgeom.core.data import (
     PreferenceStats,
     batch_indices,
     build_embedded_preferences,
+    identical_after_truncation,
     load_preference_pairs,
     load_texts,
     tokenize_pairs,
@@ -368,3 +369,46 @@ def test_tokenize_pairs_real_tokenizer_round_trip(tokenizer):
         ids, loss = out[f"{side}_input_ids"][0], out[f"{side}_loss_mask"][0].bool()
         assert tokenizer.decode(ids[loss]) == pairs[0][side] + tokenizer.eos_token
         assert tokenizer.decode(ids[out[f"{side}_attention_mask"][0].bool() & ~loss]) == pairs[0]["prompt"]
+
+
+# --- issue 19: pairs the truncation makes identical; columnar JSON; a byte order mark ------------------------
+
+def test_pairs_identical_after_truncation_are_found_on_a_hand_example():
+    pairs = [{"prompt": "0123456789", "chosen": "abcdXY", "rejected": "abcdZW"},  # differ only past max_len
+             {"prompt": "0123456789", "chosen": "abXY", "rejected": "abZW"},  # differ inside it
+             {"prompt": "01", "chosen": "abc", "rejected": "abc!"}]  # eos lands where '!' is: they differ
+    assert identical_after_truncation(pairs, CharTokenizer(), max_len=8) == [0]
+    out = tokenize_pairs(pairs[:1], CharTokenizer(), max_len=8)  # what a trainer would see: no preference left
+    assert torch.equal(out["chosen_input_ids"], out["rejected_input_ids"])
+    assert identical_after_truncation(pairs, CharTokenizer(), max_len=12) == []
+
+
+def test_preference_columnar_json_is_read_as_rows(tmp_path):
+    path = tmp_path / "columns.json"
+    path.write_text(json.dumps({"prompt": ["a", "b"], "chosen": [" x", " y"], "rejected": [" u", " v"]}))
+    pairs, stats = load_preference_pairs(path)
+    assert pairs == [{"prompt": "a", "chosen": " x", "rejected": " u"},
+                     {"prompt": "b", "chosen": " y", "rejected": " v"}]
+    assert stats.n_rows == 2 and not stats.conversational
+    path.write_text(json.dumps({"prompt": ["a", "b"], "chosen": [" x"], "rejected": [" u", " v"]}))
+    with pytest.raises(ValueError, match="lists differ in length"):
+        load_preference_pairs(path)
+    one = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+           "rejected": [{"role": "assistant", "content": "no"}]}
+    path.write_text(json.dumps(one))  # one conversational row in an object, not columns
+    pairs, stats = load_preference_pairs(path)
+    assert stats.conversational and pairs == [{"prompt": "user: hi\n", "chosen": "assistant: yes\n",
+                                               "rejected": "assistant: no\n"}]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_preference_files_accept_a_byte_order_mark_as_corpora_do(tmp_path, suffix):
+    rows = [{"prompt": "a", "chosen": " x", "rejected": " u"}, {"prompt": "b", "chosen": " y", "rejected": " v"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    pairs, _ = load_preference_pairs(path)
+    assert pairs == rows
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
+    assert load_texts(str(corpus)) == ["hello"]

@@ -558,3 +558,32 @@ def docs_of(stream: list[int], eos: int) -> list[list[int]]:
             out.append(cur)
             cur = []
     return out + ([cur] if cur else [])
+
+
+# --- issue 19: what a killed prepare leaves, and the mode of a prepared corpus -----------------------------------
+
+def test_a_killed_prepares_temporary_is_removed_and_a_live_ones_kept(tmp_path, tokenizer):
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from weightgeom.core.shards import remove_stale_temporaries  # noqa: PLC0415
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no process has any more
+    stale = tmp_path / f".corpus.tmp-{dead.pid}-abc"
+    live = tmp_path / f".corpus.tmp-{os.getpid()}-def"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "stream.tmp").write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path / "corpus") == [stale]
+    assert not stale.exists() and live.exists()
+
+
+def test_a_prepared_corpus_has_the_umasks_modes(tmp_path, tokenizer):
+    import os  # noqa: PLC0415
+    import stat  # noqa: PLC0415
+
+    out = prepare_corpus("stdlib", tokenizer, tmp_path / "corpus", max_tokens=5000, progress=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private 0700
