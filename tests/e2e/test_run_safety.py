@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -55,8 +54,10 @@ def copy_run(finished: Path, out: Path) -> Path:
 
 # ----- 1. a run directory is always strictly inside output_dir, and --overwrite deletes only runs ----------
 
-@pytest.mark.parametrize("name", ["..", ".", "../escape", "/tmp/absolute_escape", "a/b", ""])
+@pytest.mark.parametrize("name", ["..", ".", "../escape", "ABSOLUTE", "a/b", ""])
 def test_a_name_that_leaves_output_dir_is_refused_and_nothing_is_deleted(tmp_path, tokenizer_cache, capsys, name):
+    escape = tmp_path / "absolute_escape"
+    name = str(escape) if name == "ABSOLUTE" else name
     parent = tmp_path / "parent"
     (parent / "sibling_project").mkdir(parents=True)
     (parent / "notes.txt").write_text("keep me")
@@ -66,7 +67,7 @@ def test_a_name_that_leaves_output_dir_is_refused_and_nothing_is_deleted(tmp_pat
     err = err_of(capsys)
     assert code == 2 and "key 'name'" in err, err
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
-    assert not Path("/tmp/absolute_escape").exists()
+    assert not escape.exists()
 
 
 def test_overwrite_replaces_a_run_but_never_a_directory_a_run_did_not_make(tmp_path, tokenizer_cache, capsys):
@@ -99,10 +100,9 @@ class Payload:
 
 
 def plant_payload(checkpoint: Path, target: Path) -> None:
-    state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)  # our own test checkpoint: trusted
     state["extra"] = Payload(str(target))
-    with (checkpoint / STATE_FILE).open("wb") as fh:
-        pickle.dump(state, fh)  # a plain pickle: torch.load(weights_only=False) would run the payload
+    torch.save(state, checkpoint / STATE_FILE)  # torch.load(weights_only=False) would run the payload
     manifest = json.loads((checkpoint / MANIFEST_FILE).read_text())
     manifest["files"][STATE_FILE] = (checkpoint / STATE_FILE).stat().st_size  # as a forger would
     (checkpoint / MANIFEST_FILE).write_text(json.dumps(manifest))
