@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from weightgeom.core.config import LoraConfig, ModelConfig
+from weightgeom.core.model_sources import resolve_model
 from weightgeom.hooks.roles import ARCHITECTURES
 
 ATTN_IMPLEMENTATION = "sdpa"
@@ -115,18 +116,21 @@ def build_tiny_model(
     return model.train()
 
 
-def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A causal LM from a local directory (config.json + weights); returned in eval mode.
+def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32,
+                     cache_dir: str | Path | None = None) -> PreTrainedModel:
+    """A causal LM from a local directory (config.json + weights), a ``.gguf`` file or a short name of
+    ``core.model_sources.KNOWN_MODELS`` (both dequantized once into ``cache_dir/models/``); eval mode.
 
     Raises FileNotFoundError for a missing path (hub names are never downloaded) and ValueError
     for a directory without config.json or without weights (model*.safetensors, pytorch_model*.bin,
     or a sharded index), listing what the directory holds, and for weights that leave parameters of
     the configured model unset (transformers would initialise them at random and go on).
     """
-    path = check_local_model_dir(path)
+    path = check_local_model_dir(resolve_model(path, cache_dir))
     try:
+        # use_kernels=False: transformers >= 5.25 would otherwise swap in kernels fetched from the hub
         model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                           output_loading_info=True)
+                                                           output_loading_info=True, use_kernels=False)
     except Exception as err:
         raise ValueError(f"model dir {str(path)!r} could not be loaded ({type(err).__name__}: {err})") from err
     missing = sorted(info.get("missing_keys") or [])
@@ -169,12 +173,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int, init_from: str | None = None) -> nn.Module:
-    """A local HF directory (``init_from`` wins over ``model.source``) or the tiny model from config,
-    in ``model.dtype``, train mode, with gradient checkpointing when asked."""
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int, init_from: str | None = None,
+                cache_dir: str | Path | None = None) -> nn.Module:
+    """A local model (``init_from`` wins over ``model.source``: a directory, a ``.gguf`` file or a short
+    name, :func:`load_local_model`) or the tiny model from config, in ``model.dtype``, train mode, with
+    gradient checkpointing when asked."""
     source = init_from or (None if cfg.source == "tiny" else cfg.source)
     if source is not None:
-        model = load_local_model(source, dtype=DTYPES[cfg.dtype])
+        model = load_local_model(source, dtype=DTYPES[cfg.dtype], cache_dir=cache_dir)
     else:
         model = build_tiny_model(
             cfg.arch, vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
