@@ -178,18 +178,19 @@ class PreferenceStats:
     conversational: bool
 
 
-def load_preference_pairs(path: str | Path) -> tuple[list[dict], PreferenceStats]:
+def load_preference_pairs(path: str | Path, keep_messages: bool = False) -> tuple[list[dict], PreferenceStats]:
     """Read `prompt` / `chosen` / `rejected` pairs from a local .jsonl/.json/.parquet file.
 
     Two formats, as TRL accepts them with an explicit prompt (implicit-prompt files, where the
     prompt is the shared prefix of chosen and rejected, are not supported):
     - plain: three strings per row;
-    - conversational: three lists of `{"role": str, "content": str}` messages. They are
-      flattened to plain text as `"{role}: {content}\\n"` per message (the embedded tokenizer
-      has no chat template), so prompt + chosen reads as the whole conversation.
+    - conversational: three lists of `{"role": str, "content": str}` messages. With
+      ``keep_messages`` they are returned as such (render them with :func:`render_pairs`, which
+      applies a tokenizer's chat template); otherwise flattened to plain text as
+      `"{role}: {content}\\n"` per message, so prompt + chosen reads as the whole conversation.
     The first row decides the format. Rows with an empty (whitespace-only) field are an error;
     rows with chosen == rejected carry no preference and are dropped with a warning.
-    Returns dicts with plain-string `prompt`, `chosen`, `rejected`.
+    Returns dicts with `prompt`, `chosen`, `rejected` (plain strings, or message lists).
     """
     path = Path(path)
     rows, columns = _read_rows(path)
@@ -209,7 +210,7 @@ def load_preference_pairs(path: str | Path) -> tuple[list[dict], PreferenceStats
         pair = {}
         for col in PREFERENCE_COLUMNS:
             text, is_empty = _field_text(row[col], conversational, path, col, row_idx)
-            pair[col] = text
+            pair[col] = [dict(m) for m in row[col]] if keep_messages and conversational else text
             if is_empty:
                 empty_rows[col].append(row_idx)
         pairs.append(pair)
@@ -228,6 +229,41 @@ def load_preference_pairs(path: str | Path) -> tuple[list[dict], PreferenceStats
             f"{path}: no valid preference pair ({len(rows)} rows, {n_identical} with chosen == rejected)."
         )
     return kept, PreferenceStats(len(rows), len(kept), n_identical, conversational)
+
+
+def flatten_messages(messages: list[dict]) -> str:
+    """Messages as plain text, ``"{role}: {content}\\n"`` each: for a tokenizer without a chat template."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+def render_pairs(pairs: list[dict], tokenizer: PreTrainedTokenizerBase | None) -> list[dict]:
+    """Plain-text pairs. Conversational pairs (message lists) go through the tokenizer's chat template
+    as TRL renders them: prompt = the template with the generation prompt (or continuing the prompt's
+    last message when it is the assistant's), then the longest prefix it shares with the rendered
+    prompt + chosen and prompt + rejected; each completion = the rest of its rendering. Without a
+    chat template (the embedded tokenizer), messages are flattened (:func:`flatten_messages`).
+    Plain pairs are returned unchanged."""
+    out = []
+    for pair in pairs:
+        if not isinstance(pair["chosen"], list):
+            out.append(pair)
+        elif tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            out.append({k: flatten_messages(pair[k]) for k in PREFERENCE_COLUMNS})
+        else:
+            out.append(_templated(pair, tokenizer))
+    return out
+
+
+def _templated(pair: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    assistant_last = pair["prompt"][-1]["role"] == "assistant"
+    prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=not assistant_last,
+                                           continue_final_message=assistant_last)
+    full = {side: tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+            for side in ("chosen", "rejected")}
+    for text in full.values():  # a template may render the prompt differently before a reply
+        prompt = prompt[: next((i for i, (a, b) in enumerate(zip(prompt, text)) if a != b), min(len(prompt),
+                                                                                                 len(text)))]
+    return {"prompt": prompt, "chosen": full["chosen"][len(prompt):], "rejected": full["rejected"][len(prompt):]}
 
 
 def _field_text(value: Any, conversational: bool, path: Path, column: str, row: int) -> tuple[str, bool]:

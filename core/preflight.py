@@ -26,6 +26,7 @@ from weightgeom.core.config import ConfigError, RunConfig
 from weightgeom.core.locations import check_output_dir
 from weightgeom.core.models import check_local_model_dir, tiny_config
 from weightgeom.core.sinks import tracker_problems
+from weightgeom.core.stage_inputs import BUILT_IN_PAIRS, starting_model
 from weightgeom.core.text_sources import TABLE_FORMATS, TEXT_EXTENSIONS
 from weightgeom.core.tokenizer import check_tokenizer_dir
 from weightgeom.hooks.roles import ARCHITECTURES, WRITE_ROLES, InferredRolesWarning, arch_spec_for, resolve_tracked
@@ -39,14 +40,14 @@ def preflight(cfg: RunConfig) -> list[str]:
     check_output_dir(cfg.tokenizer.cache_dir, "tokenizer.cache_dir")
     if "pretrain" in stages:
         check_text_sources(cfg.data.source, "data.source")
-    if "align" in stages and cfg.align.data != "embedded":
+    if "align" in stages and cfg.align.data not in BUILT_IN_PAIRS:
         check_table_file(cfg.align.data, "align.data")
     if "align" in stages and cfg.align.data == "embedded" and "pretrain" not in stages:
         check_text_sources(cfg.data.source, "data.source (the embedded preference pairs are cut from it)")
     if "pretrain" not in stages and "align" in stages and not cfg.init_from:
         raise ConfigError("an alignment-only recipe needs init_from: a checkpoint or local HF model directory")
-    model_dir = cfg.init_from or (None if cfg.model.source == "tiny" else cfg.model.source)
     key = "init_from" if cfg.init_from else "model.source"
+    model_dir = _named(key, starting_model, cfg)  # a .gguf file or short name is dequantized here, once
     if model_dir is not None:
         _named(key, check_local_model_dir, model_dir)
     if cfg.tokenizer.source != "stdlib-bpe" and "pretrain" in stages:
@@ -69,10 +70,10 @@ def preflight(cfg: RunConfig) -> list[str]:
 
 
 def tokenizer_size(cfg: RunConfig, model_dir: str | None) -> int:
-    """Tokens of the tokenizer the run will use: the one saved with an alignment-only run's model,
-    else ``tokenizer.source`` (a local directory, loaded; the embedded one has ``vocab_size``)."""
+    """Tokens of the tokenizer the run will use: the one saved with the model it starts from, else
+    ``tokenizer.source`` (a local directory, loaded; the embedded one has ``vocab_size``)."""
     source = cfg.tokenizer.source
-    if "pretrain" not in cfg.stages and model_dir is not None and any(
+    if model_dir is not None and any(
             (Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         source = model_dir
     if source == "stdlib-bpe":
@@ -109,7 +110,8 @@ def check_weights(model_dir: str | Path, key: str) -> None:
     try:
         with _quiet_transformers():
             model, info = AutoModelForCausalLM.from_pretrained(model_dir, device_map="meta", local_files_only=True,
-                                                               output_loading_info=True, ignore_mismatched_sizes=True)
+                                                               output_loading_info=True, ignore_mismatched_sizes=True,
+                                                               use_kernels=False)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise ConfigError(f"{key}: the weights in {model_dir} cannot be read against its config.json "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None

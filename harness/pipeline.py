@@ -31,8 +31,7 @@ from weightgeom.core.data import identical_after_truncation
 from weightgeom.core.preflight import preflight
 from weightgeom.core.processes import main_print, on_main
 from weightgeom.core.rundir import check_resume_config, existing_run_problem, prepare_run_dir
-from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
-from weightgeom.core.tokenizer import tokenizer_from_config
+from weightgeom.core.stage_inputs import load_pairs, split_pairs, stage_tokenizer, starting_model
 from weightgeom.harness.rank1.report import rank1_section
 from weightgeom.harness.rank1.stage import RANK1_DIR, run_rank1_stage
 from weightgeom.harness.reports.asymmetry import write_asymmetry_report
@@ -114,7 +113,8 @@ def check_resume_path(path: Path, cfg: RunConfig) -> None:
 
 def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, overwrite: bool = False,
                  progress: bool = True) -> Path:
-    """Pretrain (or start from ``init_from``), align with every objective, report."""
+    """Pretrain (from scratch, or continued from ``init_from``), or start from ``init_from``; align with
+    every objective from that one checkpoint; the rank-1 test; report."""
     if "pretrain" not in cfg.stages and not cfg.init_from:
         raise ConfigError("an alignment-only recipe needs init_from: a checkpoint or local HF model directory")
     if resume not in (None, "latest"):
@@ -122,11 +122,11 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
                           "continue from their newest checkpoint")
     # validate the inputs every stage needs before the run directory exists
     validate_recipe(cfg)
-    pairs_all, pair_stats = load_pairs(cfg)
-    # the tokenizer the alignment stages will use: the recipe's (trained and cached now, so its errors
-    # precede the run directory), or the one saved with init_from
-    pair_tokenizer = tokenizer_from_config(cfg.tokenizer) if "pretrain" in cfg.stages else \
-        alignment_tokenizer(cfg, Path(cfg.init_from))
+    start = starting_model(cfg)  # init_from (a .gguf file or short name dequantized once), or None
+    # the tokenizer every stage uses: the one saved with the starting model, else the recipe's (trained
+    # and cached now, so its errors precede the run directory); it renders conversational pairs
+    pair_tokenizer = stage_tokenizer(cfg, start)
+    pairs_all, pair_stats = load_pairs(cfg, pair_tokenizer)
     pairs_all = usable_pairs(cfg, pairs_all, pair_stats, pair_tokenizer)
     pretrain_dir = Path(run_dir) / "pretrain"
     resume_path = None
@@ -137,13 +137,13 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
 
     final_pretrain = checkpoint_dir(pretrain_dir, cfg.train.steps)
     if "pretrain" not in cfg.stages:
-        init_dir = Path(cfg.init_from)
+        init_dir = start
     elif resume and is_complete(final_pretrain):
         main_print(f"[resume] pretraining already finished: {final_pretrain}")
         init_dir = final_pretrain
     else:
         init_dir = pretrain(cfg, pretrain_dir, resume=resume_path, progress=progress, overwrite=True).checkpoint
-    tokenizer = alignment_tokenizer(cfg, init_dir)
+    tokenizer = stage_tokenizer(cfg, init_dir)
     pairs, eval_pairs = split_pairs(pairs_all, cfg.align.eval_fraction, cfg.seed)
     for objective in cfg.align.objectives if "align" in cfg.stages else []:
         obj_dir = Path(run_dir) / "align" / objective.name

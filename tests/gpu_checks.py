@@ -23,7 +23,7 @@ from tests.tiny import ListSink, constant_pairs, tiny_tokenizer
 from weightgeom.core.config import GradedObjective, load_config
 from weightgeom.core.data import batch_indices, tokenize_pairs
 from weightgeom.core.sinks import read_metrics
-from weightgeom.core.stage_inputs import alignment_tokenizer, load_pairs, split_pairs
+from weightgeom.core.stage_inputs import load_pairs, split_pairs, stage_tokenizer
 from weightgeom.hooks.gram import Gram, symmetric
 from weightgeom.hooks.roles import ROLES
 from weightgeom.hooks.suite import InstrumentSuite
@@ -187,7 +187,7 @@ def check_graded_loop_bf16(tmp_path: Path, init_dir: Path, steps: int = 6) -> di
         f"output_dir={tmp_path}", f"tokenizer.cache_dir={tmp_path / 'tok'}", "align.train.mixed_precision=bf16",
         f"align.train.steps={steps}", "align.train.log_every=1", "align.n_pairs=40",
         f"instruments.every_n={max(1, steps // 2)}"])
-    tokenizer = alignment_tokenizer(cfg, init_dir)
+    tokenizer = stage_tokenizer(cfg, init_dir)
     pairs, eval_pairs = split_pairs(load_pairs(cfg)[0], 0.1, cfg.seed)
     with fresh_accelerate_state():
         result = align(cfg, GradedObjective(name="g0.5", grade=0.5), init_dir, tmp_path / "g0.5",

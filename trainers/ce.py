@@ -27,8 +27,7 @@ from weightgeom.core.data import batch_indices
 from weightgeom.core.models import build_model, match_special_tokens
 from weightgeom.core.processes import on_main
 from weightgeom.core.shards import load_corpus
-from weightgeom.core.stage_inputs import corpus_cache
-from weightgeom.core.tokenizer import tokenizer_from_config
+from weightgeom.core.stage_inputs import corpus_cache, stage_tokenizer, starting_model
 from weightgeom.trainers.session import RunResult, TrainingSession
 
 
@@ -89,11 +88,13 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, resume: str | Path | N
     """Pretrain ``cfg.model`` on ``cfg.data``; ``resume`` is a checkpoint directory of this run."""
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    tokenizer = tokenizer_from_config(cfg.tokenizer)
+    # continued pretraining reads the starting model's own tokenizer, as the later stages do
+    tokenizer = stage_tokenizer(cfg, starting_model(cfg))
     # The corpus is prepared (tokenized into shards) once, by the main process; then every process reads it.
     on_main(load_corpus, cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=progress, announce=False)
     train_blocks, eval_blocks = load_corpus(cfg.data, tokenizer, cfg.seed, corpus_cache(cfg), progress=False)
-    model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from)
+    model = build_model(cfg.model, len(tokenizer), cfg.seed, str(resume) if resume else cfg.init_from,
+                        cache_dir=cfg.tokenizer.cache_dir)
     if not (resume or cfg.init_from) and cfg.model.source == "tiny":
         match_special_tokens(model, tokenizer)
     session = TrainingSession(cfg, t, Path(run_dir or cfg.run_dir), phase="pretrain", model=model,

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from weightgeom.core.data import load_texts
+from weightgeom.core.model_sources import resolve_model
 from weightgeom.core.models import load_local_model
 from weightgeom.core.tokenizer import load_tokenizer
 from weightgeom.harness.compare.input_covariance import (
@@ -217,6 +218,8 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
     device = torch.device(device)
     if c_a is None and text != "stdlib" and not Path(text).exists():  # fail before loading two models
         raise FileNotFoundError(f"--text {text!r} does not exist; use 'stdlib', a local file or a directory")
+    # a .gguf file or short name: its dequantized directory (cached), whose tokenizer measures C_a
+    base_dir, after_dir = _resolved("BASE", base_dir), _resolved("AFTER", after_dir)
     base = _load("BASE", base_dir, device)
     after = _load("AFTER", after_dir, device)
     model_type = _same_model_type(base, after)
@@ -256,6 +259,13 @@ def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: st
         raise ValueError(f"--unembed must be one of {UNEMBED_CHOICES}, got {unembed!r}")
     if c_a_model not in C_A_MODELS:
         raise ValueError(f"--c-a-model must be one of {C_A_MODELS}, got {c_a_model!r}")
+
+
+def _resolved(label: str, path: str | Path) -> Path:
+    try:
+        return resolve_model(path)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise type(err)(f"{label}: {err}") from err
 
 
 def _load(label: str, path: str | Path, device: torch.device) -> nn.Module:

@@ -38,7 +38,8 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "compare", help="static read/write geometry of the weight delta between two local checkpoints",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("base", help="BASE model directory (config.json + weights), e.g. RUN/pretrain/checkpoints/step_N")
+    p.add_argument("base", help="BASE model directory (config.json + weights), e.g. RUN/pretrain/checkpoints/step_N, "
+                   "a .gguf file or a short name (smollm2-135m-instruct)")
     p.add_argument("after", help="AFTER model directory of the same architecture and shapes")
     p.add_argument("--text", default="stdlib",
                    help="text sample for C_a: 'stdlib' (embedded corpus, default), a .txt/.jsonl/.json/.parquet "

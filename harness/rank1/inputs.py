@@ -13,8 +13,9 @@ from weightgeom.core.checkpoint import checkpoint_dir, is_complete, latest_check
 from weightgeom.core.config import Rank1Config, load_config
 from weightgeom.core.data import load_preference_pairs, load_texts
 from weightgeom.core.locations import check_output_file
+from weightgeom.core.model_sources import resolve_model
 from weightgeom.core.shards import load_corpus
-from weightgeom.core.stage_inputs import alignment_tokenizer, corpus_cache, load_pairs, split_pairs
+from weightgeom.core.stage_inputs import corpus_cache, load_pairs, split_pairs, stage_tokenizer, starting_model
 from weightgeom.core.tokenizer import load_tokenizer
 from weightgeom.harness.rank1.experiment import run_rank1
 from weightgeom.harness.rank1.report import rank1_section, write_rank1_report
@@ -23,7 +24,7 @@ from weightgeom.harness.reports.asymmetry import write_asymmetry_report
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``harness rank1``: gather the inputs (a run directory or a checkpoint), run, write the report."""
-    path = Path(args.path)
+    path = resolve_model(args.path)  # a .gguf file or short name: its dequantized directory (cached)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory: pass a run directory (with config.yaml) or a "
                                 "checkpoint directory (with config.json)")
@@ -66,14 +67,14 @@ def _run_inputs(run_dir: Path, args) -> dict:
             raise FileNotFoundError(f"{stage_dir}/checkpoints holds no complete pretraining checkpoint; finish the run "
                                     f"first (`harness run {run_dir / 'config.yaml'} --resume latest`)")
     elif cfg.init_from:
-        base = Path(cfg.init_from)
+        base = starting_model(cfg)
     else:
         raise ValueError(f"{run_dir}/config.yaml has no pretraining stage and no init_from: no base model to edit")
-    tokenizer = alignment_tokenizer(cfg, base)
+    tokenizer = stage_tokenizer(cfg, base)
     if args.pairs:
         pairs = _pairs_file(args.pairs)
     else:
-        pairs, _ = load_pairs(cfg)
+        pairs, _ = load_pairs(cfg, tokenizer)
     train, held = _split(pairs, args.eval_fraction or cfg.align.eval_fraction, cfg.seed)
     if args.seq_len is not None:
         cfg.data.seq_len = args.seq_len

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
+from trl.data_utils import apply_chat_template
 
+from tests.tiny import tiny_tokenizer
 from weightgeom.core.data import (
     PreferenceStats,
     batch_indices,
@@ -15,6 +17,7 @@ from weightgeom.core.data import (
     identical_after_truncation,
     load_preference_pairs,
     load_texts,
+    render_pairs,
     tokenize_pairs,
 )
 from weightgeom.core.shards import load_corpus
@@ -412,3 +415,36 @@ def test_preference_files_accept_a_byte_order_mark_as_corpora_do(tmp_path, suffi
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
     assert load_texts(str(corpus)) == ["hello"]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+CONVERSATION = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+                "chosen": [{"role": "assistant", "content": "Hello."}],
+                "rejected": [{"role": "assistant", "content": "Go away."}]}
+
+
+def templated_tokenizer():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_conversational_pairs_render_through_the_chat_template_as_trl_renders_them(tmp_path):
+    pairs, stats = load_preference_pairs(write_jsonl(tmp_path / "c.jsonl", [CONVERSATION]), keep_messages=True)
+    assert stats.conversational and pairs == [CONVERSATION]  # kept as messages until a tokenizer renders them
+    tokenizer = templated_tokenizer()
+    rendered = render_pairs(pairs, tokenizer)
+    assert rendered == [apply_chat_template(CONVERSATION, tokenizer)]
+    assert rendered[0]["prompt"].endswith("<|assistant|> ") and rendered[0]["chosen"] == "Hello. <|end|>\n"
+    # an assistant turn last in the prompt is continued, not closed (TRL's continue_final_message)
+    prefill = {**CONVERSATION, "prompt": CONVERSATION["prompt"] + [{"role": "assistant", "content": "Well,"}]}
+    assert render_pairs([prefill], tokenizer) == [apply_chat_template(prefill, tokenizer)]
+
+
+def test_without_a_chat_template_messages_are_flattened_and_plain_pairs_pass_through():
+    plain = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    assert render_pairs([CONVERSATION, plain], tiny_tokenizer()) == [
+        {"prompt": "system: Be brief.\nuser: Hi?\n", "chosen": "assistant: Hello.\n",
+         "rejected": "assistant: Go away.\n"}, plain]
+    assert render_pairs([CONVERSATION], None) == render_pairs([CONVERSATION], tiny_tokenizer())
