@@ -227,7 +227,10 @@ Objective = GradedObjective | DpoObjective | LikelihoodObjective | MixtureObject
 
 @dataclass
 class AlignConfig:
-    data: str = "embedded"  # "embedded" (built from the local corpus) or a local .jsonl/.json/.parquet
+    # "embedded" (true vs word-shuffled text cut from data.source: for models trained from scratch),
+    # "docstrings" (stdlib function questions answered by that function's docstring summary vs another's:
+    # for instruct models, through their chat template) or a local .jsonl/.json/.parquet
+    data: str = "embedded"
     n_pairs: int = 512
     max_len: int = 128
     beta: float = 0.1  # checked where it is used (weightgeom.trainers.losses.check_beta)
@@ -257,6 +260,8 @@ class Rank1Config:
     measured (default ``eps / 10``). ``n_top``: tested directions per source. ``n_random``: Haar
     controls per (layer, role); ``n_matched``: variance-matched controls per tested direction;
     ``n_lower``: lower principal directions per source; ``tol``: relative band of the matching.
+    ``layer_controls``: how many other layers give the ``layer`` family (evenly spaced over them;
+    null: every other layer; a 30-layer model would otherwise measure 29 such edits per direction).
     ``pred_centered``: prediction subspace of the vocab-centred unembedding. ``batch_size``: pairs /
     text blocks per forward.
 
@@ -276,6 +281,7 @@ class Rank1Config:
     n_matched: int = 10
     n_lower: int = 4
     tol: float = 0.1
+    layer_controls: int | None = None
     pred_centered: bool = False
     batch_size: int = 32
     max_pairs: int | None = 128
@@ -294,6 +300,8 @@ class Rank1Config:
         _require(self.n_matched >= 2, "n_matched", f"must be >= 2 (a z-score needs a spread), got {self.n_matched}")
         _non_negative(self, "n_lower")
         _require(0 <= self.tol < 1, "tol", f"(relative matching band) must be in [0, 1), got {self.tol}")
+        _require(self.layer_controls is None or self.layer_controls >= 2, "layer_controls",
+                 f"must be >= 2 (a z-score needs a spread) or null for every other layer, got {self.layer_controls}")
         _require(self.max_pairs is None or self.max_pairs >= 1, "max_pairs",
                  f"must be >= 1 or null, got {self.max_pairs}")
 

@@ -43,6 +43,8 @@ def add_rank1_parser(subparsers) -> argparse.ArgumentParser:
                    help="variance-matched controls per tested direction (default 10)")
     p.add_argument("--n-lower", type=int, help="lower principal directions per source (default 4)")
     p.add_argument("--tol", type=float, help="relative band of the variance matching (default 0.1)")
+    p.add_argument("--layer-controls", type=int,
+                   help="other layers giving the layer-control family, evenly spaced (default: all of them)")
     p.add_argument("--pred-centered", action="store_true", default=None,  # None: not given (the recipe's)
                    help="prediction subspace of the vocab-centred unembedding (drops the shared logit shift)")
     p.add_argument("--beta", type=float, help="DPO beta (default: the recipe's align.beta, else 0.1)")

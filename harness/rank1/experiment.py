@@ -313,9 +313,7 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int, cfg: Rank1C
                              "overlap_max": float(match.overlaps.max()), "pairwise_overlap": match.pairwise_overlap,
                              "values_min": float(match.values.min()), "values_max": float(match.values.max())})
             if source != "pred":  # the prediction subspace is model-level: the same in every layer
-                for other in range(n_layers):
-                    if other == layer:
-                        continue
+                for other in control_layers(layer, n_layers, cfg.layer_controls):
                     w = forms.form(source, other, role)[2][:, j]
                     add(f"{tid}/layer{other}", "layer", source, j, w, tid, origin=other, overlap=abs(float(w @ t)))
         for rank in lower_ranks(cfg.n_top, dim, cfg.n_lower):
@@ -324,6 +322,15 @@ def build_directions(tm: TrackedMatrix, forms: Forms, n_layers: int, cfg: Rank1C
     for i in range(cfg.n_random):
         add(f"{prefix}/haar#{i}", "haar", "haar", None, haar[:, i])
     return dirs, matching
+
+
+def control_layers(layer: int, n_layers: int, count: int | None) -> list[int]:
+    """The layers other than ``layer`` whose same-rank directions form the ``layer`` family: all of them,
+    or ``count`` evenly spaced over them (first and last included)."""
+    others = [i for i in range(n_layers) if i != layer]
+    if count is None or count >= len(others):
+        return others
+    return [others[round(i * (len(others) - 1) / (count - 1))] for i in range(count)]
 
 
 # ----- measuring one direction -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.harness.rank1.helpers import rand_psd
+from weightgeom.core.config import Rank1Config
 from weightgeom.harness.rank1.directions import (
     family_generator,
     haar_directions,
@@ -16,9 +17,7 @@ from weightgeom.harness.rank1.directions import (
     variance_matched,
     widest_angle_in_band,
 )
-from weightgeom.harness.rank1.experiment import (
-    zscore,
-)
+from weightgeom.harness.rank1.experiment import control_layers, zscore
 from weightgeom.hooks import geometry as geo
 
 # ----- controls --------------------------------------------------------------------------------------
@@ -109,3 +108,12 @@ def test_zscore_uses_the_sample_std_and_refuses_to_divide_by_no_spread():
     assert (mean, std) == (2.0, 1.0) and z == 3.0
     assert zscore(5.0, [1.0])[0] is None
     assert zscore(5.0, [2.0, 2.0, 2.0])[0] is None
+
+
+def test_layer_controls_are_every_other_layer_or_an_even_spread_over_them():
+    assert control_layers(2, 4, None) == [0, 1, 3]
+    assert control_layers(15, 30, 4) == [0, 9, 20, 29]  # first and last of the 29 others kept
+    assert control_layers(0, 30, 2) == [1, 29]
+    assert control_layers(1, 4, 5) == [0, 2, 3]  # more than there are: all of them
+    with pytest.raises(ValueError, match="layer_controls"):
+        Rank1Config(layer_controls=1)
