@@ -19,11 +19,19 @@ alternating ABAB (the order flips every step), medians reported. Variants:
     curvlinops KFAC      KFACLinearOperator(fisher_type="empirical").compute_kronecker_factors() on the
                          same model and batch, vs a plain forward + backward (no optimizer step)
 
-It also prints the bytes of statistics per layer, peak memory of a plain vs an instrumented run
+It also prints one scheduled metric computation (``InstrumentSuite.compute``) and its ratio to a
+plain step, the bytes of statistics per layer, peak memory of a plain vs an instrumented run
 (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS growth), and with ``--gram-error`` the error
 of tf32 / bf16 Gram products against fp32 next to the covariance's own sampling error.
 
+``--model DIR_OR_NAME`` times the same on a local model directory, ``.gguf`` file or short name such as
+``smollm2-135m-instruct`` (dequantized once; ``weightgeom.core.models.load_local_model``, fp32, train mode;
+every copy loaded from disk, so identical) instead of tiny models built from ``--sizes``;
+its layers, vocabulary and width are the model's, the batch is ``--batch`` x ``--seq`` random tokens.
+
     python benchmarks/bench_instruments.py                                   # CPU, hidden 128 and 256
+    python benchmarks/bench_instruments.py --model /path/to/SmolLM2-135M --batch 4 --seq 128 --steps 6 \\
+        --warmup 1 --no-peers --no-memory --max-tokens-fraction 0
     python benchmarks/bench_instruments.py --device cuda --bf16 --sizes 1024,2048 --layers 12 \\
         --vocab 32000 --batch 16 --seq 1024 --steps 10 --gram-precision tf32,bf16 --gram-error
 """
@@ -43,10 +51,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
-from weightgeom.core.models import build_tiny_model
+from weightgeom.core.model_sources import resolve_model
+from weightgeom.core.models import build_tiny_model, check_local_model_dir, load_local_model
 from weightgeom.hooks.gram import Gram
 from weightgeom.hooks.roles import resolve_tracked
 from weightgeom.hooks.suite import InstrumentSuite, SuiteConfig
@@ -63,9 +73,11 @@ class Shape:
     seq: int
     device: torch.device
     bf16: bool
+    model_dir: str | None = None  # a local model directory instead of tiny models built from sizes
+    model_heads: int | None = None  # its attention heads
 
     def heads(self, hidden: int) -> int:
-        return max(4, hidden // 64)
+        return self.model_heads if self.model_dir else max(4, hidden // 64)
 
     def autocast(self):
         if not self.bf16:
@@ -74,6 +86,8 @@ class Shape:
 
 
 def make_model(hidden: int, shape: Shape) -> torch.nn.Module:
+    if shape.model_dir:  # the same weights every time, from disk; train mode like the tiny models
+        return load_local_model(shape.model_dir).train().to(shape.device)
     # Built on the target device (a 1B-parameter init on the CPU takes many seconds); same seed, same weights.
     with torch.device(shape.device) if shape.device.type == "cuda" else contextlib.nullcontext():
         model = build_tiny_model("llama", vocab_size=shape.vocab, hidden_size=hidden, num_layers=shape.layers,
@@ -418,7 +432,7 @@ def bench_size(hidden: int, shape: Shape, cfg: SuiteConfig, args) -> dict:
     if not args.no_memory:
         memory = tuple(peak_memory(kind, hidden, shape, cfg, args.probe_argv) for kind in ("plain", "instrumented"))
     return {"hidden": hidden, "params_M": params, "pairs": rows, "kfac": kfac,
-            "compute_ms": statistics.median(compute_ms),
+            "compute_ms": statistics.median(compute_ms), "every_n": cfg.every_n,
             "n_metrics": len(metrics), "cov_bytes": cov_bytes, "upd_bytes": upd_bytes, "dims": dims, "memory": memory,
             "gram_error": gram_error_table(hidden, shape) if args.gram_error else []}
 
@@ -435,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (statistics stay fp32)")
     p.add_argument("--sizes", default="128,256", help="comma-separated hidden sizes (128 = default tiny model)")
+    p.add_argument("--model", default=None, metavar="DIR_OR_NAME",
+                   help="a local model directory, .gguf file or short name (smollm2-135m-instruct) instead of "
+                        "--sizes (its own layers, vocab and width)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch", type=int, default=16)
@@ -461,6 +478,13 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     shape = Shape(args.layers, args.vocab, args.batch, args.seq, device, args.bf16)
+    if args.model:  # its shape from its config; --layers, --vocab and --sizes do not apply
+        args.model = str(resolve_model(args.model))  # a .gguf file or short name: its dequantized directory
+        config = AutoConfig.from_pretrained(check_local_model_dir(args.model), local_files_only=True)
+        config = config.get_text_config()
+        shape = Shape(config.num_hidden_layers, config.vocab_size, args.batch, args.seq, device, args.bf16,
+                      model_dir=args.model, model_heads=config.num_attention_heads)
+        args.sizes = str(config.hidden_size)
     cfg = SuiteConfig(max_tokens=args.max_tokens)
     if args.input_roles:
         cfg.input_roles = args.input_roles.split(",")
@@ -472,10 +496,12 @@ def main(argv: list[str] | None = None) -> None:
                                                   ("seq", args.seq), ("threads", torch.get_num_threads()))]
     args.probe_argv += ["--bf16"] * args.bf16 + ([f"--input-roles={args.input_roles}"] if args.input_roles else [])
     args.probe_argv += [f"--max-tokens={args.max_tokens}"] if args.max_tokens else []
+    args.probe_argv += [f"--model={args.model}"] if args.model else []
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}; llama, {shape.layers} layers, vocab {shape.vocab}, batch {shape.batch} "
-          f"x seq {shape.seq}, {'bf16 autocast' if shape.bf16 else 'fp32'}, AdamW; {args.warmup} warmup + "
-          f"{args.steps} timed steps per side, each variant ABAB against its own plain copy")
+    what = f"model {Path(args.model).name}" if args.model else "llama"
+    print(f"torch {torch.__version__}, {where}; {what}, {shape.layers} layers, vocab {shape.vocab}, "
+          f"batch {shape.batch} x seq {shape.seq}, {'bf16 autocast' if shape.bf16 else 'fp32'}, AdamW; "
+          f"{args.warmup} warmup + {args.steps} timed steps per side, each variant ABAB against its own plain copy")
     print(f"instruments (statistics every step): roles={cfg.roles} input_roles={cfg.input_roles} "
           f"output_roles={cfg.output_roles} max_tokens={cfg.max_tokens} dtype={cfg.dtype} "
           f"gram_precision={cfg.gram_precision}")
@@ -488,8 +514,10 @@ def main(argv: list[str] | None = None) -> None:
                   f"{pair.cpu_ratio:>8.3f}x")
         if r["kfac"]:
             print(f"  {'curvlinops KFAC':<42} {r['kfac']}")
+        plain_ms = r["pairs"][0].ms("plain")
         print(f"  one metric compute (InstrumentSuite.compute, not in the steps): {r['compute_ms']:.0f} ms, "
-              f"{r['n_metrics']} metrics")
+              f"{r['n_metrics']} metrics; {r['compute_ms'] / plain_ms:.3f}x a plain step, "
+              f"+{100 * r['compute_ms'] / (r['every_n'] * plain_ms):.1f}% of the steps at every_n={r['every_n']}")
         print(f"  statistics per layer: covariance sums {r['cov_bytes'] / 2**10:.0f} KiB, "
               f"weight views (W0, pre-step, update, grad, grad sum) {r['upd_bytes'] / 2**20:.1f} MiB")
         if r["memory"]:
@@ -501,8 +529,9 @@ def main(argv: list[str] | None = None) -> None:
                   "||C(half 1) - C(half 2)|| / ||C||:")
             for label, dim, n_tok, precision, err, sampling in r["gram_error"]:
                 print(f"    {label:<20} dim {dim:>5} N {n_tok:>6} {precision}: {err:.2e}   sampling {sampling:.2e}")
+    target = "" if args.model else f" Target: {TARGETS[device.type]}."
     print(f"\nratio = median variant step / median plain step, wall clock (synchronised on CUDA); cpu ratio = the same "
-          f"in process CPU time. Target: {TARGETS[device.type]}.")
+          f"in process CPU time.{target}")
 
 
 if __name__ == "__main__":
