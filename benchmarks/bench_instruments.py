@@ -444,6 +444,17 @@ def _dims(suite: InstrumentSuite) -> str:
     return f"C_a {ins} | C_delta {outs} (per layer)"
 
 
+def torch_device(p: argparse.ArgumentParser, args) -> torch.device:
+    """``--threads`` applied and ``--device`` checked (a parser error where CUDA is asked for and absent);
+    shared by the benchmark scripts."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -472,11 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--memory-probe", choices=["plain", "instrumented"], help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    device = torch_device(p, args)
     shape = Shape(args.layers, args.vocab, args.batch, args.seq, device, args.bf16)
     if args.model:  # its shape from its config; --layers, --vocab and --sizes do not apply
         args.model = str(resolve_model(args.model))  # a .gguf file or short name: its dequantized directory

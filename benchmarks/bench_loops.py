@@ -63,6 +63,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without installing the package
 
+from bench_instruments import torch_device
+
 from weightgeom.core.config import ModelConfig, TokenizerConfig, TrainConfig
 from weightgeom.core.data import batch_indices, build_embedded_preferences, load_texts, tokenize_pairs
 from weightgeom.core.models import build_model, load_local_model
@@ -103,22 +105,25 @@ def path_old(model, data, idx, device):
     return _split(*_gather_lse(logits.float(), ids, loss_mask), len(idx))
 
 
+def _cut(model, data, idx, device, completions_only: bool):
+    """Rows cut to the batch's longest row; logits at every position, or (``completions_only``) only at
+    those that predict a completion token; autograd's ``gather - logsumexp``."""
+    ids, mask, loss_mask = _rows(data, idx)
+    width, keep = batch_window(mask, loss_mask)
+    keep = keep if completions_only else width
+    ids, mask, loss_mask = (t[:, :width].to(device) for t in (ids, mask, loss_mask))
+    logits = completion_logits(model, ids, mask, keep)
+    return _split(*_gather_lse(logits.float(), ids[:, width - keep:], loss_mask[:, width - keep:]), len(idx))
+
+
 def path_a(model, data, idx, device):
     """(a): cut to the batch's longest row, logits over every position."""
-    ids, mask, loss_mask = _rows(data, idx)
-    width, _ = batch_window(mask, loss_mask)
-    ids, mask, loss_mask = (t[:, :width].to(device) for t in (ids, mask, loss_mask))
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    return _split(*_gather_lse(logits.float(), ids, loss_mask), len(idx))
+    return _cut(model, data, idx, device, completions_only=False)
 
 
 def path_ab(model, data, idx, device):
     """(a) + (b): also logits for the predicting positions only, still autograd's ``gather - logsumexp``."""
-    ids, mask, loss_mask = _rows(data, idx)
-    width, keep = batch_window(mask, loss_mask)
-    ids, mask, loss_mask = (t[:, :width].to(device) for t in (ids, mask, loss_mask))
-    logits = completion_logits(model, ids, mask, keep)
-    return _split(*_gather_lse(logits.float(), ids[:, width - keep:], loss_mask[:, width - keep:]), len(idx))
+    return _cut(model, data, idx, device, completions_only=True)
 
 
 PATHS: dict[str, Callable] = {"old": path_old, "a": path_a, "ab": path_ab, "new": pair_logps}
@@ -421,11 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-pairs", type=int, default=16,
                    help="pairs whose log-probs the old and new paths compare, and whose reference pass is timed")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    device = torch_device(p, args)
     paths = list(dict.fromkeys(args.paths.split(",") + ["new"]))  # every ratio is against the new path
     instr_paths = list(dict.fromkeys(args.instr_paths.split(",") + ["new"]))
     chosen = args.rotations.split(",")
