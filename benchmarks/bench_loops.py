@@ -404,37 +404,9 @@ def time_reference(model, data: dict, pairs: torch.Tensor, batch: int, device) -
     return total
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="local HF model directory (default: the tiny embedded-style model)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--pairs", type=int, default=512, help="pairs tokenized (the set whose width the old path pads to)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every variant each)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--paths", default="old,new", help="our paths in the 'paths' rotation: old, a, ab, new")
-    p.add_argument("--instr-paths", default="new", help="our paths in the 'ours instrumented' rotation")
-    p.add_argument("--rotations", default=",".join(ROTATIONS),
-                   help=f"which rotations to run, of {','.join(ROTATIONS)} (see the module docstring)")
-    p.add_argument("--grade", type=float, default=0.5)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--check-pairs", type=int, default=16,
-                   help="pairs whose log-probs the old and new paths compare, and whose reference pass is timed")
-    args = p.parse_args(argv)
-    device = torch_device(p, args)
-    paths = list(dict.fromkeys(args.paths.split(",") + ["new"]))  # every ratio is against the new path
-    instr_paths = list(dict.fromkeys(args.instr_paths.split(",") + ["new"]))
-    chosen = args.rotations.split(",")
-    if unknown := set(paths + instr_paths) - set(PATHS):
-        p.error(f"unknown paths {sorted(unknown)}; choose from {list(PATHS)}")
-    if unknown := set(chosen) - set(ROTATIONS):
-        p.error(f"unknown --rotations {sorted(unknown)}; choose from {list(ROTATIONS)}")
-
+def prepare(args, device: torch.device) -> Setup:
+    """The model factory, pairs, their reference log-probs and the step settings every rotation shares;
+    prints the setup, the old and new paths' log-prob differences and the reference pass's time."""
     make_model, tokenizer, label = load(args)
     pairs = build_embedded_preferences(load_texts("stdlib"), args.pairs, seed=args.seed)
     data = tokenize_pairs(pairs, tokenizer, args.max_len)
@@ -478,6 +450,41 @@ def main(argv: list[str] | None = None) -> None:
           f"old {ref_s['old']:.2f} s, new {ref_s['new']:.2f} s, old / new {ref_s['old'] / ref_s['new']:.3f}x\n")
     del model
     release_memory(device)
+    return s
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="local HF model directory (default: the tiny embedded-style model)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--pairs", type=int, default=512, help="pairs tokenized (the set whose width the old path pads to)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (one step of every variant each)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--paths", default="old,new", help="our paths in the 'paths' rotation: old, a, ab, new")
+    p.add_argument("--instr-paths", default="new", help="our paths in the 'ours instrumented' rotation")
+    p.add_argument("--rotations", default=",".join(ROTATIONS),
+                   help=f"which rotations to run, of {','.join(ROTATIONS)} (see the module docstring)")
+    p.add_argument("--grade", type=float, default=0.5)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--check-pairs", type=int, default=16,
+                   help="pairs whose log-probs the old and new paths compare, and whose reference pass is timed")
+    args = p.parse_args(argv)
+    device = torch_device(p, args)
+    paths = list(dict.fromkeys(args.paths.split(",") + ["new"]))  # every ratio is against the new path
+    instr_paths = list(dict.fromkeys(args.instr_paths.split(",") + ["new"]))
+    chosen = args.rotations.split(",")
+    if unknown := set(paths + instr_paths) - set(PATHS):
+        p.error(f"unknown paths {sorted(unknown)}; choose from {list(PATHS)}")
+    if unknown := set(chosen) - set(ROTATIONS):
+        p.error(f"unknown --rotations {sorted(unknown)}; choose from {list(ROTATIONS)}")
+
+    s = prepare(args, device)
 
     rotations = {
         "paths": [f"ours {k}" for k in paths],
