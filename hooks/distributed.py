@@ -30,3 +30,16 @@ def all_reduce_sums(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         out[key] = t
     return out
+
+
+def broadcast_bytes(data: bytes, size: int) -> bytes:
+    """``data`` (``size`` bytes) from process 0 on every process (identity without torch.distributed)."""
+    if world_size() == 1:
+        return data
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.zeros(size, dtype=torch.uint8, device=device)
+    if rank() == 0:
+        t.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(t, src=0)
+    return bytes(t.cpu().tolist())

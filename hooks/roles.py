@@ -275,11 +275,38 @@ class TrackedMatrix:
         return keys.matrix_key(self.layer, self.group)
 
     @property
-    def plain_fp32(self) -> bool:
-        """A whole, untransposed fp32 weight with no adapter: ``weight()`` is just a copy of it."""
+    def plain(self) -> bool:
+        """A whole, untransposed weight with no adapter: its rows are the effective matrix's rows."""
         w = getattr(self.module, "weight", None)
         return (self.rows is None and not self.transposed and _base_layer(self.module) is self.module
-                and isinstance(w, torch.Tensor) and w.dtype == torch.float32)
+                and isinstance(w, torch.Tensor))
+
+    @property
+    def plain_fp32(self) -> bool:
+        """:attr:`plain` and fp32: ``weight()`` is just a copy of it."""
+        return self.plain and self.module.weight.dtype == torch.float32
+
+    @torch.no_grad()
+    def lora_factors(self) -> list[tuple[float, torch.Tensor, torch.Tensor]] | None:
+        """``[(scale, B (out, r), A (r, in))]`` of every active LoRA adapter, oriented like :meth:`weight`
+        (``weight() = W_base + sum scale B A``), as detached live tensors (gathered when sharded); None
+        unless the matrix is a LoRA wrapper whose base weight is frozen and whose adapters are plain
+        ``nn.Linear`` factors (not DoRA): then the base cancels from every delta and a delta is
+        ``sum scale (B A - B0 A0)``, of rank at most twice the adapters' ranks."""
+        base = _base_layer(self.module)
+        if base is self.module or base.weight.requires_grad:
+            return None
+        names = _active_adapters(self.module)
+        use_dora = getattr(self.module, "use_dora", {}) or {}
+        factors = []
+        for name in names:
+            A, B = self.module.lora_A[name], self.module.lora_B[name]
+            if use_dora.get(name) or type(A) is not nn.Linear or type(B) is not nn.Linear:
+                return None
+            b = full(B.weight.detach())
+            b = b if self.rows is None else b.index_select(0, self.rows.to(b.device))
+            factors.append((float(self.module.scaling[name]), b, full(A.weight.detach())))
+        return factors
 
     @property
     def sharded(self) -> bool:
