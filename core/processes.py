@@ -47,3 +47,14 @@ def main_print(*args, **kwargs) -> None:
     """``print`` on the main process only (N processes would print every line N times)."""
     if process_state().is_main_process:
         print(*args, **kwargs)
+
+
+def refuse_deepspeed(enabled: bool) -> None:
+    """One line instead of wrong numbers: ZeRO-3 partitions the weights (an empty placeholder outside its
+    own forward, so no delta can be read) and ZeRO-1/2 replace the torch optimizer whose step hooks take
+    the update and the gradient; DeepSpeed cannot be run on the machines this project is tested on, so
+    no path through it is claimed. FSDP2 shards weights as ``DTensor`` rows, which the instruments read."""
+    if enabled:
+        raise RuntimeError("weightgeom: DeepSpeed is not supported by the instruments (ZeRO-3 partitions the weights, "
+                           "ZeRO-1/2 replace the optimizer they hook); shard with FSDP2 instead (accelerate's FSDP "
+                           "plugin with fsdp_version: 2, or train.fsdp: true in a recipe)")

@@ -247,6 +247,20 @@ def rsf_zscore_batched(rsf: Tensor, dW: Tensor, k: int, side: Side) -> Tensor:
     """Exact z-scores (B,) of RSF values ``rsf`` (B,) of deltas ``dW`` (B, m, n); 0 where the null
     distribution has no spread (a zero delta, or k == dim)."""
     mean, var = rsf_null_moments(dW, k, side)
+    return _zscore(rsf, mean, var)
+
+
+def rsf_zscore_from_trace(rsf: Tensor, tr_a2: Tensor, k: int, dim: int) -> Tensor:
+    """:func:`rsf_zscore` from ``tr(A²) = ‖dW^T dW‖_F² / ‖dW‖_F⁴`` (the same on both sides, so one
+    number serves every subspace a delta is measured against; see :func:`rsf_null_moments`)."""
+    mean = torch.full_like(rsf, k / dim)
+    if dim == 1:
+        return torch.zeros_like(rsf)
+    scale = 2 * k * (dim - k) / ((dim - 1) * dim * (dim + 2))
+    return _zscore(rsf, mean, scale * (tr_a2 - 1 / dim).clamp_min(0.0))
+
+
+def _zscore(rsf: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     std = var.sqrt()
     # RSF lives in [0, 1]; a spread at round-off level is "no spread", not a tiny denominator.
     return torch.where(std > 1e-12, (rsf - mean) / std.clamp_min(1e-12), torch.zeros_like(std))

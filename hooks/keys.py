@@ -20,8 +20,9 @@ ALL = "all"  # the layer label of a mean over layers
 
 # State families of instrument snapshots (docs/architecture.md, "Instrument state").
 COV_IN, COV_OUT, WEIGHTS, FROZEN_IN, PRED, META = "cov_in", "cov_out", "weights", "frozen_in", "pred", "meta"
+CURVE_IN = "curve_in"  # the cumulative delta's energy along the top eigenvectors of C_a (the reports' k-curves)
 WEIGHT_STEPS = f"{WEIGHTS}/steps"
-W_U, GAIN = f"{PRED}/W_U", f"{PRED}/gain"
+W_U, GAIN = f"{PRED}/W_U", f"{PRED}/gain"  # in snapshots written before 2026-12-07 only
 
 # Relative-RSF families, each with a z-score family for the cumulative delta (None: no z-score).
 RSF_FAMILIES = {"rsf_in": "z_in", "rsf_out_pred": "z_out_pred", "rsf_out_delta": "z_out_delta"}

@@ -1,237 +1,312 @@
-"""What the optimizer actually wrote: reference weights, cumulative delta, last update, raw gradient.
+"""What the optimizer actually wrote: the cumulative delta, the last update, the raw gradient.
 
-``W0`` is an fp32 copy of every tracked matrix taken at phase start (attach or ``reset``). Around
-each optimizer step (``Optimizer.register_step_pre_hook`` / ``post_hook``, or called explicitly by
-a callback) it records
+Three views of every tracked matrix, read as :mod:`weightgeom.hooks.views` (never a dense copy where
+none is needed):
 
-    G_t        the raw gradient the optimizer is about to consume (after clipping, if any)
-    U_t        the update W_{t+1} - W_t (differs from -lr G_t under Adam's per-element scaling)
-    sum_t G_t, sum_t ||G_t||^2   for coherence ||sum G_t||^2 / sum ||G_t||^2
+    delta    W - W0, the cumulative delta since the phase start (``W0``: :mod:`weightgeom.hooks.reference`)
+    update   U_t = W_{t+1} - W_t, the last optimizer step (differs from -lr G_t under Adam's scaling)
+    grad     G_t, the raw gradient the optimizer consumed (after clipping, if any)
 
-Memory: four fp32 copies of the tracked matrices (W0, pre-step weights, last update, grad sum)
-plus the last gradient. LoRA-wrapped layers report the effective ``W_base + scale B A``; their
-raw gradient is not materialised by autograd, so ``grad`` entries are absent for them.
+Memory. Between steps this instrument holds ``W0`` (where ``instruments.reference`` says) and nothing
+else weight-sized. The update and gradient views exist only around a step whose metrics are due
+(``capture="due"``, the default): :meth:`before_step` copies the pre-step weights of that step only (in
+their own dtype), :meth:`after_step` turns the copy into the update in place, and the suite computes the
+metrics inside the optimizer's post-step hook, where ``.grad`` still holds ``G_t`` (no copy); then
+:meth:`release` drops the copy. ``capture="every_step"`` keeps the last update and a copy of the last
+gradient after every step instead (two more copies, held between steps), so that
+``InstrumentSuite.compute`` called at any time sees them. LoRA matrices with a frozen base keep only
+their adapters' factors (``delta = sum s (B A - B0 A0)``, rank <= 2r): no dense matrix at all, and no
+gradient view (autograd never forms the effective weight's gradient).
 
-Sharded weights (FSDP2 ``DTensor``): a plain weight's copies are kept as this process's rows only
-(memory 1 / processes of the above) and gathered when a metric or a snapshot reads them (a
-collective, at the metric schedule); fused, transposed or LoRA matrices are gathered every step.
+Coherence (``coherence=True``, opt-in): ``sum_t G_t`` (one more fp32 copy, held for the whole phase)
+and ``sum_t ‖G_t‖²``, for ``‖sum G_t‖² / sum ‖G_t‖²``.
 
-Cost per optimizer step: a handful of memory-bound passes over the tracked weights, no host sync.
-Plain fp32 ``nn.Linear`` weights (the common case) are handled together by multi-tensor
-(``torch._foreach_*``) kernels into persistent buffers: gradient copy, gradient sum, squared norms
-(computed in float64, accumulated in a float64 tensor on the weights' device, never read back per
-step), pre-step weight copy, and ``W_{t+1} - W_t``. Fused, transposed, LoRA or non-fp32 matrices
-take the same math one matrix at a time.
+Sharded weights (FSDP2 ``DTensor``): copies of a plain weight are this process's rows; a metric
+gathers the rows of one matrix at a time (a collective at the metric schedule).
+
+Cost per optimizer step when nothing is due: the step counter, and with coherence two multi-tensor
+(``torch._foreach_*``) passes over the gradients. No host sync.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from weightgeom.hooks import keys
 from weightgeom.hooks.base import Instrument
 from weightgeom.hooks.distributed import all_reduce_sums
 from weightgeom.hooks.distributed import rank as _rank
+from weightgeom.hooks.reference import DIGEST_KEY, ReferenceWeights
 from weightgeom.hooks.roles import TrackedMatrix, local
+from weightgeom.hooks.views import Dense, LowRank, MatrixView, RowBlocks, Zero
+
+CAPTURES = ("due", "every_step")
 
 
 class UpdateInstrument(Instrument):
-    """State keys: ``weights/L{i}/{r}/{W0,delta,update,grad,grad_sum,grad_sq,steps}``.
+    """State keys: ``weights/steps``, ``meta/w0_sha256`` (the W0 file's digest, see
+    :mod:`weightgeom.hooks.reference`) and, with coherence, ``weights/L{i}/{r}/{grad_sum,grad_sq}``."""
 
-    ``grad[key]``, ``update[key]``, ``grad_sum[key]`` are fp32 (out, in) tensors (this process's rows of
-    a sharded plain weight: read whole matrices through :meth:`view`); ``grad_sq[key]`` is a 0-dim
-    float64 tensor on the weights' device (this process's part when sharded: :meth:`coherence_terms`).
-    """
-
-    def __init__(self, tracked: list[TrackedMatrix]) -> None:
+    def __init__(self, tracked: list[TrackedMatrix], *, reference: str = "device",
+                 reference_dir: str | Path | None = None, coherence: bool = False, capture: str = "due") -> None:
         super().__init__()
-        self.tracked = tracked
-        self.w0: dict[str, torch.Tensor] = {}
+        if capture not in CAPTURES:
+            raise ValueError(f"instruments.capture must be one of {list(CAPTURES)}, got {capture!r}")
+        self.tracked, self.coherence, self.capture = tracked, coherence, capture
+        self.w0 = ReferenceWeights(tracked, reference, reference_dir)
+        self._warned: set[str] = set()
         self.reset_history()
-        self._uses_optimizer_hooks = False
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        if not self.w0:
+        """A phase starts at its first attach: the weights now become ``W0``. With ``optimizer`` (this
+        instrument on its own) its step hooks capture the update and gradient of every step;
+        ``InstrumentSuite`` attaches it without one and drives :meth:`before_step` / :meth:`after_step`
+        itself, around due steps only."""
+        if not self.w0.captured:
             self.reset()
         if optimizer is not None:
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-            self._handles.append(inner.register_step_pre_hook(lambda *_: self.before_step()))
+            self._handles.append(inner.register_step_pre_hook(lambda *_: self.before_step(True, True)))
             self._handles.append(inner.register_step_post_hook(lambda *_: self.after_step()))
-            self._uses_optimizer_hooks = True
 
-    def detach(self) -> None:
-        super().detach()
-        self._uses_optimizer_hooks = False
-
-    @property
-    def driven_by_optimizer(self) -> bool:
-        return self._uses_optimizer_hooks
-
+    # ----- one optimizer step ------------------------------------------------------------------------
     @torch.no_grad()
-    def before_step(self) -> None:
-        plain: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (key, live weight, live grad)
-        for tm in self.tracked:
-            if tm.plain_fp32:
-                weight = local(tm.module.weight)
-                if tm.module.weight.grad is not None:
-                    plain.append((tm.key, weight, local(tm.module.weight.grad)))
-                else:
-                    self._before[tm.key] = _copy_into(self._before.get(tm.key), weight.detach())
-                continue
-            g = tm.grad()
-            if g is not None:
-                self._record_grads([tm.key], [g], fresh=True)
-            self._before[tm.key] = tm.weight()
-        if plain:
-            keys = [k for k, _, _ in plain]
-            grads = [g.detach() for _, _, g in plain]
-            weights = [w.detach() for _, w, _ in plain]
-            self._record_grads(keys, grads, fresh=False)
-            self._copy_all(self._before, keys, weights)
-        self._stepping = True
+    def before_step(self, capture: bool, copy_grads: bool) -> None:
+        """Right before ``optimizer.step()``: count the step, add the gradients to the coherence sums,
+        and when ``capture`` copy the pre-step weights (and, with ``copy_grads``, the gradients: the
+        metrics will run after ``.grad`` is gone)."""
         self.steps += 1
-        return None
-
-    def _record_grads(self, keys: list[str], grads: list[torch.Tensor], fresh: bool) -> None:
-        """Last gradient, gradient sum and squared-norm sum of ``keys``, with multi-tensor kernels.
-        ``fresh``: ``grads`` are private copies that may be kept as they are."""
-        if fresh:
-            for key, g in zip(keys, grads):
-                self.grad[key] = g
-        else:  # the optimizer may zero .grad in place later: keep a copy (a persistent buffer)
-            self._copy_all(self.grad, keys, grads)
-        new = [k for k in keys if k not in self.grad_sum]
-        for key in new:
-            self.grad_sum[key] = torch.zeros_like(self.grad[key])
-            self.grad_sq[key] = torch.zeros((), dtype=torch.float64, device=self.grad[key].device)
-        last = [self.grad[k] for k in keys]
-        torch._foreach_add_([self.grad_sum[k] for k in keys], last)
-        norms = torch._foreach_norm(last, 2, dtype=torch.float64)
-        torch._foreach_addcmul_([self.grad_sq[k] for k in keys], norms, norms)
-
-    @staticmethod
-    def _copy_all(store: dict[str, torch.Tensor], keys: list[str], sources: list[torch.Tensor]) -> None:
-        """``store[key] = sources[i].clone()`` through persistent buffers: one multi-tensor copy."""
-        for key, src in zip(keys, sources):
-            buf = store.get(key)
-            if buf is None or buf.shape != src.shape or buf.device != src.device or buf.dtype != src.dtype:
-                store[key] = torch.empty_like(src, memory_format=torch.contiguous_format)
-        torch._foreach_copy_([store[k] for k in keys], sources)
+        self._stepping = True
+        self.release()
+        if self.coherence:
+            self._add_to_sums()
+        if not capture:
+            return
+        for tm in self.tracked:
+            factors = tm.lora_factors()
+            if factors is not None:
+                self._before[tm.key] = [(s, B.clone(), A.clone()) for s, B, A in factors]
+            elif tm.plain:
+                self._before[tm.key] = local(tm.module.weight).detach().clone()
+            else:
+                self._before[tm.key] = tm.weight()
+            if copy_grads:
+                g = self._grad_now(tm)
+                if g is not None:
+                    self.grad[tm.key] = g.clone()
 
     @torch.no_grad()
     def after_step(self) -> None:
+        """Right after ``optimizer.step()``: each captured pre-step copy becomes the update ``W_{t+1} - W_t``
+        (in place for plain weights: ``-(W_t - W_{t+1})`` is exactly ``W_{t+1} - W_t``)."""
         if not self._stepping:
-            return None  # no pre-step weights recorded: no update to take
+            return
         self._stepping = False
-        plain_keys, plain_weights, plain_before = [], [], []
         for tm in self.tracked:
-            before = self._before[tm.key]
-            if tm.plain_fp32:
-                plain_keys.append(tm.key)
-                plain_weights.append(local(tm.module.weight).detach())
-                plain_before.append(before)
+            before = self._before.pop(tm.key, None)
+            if before is None:
+                continue
+            if isinstance(before, list):
+                self.update[tm.key] = (before, tm.lora_factors())
+            elif tm.plain:
+                self.update[tm.key] = before.sub_(local(tm.module.weight).detach().to(before.dtype)).neg_()
             else:
-                self.update[tm.key] = tm.weight() - before
-        if plain_keys:  # W_{t+1} - W_t; the pre-step copies stay as next step's buffers
-            self.update.update(zip(plain_keys, torch._foreach_sub(plain_weights, plain_before)))
-        return None
+                self.update[tm.key] = tm.weight().sub_(before)
 
-    def _rows_only(self, tm: TrackedMatrix) -> bool:
-        """Kept as this process's rows (a sharded plain weight)."""
-        return tm.plain_fp32 and tm.sharded
+    def release(self) -> None:
+        """Drop the update and gradient copies (after the metrics that read them), unless every step keeps
+        them."""
+        if self.capture != "every_step" or self._stepping:
+            self.update, self.grad = {}, {}
 
-    def _current(self, tm: TrackedMatrix) -> torch.Tensor:
-        """The weight now, fp32, as this instrument keeps it (this process's rows, or the whole matrix)."""
-        return local(tm.module.weight).detach().float().clone() if self._rows_only(tm) else tm.weight()
+    def _grad_now(self, tm: TrackedMatrix) -> Tensor | None:
+        """The live gradient, oriented (out, in); this process's rows of a sharded plain weight."""
+        if tm.plain:
+            g = tm.module.weight.grad
+            return None if g is None else local(g).detach()
+        return tm.grad()
 
-    def view(self, tm: TrackedMatrix, name: str) -> torch.Tensor | None:
-        """Whole (out, in) fp32 ``W0``, ``delta`` (= W - W0), ``update``, ``grad`` or ``grad_sum`` of
-        ``tm`` (None when not recorded); gathered when sharded, so every process calls it."""
+    def _add_to_sums(self) -> None:
+        names, grads = [], []
+        for tm in self.tracked:
+            g = self._grad_now(tm)
+            if g is not None:
+                names.append(tm.key)
+                grads.append(g.float())
+        for key, g in zip(names, grads):
+            if key not in self.grad_sum:
+                self.grad_sum[key] = torch.zeros_like(g)
+                self.grad_sq[key] = torch.zeros((), dtype=torch.float64, device=g.device)
+        if names:
+            torch._foreach_add_([self.grad_sum[k] for k in names], grads)
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+            torch._foreach_addcmul_([self.grad_sq[k] for k in names], norms, norms)
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes held now: ``reference`` (W0 in memory), ``views`` (pre-step copies, updates, gradient
+        copies: zero between steps unless ``capture="every_step"``), ``coherence`` (gradient sums)."""
+        def size(obj) -> int:
+            if isinstance(obj, Tensor):
+                return obj.numel() * obj.element_size()
+            if isinstance(obj, (list, tuple)):
+                return sum(size(o) for o in obj)
+            return 0
+
+        views = sum(size(v) for store in (self._before, self.update, self.grad) for v in store.values())
+        return {"reference": self.w0.bytes_in_memory(), "views": views,
+                "coherence": sum(size(v) for store in (self.grad_sum, self.grad_sq) for v in store.values())}
+
+    # ----- views ----------------------------------------------------------------------------------
+    def view(self, tm: TrackedMatrix, name: str, dtype: torch.dtype, live_grads: bool = False) -> MatrixView | None:
+        """``delta``, ``update`` or ``grad`` of ``tm`` in ``dtype`` (None when not recorded). ``live_grads``:
+        read ``.grad`` (inside the optimizer's post-step hook) when no copy was kept. Gathers a sharded
+        matrix (a collective: every process calls it for every matrix, in the same order)."""
         if name == "delta":
-            kept = self._current(tm) - self.w0[tm.key]
+            return self._delta(tm, dtype)
+        if name == "update":
+            kept = self.update.get(tm.key)
+            if kept is None:
+                return None
+            if isinstance(kept, tuple):  # LoRA: (factors before, factors after)
+                return _factored_difference(kept[1], kept[0], dtype)
+            return Dense(tm.gather(kept) if _rows_only(tm) else kept, dtype)
+        if name == "grad":
+            g = self.grad.get(tm.key)
+            if g is None and live_grads:
+                g = self._grad_now(tm)
+            if g is None:
+                return None
+            return Dense(tm.gather(g) if _rows_only(tm) else g, dtype)
+        raise ValueError(f"unknown view {name!r} (delta, update, grad)")
+
+    def _delta(self, tm: TrackedMatrix, dtype: torch.dtype) -> MatrixView:
+        frozen = self.w0.is_frozen(tm)
+        if frozen is not None:
+            if not frozen and tm.key not in self._warned:
+                self._warned.add(tm.key)
+                warnings.warn(f"{tm.key} was frozen at the phase start, so no W0 was kept for it, but its weight has "
+                              "changed since: its metrics are skipped until the next phase", stacklevel=2)
+            return Zero(_shape_of(tm), dtype, _device_of(tm))
+        w0 = self.w0.factors(tm)
+        if w0 is not None:
+            return _factored_difference(tm.lora_factors(), w0, dtype)
+        if _rows_only(tm):
+            return Dense(tm.gather(local(tm.module.weight).detach().float() - self.w0.local(tm)), dtype)
+        if tm.plain:
+            weight = tm.module.weight.detach()
         else:
-            store = {"W0": self.w0, "update": self.update, "grad": self.grad, "grad_sum": self.grad_sum}[name]
-            kept = store.get(tm.key)
-        if kept is None:
-            return None
-        return tm.gather(kept) if self._rows_only(tm) else kept
+            weight = tm.weight()  # fused rows, transposed or LoRA without factors: one fp32 copy, for this metric
+        device = weight.device
 
-    def delta(self, tm: TrackedMatrix) -> torch.Tensor:
-        """Cumulative ``W - W0`` (fp32, out x in)."""
-        return self.view(tm, "delta")
+        def rows(r0: int, r1: int) -> Tensor:
+            return weight[r0:r1].to(torch.float32) - self.w0.rows(tm, r0, r1, device)
 
-    def coherence_terms(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        return RowBlocks(rows, tuple(weight.shape), dtype, device)
+
+    def delta(self, tm: TrackedMatrix) -> Tensor:
+        """Cumulative ``W - W0`` as a dense fp32 (out, in) tensor (for tests and small models)."""
+        view = self._delta(tm, torch.float32)
+        if isinstance(view, Zero):
+            return torch.zeros(view.shape, device=view.device)
+        if isinstance(view, LowRank):
+            return view.L @ view.R
+        if isinstance(view, Dense):
+            return view.M
+        return torch.cat([b for _, _, b in view.blocks()])
+
+    def coherence_terms(self) -> tuple[list[str], Tensor, Tensor]:
         """``(keys, ‖sum_t G_t‖², sum_t ‖G_t‖²)`` of every matrix with gradients, float64 on the weights'
         device; the parts of sharded weights are summed over processes (one collective)."""
-        keys = list(self.grad_sum)
-        if not keys:
+        names = list(self.grad_sum)
+        if not names:
             return [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        sums = torch.stack([self.grad_sum[k].double().square().sum() for k in keys])
-        squares = torch.stack([self.grad_sq[k].to(sums.device) for k in keys])
+        sums = torch.stack([self.grad_sum[k].double().square().sum() for k in names])
+        squares = torch.stack([self.grad_sq[k].to(sums.device) for k in names])
         by_key = {tm.key: tm for tm in self.tracked}
-        flags = [self._rows_only(by_key[k]) for k in keys]
+        flags = [_rows_only(by_key[k]) for k in names]
         if any(flags):
             sharded = torch.tensor(flags, device=sums.device)
             parts = all_reduce_sums({"sums": torch.where(sharded, sums, 0.0),
                                      "squares": torch.where(sharded, squares, 0.0)})
             sums = torch.where(sharded, parts["sums"], sums)
             squares = torch.where(sharded, parts["squares"], squares)
-        return keys, sums, squares
+        return names, sums, squares
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Whole matrices (gathered when sharded: every process calls it)."""
-        state = {}
-        names, _, squares = self.coherence_terms()
-        grad_sq = dict(zip(names, squares))
-        for tm in self.tracked:
-            for name in ("W0", "delta", "update", "grad", "grad_sum"):
-                value = self.view(tm, name)
-                if value is not None:
-                    state[keys.state_key(keys.WEIGHTS, tm.key, name)] = value.clone()
-            if tm.key in grad_sq:
-                state[keys.state_key(keys.WEIGHTS, tm.key, "grad_sq")] = grad_sq[tm.key].clone()
-        state[keys.WEIGHT_STEPS] = torch.tensor(self.steps, dtype=torch.int64)
+    # ----- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """Small tensors only: the step count, the W0 file's digest (written now if this phase has none:
+        a collective under several processes) and, with coherence, its sums (whole matrices, gathered
+        when sharded)."""
+        state = {keys.WEIGHT_STEPS: torch.tensor(self.steps, dtype=torch.int64),
+                 DIGEST_KEY: torch.frombuffer(bytearray(self.w0.persist()), dtype=torch.uint8).clone()}
+        if self.coherence:
+            names, _, squares = self.coherence_terms()
+            by_key = {tm.key: tm for tm in self.tracked}
+            for key, square in zip(names, squares):
+                tm = by_key[key]
+                kept = self.grad_sum[key]
+                state[keys.state_key(keys.WEIGHTS, key, "grad_sum")] = (tm.gather(kept) if _rows_only(tm)
+                                                                        else kept).clone()
+                state[keys.state_key(keys.WEIGHTS, key, "grad_sq")] = square.clone()
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Tensor], search: tuple[Path, ...] = ()) -> None:
+        """Restore :meth:`state_dict`: ``W0`` from the file its digest names (looked for in ``search`` and
+        the reference directory), or from a legacy state's ``weights/.../W0`` tensors."""
         self.reset_history()
+        if DIGEST_KEY in state:
+            self.w0.load(bytes(state[DIGEST_KEY].to(torch.uint8).cpu().tolist()), search)
+        else:
+            legacy = {k for k in state if keys.family(k) == keys.WEIGHTS}
+            if not any(k.endswith("/W0") for k in legacy):
+                raise KeyError(f"instrument state has no {DIGEST_KEY} (the reference weights' digest) and no "
+                               "weights/L{i}/{r}/W0 tensors: it was not saved by InstrumentSuite.state_dict")
+            self.w0.load_tensors(state.__getitem__, legacy)
         for tm in self.tracked:
-            def get(name: str, tm=tm) -> torch.Tensor | None:
-                return state.get(keys.state_key(keys.WEIGHTS, tm.key, name))
-
-            if get("W0") is None:
-                raise KeyError(f"instrument state has no {keys.state_key(keys.WEIGHTS, tm.key, 'W0')}: was it saved "
-                               "from a model with the same layers and roles (instruments.roles / instruments.layers)?")
-            kept = tm.scatter if self._rows_only(tm) else (lambda t: t)
-            self.w0[tm.key] = kept(get("W0").float()).clone()
-            if get("update") is not None:
-                self.update[tm.key] = kept(get("update").float()).clone()
-            if get("grad") is not None:
-                self.grad[tm.key] = kept(get("grad").float()).clone()
-                self.grad_sum[tm.key] = kept(get("grad_sum").float()).clone()
+            total = state.get(keys.state_key(keys.WEIGHTS, tm.key, "grad_sum"))
+            if self.coherence and total is not None:
+                self.grad_sum[tm.key] = (tm.scatter(total.float()) if _rows_only(tm) else total.float()).clone()
+                norm = state[keys.state_key(keys.WEIGHTS, tm.key, "grad_sq")].to(torch.float64).clone()
                 # A sharded weight's part of the norm: the sum over processes is restored on rank 0 only.
-                norm = get("grad_sq").to(torch.float64).clone()
-                self.grad_sq[tm.key] = norm if not self._rows_only(tm) or _rank() == 0 else torch.zeros_like(norm)
+                self.grad_sq[tm.key] = norm if not _rows_only(tm) or _rank() == 0 else torch.zeros_like(norm)
         self.steps = int(state.get(keys.WEIGHT_STEPS, torch.tensor(0)))
 
     def reset_history(self) -> None:
-        self.update: dict[str, torch.Tensor] = {}
-        self.grad: dict[str, torch.Tensor] = {}
-        self.grad_sum: dict[str, torch.Tensor] = {}
-        self.grad_sq: dict[str, torch.Tensor] = {}
-        self._before: dict[str, torch.Tensor] = {}  # pre-step weights, kept as buffers between steps
+        self.update: dict[str, object] = {}
+        self.grad: dict[str, Tensor] = {}
+        self.grad_sum: dict[str, Tensor] = {}
+        self.grad_sq: dict[str, Tensor] = {}
+        self._before: dict[str, object] = {}
         self._stepping = False  # before_step ran, after_step not yet
         self.steps = 0
 
     def reset(self) -> None:
         """New phase: the current weights become ``W0`` and the step history is cleared."""
-        self.w0 = {tm.key: self._current(tm) for tm in self.tracked}
+        self.w0.capture()
         self.reset_history()
 
 
-def _copy_into(buffer: torch.Tensor | None, src: torch.Tensor) -> torch.Tensor:
-    """``src.clone()`` written into ``buffer`` when it has the right shape (no new allocation)."""
-    if buffer is None or buffer.shape != src.shape or buffer.device != src.device or buffer.dtype != src.dtype:
-        return src.clone(memory_format=torch.contiguous_format)
-    return buffer.copy_(src)
+def _rows_only(tm: TrackedMatrix) -> bool:
+    """Kept as this process's rows: a sharded plain weight."""
+    return tm.plain and tm.sharded
+
+
+def _shape_of(tm: TrackedMatrix) -> tuple[int, int]:
+    w = getattr(tm.module, "base_layer", tm.module).weight
+    out, inp = (w.shape[1], w.shape[0]) if tm.transposed else (w.shape[0], w.shape[1])
+    return (len(tm.rows) if tm.rows is not None else out, inp)
+
+
+def _device_of(tm: TrackedMatrix) -> torch.device:
+    return local(getattr(tm.module, "base_layer", tm.module).weight).device
+
+
+def _factored_difference(now, before, dtype: torch.dtype) -> LowRank:
+    """``sum s B A (now) - sum s B A (before)`` as one low-rank ``L R``."""
+    L = torch.cat([s * B for s, B, _ in now] + [-s * B for s, B, _ in before], 1)
+    R = torch.cat([A for _, _, A in now] + [A for _, _, A in before], 0)
+    return LowRank(L.float(), R.float(), dtype)

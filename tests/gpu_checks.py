@@ -47,7 +47,8 @@ def fresh_accelerate_state() -> Iterator[None]:
 
 
 def statistics_after_steps(device: str, steps: int = 2) -> dict[str, torch.Tensor]:
-    """Instrument state (covariances and weights) of the tiny llama after ``steps`` SGD steps on ``device``."""
+    """Instrument state (covariances, step count, W0 digest) and every tracked matrix's cumulative delta
+    (``delta/L{i}/{r}``) of the tiny llama after ``steps`` SGD steps on ``device``."""
     model = make_model("llama").to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     suite = InstrumentSuite(model, k=4, every_n=10**6, zscores=False)
@@ -60,20 +61,22 @@ def statistics_after_steps(device: str, steps: int = 2) -> dict[str, torch.Tenso
             opt.step()
             opt.zero_grad()
             suite.after_optimizer_step(step)
-    return {k: v.detach().cpu() for k, v in suite.state_dict().items()}
+    out = {k: v.detach().cpu() for k, v in suite.state_dict().items()}
+    out.update({f"delta/{tm.key}": suite.upd.delta(tm).detach().cpu() for tm in suite.tracked})
+    return out
 
 
 def expected_state_keys(layers: int = 2) -> set[str]:
     """What the default suite must record on the tiny llama: ``C_a`` of the read-side input groups,
-    ``C_delta`` of the write roles, and the weight views of every role."""
+    ``C_delta`` of the write roles, and the cumulative delta of every role (the state itself holds no
+    weights: it names W0 by digest)."""
     keys = set()
     for i in range(layers):
         for group in ("attn_in", "mlp_in"):
             keys |= {f"cov_in/L{i}/{group}/{p}" for p in ("sum_outer", "sum", "count")}
         for role in ("o", "down"):
             keys |= {f"cov_out/L{i}/{role}/{p}" for p in ("sum_outer", "count")}
-        for role in ROLES:
-            keys |= {f"weights/L{i}/{role}/{p}" for p in ("W0", "delta", "update", "grad", "grad_sum", "grad_sq")}
+        keys |= {f"delta/L{i}/{role}" for role in ROLES}
     return keys
 
 
@@ -109,7 +112,7 @@ def check_no_host_sync(device: str) -> None:
     net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)).to(device)
     tracked = [TrackedMatrix(0, "q", net[0]), TrackedMatrix(0, "o", net[2])]
     cov = CovarianceInstrument(tracked, input_roles=("q",), output_roles=("o",), max_tokens=5)
-    upd = UpdateInstrument(tracked)
+    upd = UpdateInstrument(tracked, coherence=True)  # on its own it captures every step's update and gradient
     opt = torch.optim.SGD(net.parameters(), lr=0.1, foreach=True)
     x = torch.randn(4, 3, 16, device=device)
     cuda = torch.device(device).type == "cuda"
@@ -128,7 +131,7 @@ def check_no_host_sync(device: str) -> None:
                     torch.cuda.set_sync_debug_mode("default")
     state = cov.state_dict()
     assert int(state["cov_in/L0/attn_in/count"]) == 2 * 5 and int(state["cov_out/L0/o/count"]) == 2 * 5
-    assert upd.steps == 2 and float(upd.grad_sq["L0/o"]) > 0
+    assert upd.steps == 2 and float(upd.grad_sq["L0/o"]) > 0 and upd.update["L0/o"].abs().sum() > 0
 
 
 def check_gram_precision(device: str) -> dict[str, float]:

@@ -11,12 +11,16 @@ What it does at each Trainer event:
                            ``peft_config`` wrapped it), attaches it to the torch optimizer, restores the
                            statistics of a resumed run, and wraps ``trainer.compute_loss`` so every
                            micro-batch sets the loss normaliser (below) before its backward
-    on_pre_optimizer_step  the suite's bookkeeping before the step (gradients populated and clipped)
+    on_pre_optimizer_step  tells the suite which step comes and whether its metrics are due (the update and
+                           gradient are captured for a due step only; the metrics are computed inside
+                           ``optimizer.step()``, where the gradient still exists)
     on_step_end            the metrics when the schedule fires: the full per-layer row to
                            ``{output_dir}/weightgeom/metrics.jsonl`` and its TensorBoard events, and the
                            per-role means through the Trainer's own ``log`` (so every ``report_to``
                            integration, W&B or TensorBoard, receives them as ``weightgeom/...``)
-    on_save                the statistics into ``checkpoint-N/weightgeom.safetensors``
+    on_save                the statistics into ``checkpoint-N/weightgeom.safetensors`` (sums and counts; the
+                           phase's ``W0`` is written once, to ``{output_dir}/weightgeom/W0-{sha256}.safetensors``,
+                           and named there by its digest)
     on_train_end           the final snapshot ``{output_dir}/weightgeom/instruments.safetensors``; hooks removed
 
 The loss normaliser. ``C_delta`` holds per-item gradients (``delta`` of one token's loss, or of one
@@ -42,8 +46,9 @@ A trainer whose loss scaling is not in that table gets the ``Trainer`` rule with
 :class:`LossScale`) to state your own.
 
 Resume: ``trainer.train(resume_from_checkpoint=...)`` restores the statistics from the checkpoint's
-``weightgeom.safetensors`` (exact: sums, counts and the subsampling generator), and the JSONL stream
-drops rows after the resumed step. Streaming (``IterableDataset``) training needs nothing extra.
+``weightgeom.safetensors`` (exact: sums, counts, the subsampling generator, and ``W0`` from the file its
+digest names), and the JSONL stream drops rows after the resumed step. Streaming (``IterableDataset``)
+training needs nothing extra. DeepSpeed is refused in one line (FSDP2 is the supported sharding).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from weightgeom.core.processes import refuse_deepspeed
 from weightgeom.core.sinks import JsonlSink, MultiSink, TensorBoardSink, truncate_after
 from weightgeom.hooks import keys
 from weightgeom.hooks.protocol import Suite
@@ -201,8 +207,10 @@ class WeightGeomCallback(TrainerCallback):
     # ----- events --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         trainer = self.trainer = self.trainer or self._find_trainer()
+        refuse_deepspeed(bool(getattr(trainer, "is_deepspeed_enabled", False) or args.deepspeed))
         model = trainer.model
-        self.suite = InstrumentSuite(model, self.config, seed=args.seed if self.seed is None else self.seed)
+        self.suite = InstrumentSuite(model, self.config, seed=args.seed if self.seed is None else self.seed,
+                                     reference_dir=Path(args.output_dir) / DIR)
         optimizer = trainer.optimizer if optimizer is None else optimizer
         self.suite.attach(model, getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch one
         self._wrap_compute_loss(trainer)
@@ -216,7 +224,8 @@ class WeightGeomCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.suite is not None:
-            self.suite.before_optimizer_step()
+            step = state.global_step + 1  # the Trainer counts the step after it
+            self.suite.before_optimizer_step(step, force=step >= state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.suite is None:

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from weightgeom.core.checkpoint import checkpoint_dir, load_instruments, load_trainer_state, set_rng_state
 from weightgeom.core.config import RunConfig, TrainConfig
-from weightgeom.core.rundir import RunDirectory
+from weightgeom.core.processes import refuse_deepspeed
+from weightgeom.core.rundir import SNAPSHOT_DIR, RunDirectory
 from weightgeom.core.runinfo import model_facts, now, versions
 from weightgeom.core.sharding import (
     is_sharded,
@@ -106,9 +107,11 @@ class TrainingSession:
                                        project_dir=str(run_dir))
         if train.fsdp and self.accelerator.distributed_type != DistributedType.FSDP:  # else accelerate shards it
             shard_model(model, self.accelerator.device)
+        refuse_deepspeed(self.accelerator.distributed_type == DistributedType.DEEPSPEED)
         self.optimizer = make_optimizer(model.parameters(), train)
         self.scheduler = make_scheduler(self.optimizer, train)
-        self.suite = build_suite(model, cfg.instruments, cfg.seed)
+        # W0 is written once per phase beside the report snapshots (a checkpoint names it by digest)
+        self.suite = build_suite(model, cfg.instruments, cfg.seed, reference_dir=Path(run_dir) / SNAPSHOT_DIR)
         self.restored: dict = {}  # a resumed run's carried state (see carry)
         self.start_step = self._resume(Path(resume)) if resume is not None else 0
         # One process owns the directory (under torchrun the others would race it).
@@ -218,6 +221,7 @@ class TrainingSession:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.train.max_grad_norm or float("inf")))
         apply = self.guard.check(step, grad_norm=grad_norm, loss_finite=loss_finite, model=self.model)
         if apply:
+            self.suite.before_optimizer_step(step, force=step == self.train.steps)  # captures only a due step's views
             self.optimizer.step()
         elif self._stash is not None:
             self.suite.restore_covariance(self._stash)

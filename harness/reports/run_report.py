@@ -80,28 +80,52 @@ def _finite(t: torch.Tensor) -> bool:
 
 def k_curves(state: dict, ks: list[int]) -> dict[str, tuple[list[int], list[float]]]:
     """Relative RSF_in of each role's cumulative delta against the top-k of its ``C_a``, for every
-    k in ``ks``, averaged over layers (recomputed from snapshot tensors). Layers whose delta or
-    covariance holds a NaN or inf are left out (health.snapshot_non_finite names them)."""
+    k in ``ks``, averaged over layers. From the snapshot's ``curve_in/L{i}/{r}/{energy,sq_norm}`` (the
+    delta's energy along each top eigenvector of ``C_a``, recorded by the phase's last metric computation),
+    or, in a snapshot written before those existed, recomputed from its ``weights/L{i}/{r}/delta``. Layers
+    whose numbers hold a NaN or inf are left out (health.snapshot_non_finite names them)."""
     per_role: dict[str, list[dict[int, float]]] = defaultdict(list)
     for key in state:
         parsed = keys.parse_state_key(key)
-        if parsed is None or parsed[0] != "weights" or parsed[3] != "delta":
+        if parsed is None:
             continue
-        _, layer, role, _ = parsed
-        cov_key = keys.state_key("cov_in", keys.matrix_key(layer, GROUP_OF_ROLE.get(role, "")), "sum_outer")
-        if cov_key not in state or not (_finite(state[key]) and _finite(state[cov_key])):
+        family, layer, role, field = parsed
+        if family == keys.CURVE_IN and field == "energy":
+            curve = _recorded_curve(state, keys.matrix_key(layer, role), ks)
+        elif family == keys.WEIGHTS and field == "delta":
+            curve = _legacy_curve(state, key, layer, role, ks)
+        else:
             continue
-        dW = state[key].double()
-        _, evecs = geo.sym_eigh(state[cov_key].double())
-        usable = [k for k in ks if k < dW.shape[1]]
-        if usable and dW.norm() > 0:
-            per_role[role].append(geo.rsf_curve(dW, evecs, usable, side="in"))
+        if curve:
+            per_role[role].append(curve)
     curves = {}
     for role in ROLES:
         if per_role.get(role):
             common = sorted(set.intersection(*(set(c) for c in per_role[role])))
             curves[role] = (common, [sum(c[k] for c in per_role[role]) / len(per_role[role]) for k in common])
     return curves
+
+
+def _recorded_curve(state: dict, matrix: str, ks: list[int]) -> dict[int, float]:
+    energy = state[keys.state_key(keys.CURVE_IN, matrix, "energy")].double()
+    total = state[keys.state_key(keys.CURVE_IN, matrix, "sq_norm")].double()
+    group = keys.matrix_key(int(matrix.split("/")[0][1:]), GROUP_OF_ROLE.get(matrix.split("/")[1], ""))
+    cov = state.get(keys.state_key("cov_in", group, "sum_outer"))
+    n = cov.shape[0] if cov is not None else None
+    if n is None or not (_finite(energy) and _finite(total)) or float(total) <= 0:
+        return {}
+    cumulative = torch.cumsum(energy, 0)
+    return {k: float(cumulative[k - 1] / total) * n / k for k in ks if k <= energy.shape[0] and k < n}
+
+
+def _legacy_curve(state: dict, key: str, layer: int, role: str, ks: list[int]) -> dict[int, float]:
+    cov_key = keys.state_key("cov_in", keys.matrix_key(layer, GROUP_OF_ROLE.get(role, "")), "sum_outer")
+    if cov_key not in state or not (_finite(state[key]) and _finite(state[cov_key])):
+        return {}
+    dW = state[key].double()
+    _, evecs = geo.sym_eigh(state[cov_key].double())
+    usable = [k for k in ks if k < dW.shape[1]]
+    return geo.rsf_curve(dW, evecs, usable, side="in") if usable and dW.norm() > 0 else {}
 
 
 def training_table(rows: list[dict], throughput: bool = True) -> str | None:

@@ -10,78 +10,72 @@ Three quantities, one per subspace (docs/metrics.md):
 
 Each reports the cumulative delta, the last update and the last gradient (``keys.VIEWS``), the exact
 z-score of the cumulative delta against random k-subspaces, and the eigengap of the subspace used.
-Matrices of the same shape are measured together (one batched product per view).
+A quantity first declares what it needs of each matrix (:meth:`requests`: a basis and the views), the
+measurement reads every matrix once for all quantities, then :meth:`compute` turns the energies into
+metrics: ``RSF = sum of the first k energies / ‖M‖²``.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-
-import torch
 from torch import Tensor
 
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks import keys
-from weightgeom.hooks.measurement import Measurement, Values, Written
-from weightgeom.hooks.roles import WRITE_ROLES
+from weightgeom.hooks.measurement import Measurement, Reduced, Request, Values
+from weightgeom.hooks.roles import WRITE_ROLES, TrackedMatrix
 
 
-def relative_rsf_family(m: Measurement, family: str, items: list[tuple[Written, Tensor, int]],
-                        views: tuple[str, ...] = keys.VIEWS) -> Values:
-    """``{family}{view}/L{i}/{r}`` (relative RSF) for each ``(written, basis, k)`` and view, and the
-    cumulative view's z-score. ``basis`` is (n, k) for the input side (family ``rsf_in*``), (m, k) for
-    the output side."""
-    side = "in" if family.startswith("rsf_in") else "out"
-    groups: dict[tuple, list[tuple[Written, Tensor]]] = defaultdict(list)
-    for w, basis, k in items:
-        groups[(w.shape, k)].append((w, basis))
+def rsf_metrics(m: Measurement, family: str, tm: TrackedMatrix, name: str, k: int, dim: int,
+                views: tuple[str, ...] = keys.VIEWS, gain: Tensor | None = None) -> Values:
+    """``{family}{view}/L{i}/{r}`` (relative RSF) of ``tm``'s views against the basis requested under
+    ``name`` (its first ``k`` directions), and the cumulative view's z-score when the family has one."""
     out = Values()
-    for (shape, k), group in groups.items():
-        dim = shape[1] if side == "in" else shape[0]
-        bases = torch.stack([b.to(m.dtype) for _, b in group])
-        for view in views:
-            present = [i for i, (w, _) in enumerate(group) if w.views[view] is not None]
-            if not present:
-                continue
-            M = torch.stack([group[i][0].views[view].to(m.dtype) for i in present])
-            rsf = geo.rsf_batched(M, bases[present], side)
-            names = [group[i][0].tm.key for i in present]
-            out.add([keys.at(family + view, key) for key in names], rsf * (dim / k))
-            if view == "" and m.zscores and family in keys.RSF_FAMILIES:
-                z = geo.rsf_zscore_batched(rsf, M, k, side)
-                out.add([keys.at(keys.RSF_FAMILIES[family], key) for key in names], z)
+    for view in views:
+        r = m.result(tm, view, gain)
+        if r is None:
+            continue
+        rsf = _rsf(r, name, k)
+        out.add([keys.at(family + view, tm.key)], rsf * (dim / k))
+        if view == "" and m.zscores and family in keys.RSF_FAMILIES:
+            tr_a2 = m.tr_a2[(tm.key, "" if gain is None else "post")]
+            out.add([keys.at(keys.RSF_FAMILIES[family], tm.key)], geo.rsf_zscore_from_trace(rsf, tr_a2, k, dim))
     return out
 
 
-def gaps(family: str, items: list[tuple[Written, Tensor, int]]) -> Values:
-    """``{family}/L{i}/{r}``: eigengap at k of each matrix's spectrum (``items``: written, evals, k)."""
-    out = Values()
-    by_k: dict[tuple, list] = defaultdict(list)
-    for w, evals, k in items:
-        by_k[(k, evals.shape[0])].append((w, evals))
-    for (k, _), group in by_k.items():
-        spectra = torch.stack([e for _, e in group])
-        out.add([keys.at(family, w.tm.key) for w, _ in group], geo.eigengap_batched(spectra, k))
-    return out
+def _rsf(r: Reduced, name: str, k: int) -> Tensor:
+    return geo._safe_ratio(r.energies[name][:k].sum(), r.sq_norm)
 
 
 class InputRSF:
     """``rsf_in{,_update,_grad}``, ``z_in``, ``gap_in``, ``rsf_in_frozen`` for roles in ``input_roles``."""
 
+    def _measured(self, m: Measurement) -> list[TrackedMatrix]:
+        return [tm for tm in m.tracked if tm.role in m.input_roles and tm.group_key in m.eig_in]
+
+    def requests(self, m: Measurement) -> list[Request]:
+        out = []
+        for tm in self._measured(m):
+            vectors = m.eig_in[tm.group_key].vectors
+            j = min(max(m.k, m.curve_k), vectors.shape[0] - 1)  # the curve's energies come along
+            out.append(Request(tm, "in", "in", vectors[:, :j], zscore=m.zscores))
+            frozen = m.frozen.get(keys.at(keys.FROZEN_IN, tm.group_key))
+            if frozen is not None:
+                out.append(Request(tm, "in_frozen", "in", frozen, views=("",)))
+        return out
+
     def compute(self, m: Measurement) -> Values:
-        measured = [w for w in m.written if w.tm.role in m.input_roles and w.tm.group_key in m.eig_in]
-        live, spectra, frozen = [], [], []
-        for w in measured:
-            evals, evecs = m.eig_in[w.tm.group_key]
-            k = min(m.k, w.shape[1] - 1)
-            live.append((w, evecs[:, :k], k))
-            spectra.append((w, evals, k))
-            basis = m.frozen.get(keys.at(keys.FROZEN_IN, w.tm.group_key))
-            if basis is not None:
-                frozen.append((w, basis, basis.shape[1]))
-        out = relative_rsf_family(m, "rsf_in", live)
-        out.extend(gaps("gap_in", spectra))
-        out.extend(relative_rsf_family(m, "rsf_in_frozen", frozen, views=("",)))
+        out = Values()
+        for tm in self._measured(m):
+            if tm.key not in m.written:
+                continue
+            spectrum = m.eig_in[tm.group_key]
+            n = spectrum.vectors.shape[0]
+            k = min(m.k, n - 1)
+            out.extend(rsf_metrics(m, "rsf_in", tm, "in", k, n))
+            out.add([keys.at("gap_in", tm.key)], geo.eigengap_batched(spectrum.values[None], k))
+            frozen = m.frozen.get(keys.at(keys.FROZEN_IN, tm.group_key))
+            if frozen is not None:
+                out.extend(rsf_metrics(m, "rsf_in_frozen", tm, "in_frozen", frozen.shape[1], n, views=("",)))
         return out
 
 
@@ -89,17 +83,27 @@ class PredictionRSF:
     """``rsf_out_pred{,_update,_grad}``, ``z_out_pred`` for the write roles, and ``gap_pred``; nothing
     for a model without an unembedding (a reward model: the suite's ``skipped`` says so)."""
 
-    def compute(self, m: Measurement) -> Values:
+    def _items(self, m: Measurement) -> list[tuple[TrackedMatrix, int, Tensor | None]]:
         if not m.has_prediction:
-            return Values()
-        items = []
-        for w in m.written:
-            if w.tm.role in WRITE_ROLES:
-                k = min(m.k, w.shape[0] - 1)
-                items.append((m.residual_write(w), m.prediction(k)[0], k))  # post-norm: diag(g_post) dW
-        out = relative_rsf_family(m, "rsf_out_pred", items)
+            return []
+        out = []
+        for tm in m.tracked:
+            if tm.role in WRITE_ROLES:
+                dim = out_dim(tm)
+                out.append((tm, min(m.k, dim - 1), tm.post_norm_gain()))  # post-norm: diag(g_post) dW
+        return out
+
+    def requests(self, m: Measurement) -> list[Request]:
+        return [Request(tm, "pred", "out", m.prediction(k)[0], zscore=m.zscores, gain=gain)
+                for tm, k, gain in self._items(m)]
+
+    def compute(self, m: Measurement) -> Values:
+        out = Values()
+        items = [item for item in self._items(m) if item[0].key in m.written]
+        for tm, k, gain in items:
+            out.extend(rsf_metrics(m, "rsf_out_pred", tm, "pred", k, out_dim(tm), gain=gain))
         if items:
-            k = items[0][2]
+            k = items[0][1]
             out.add(["gap_pred"], geo.eigengap_batched(m.prediction(k)[1].pow(2)[None], k))
         return out
 
@@ -107,14 +111,29 @@ class PredictionRSF:
 class DeltaRSF:
     """``rsf_out_delta{,_update,_grad}``, ``z_out_delta``, ``gap_out_delta`` for roles with ``C_delta``."""
 
-    def compute(self, m: Measurement) -> Values:
-        live, spectra = [], []
-        for w in m.written:
-            if w.tm.key in m.eig_out:
-                evals, evecs = m.eig_out[w.tm.key]
-                k = min(m.k, w.shape[0] - 1)
-                live.append((w, evecs[:, :k], k))
-                spectra.append((w, evals, k))
-        out = relative_rsf_family(m, "rsf_out_delta", live)
-        out.extend(gaps("gap_out_delta", spectra))
+    def requests(self, m: Measurement) -> list[Request]:
+        out = []
+        for tm in m.tracked:
+            if tm.key in m.eig_out:
+                vectors = m.eig_out[tm.key].vectors
+                out.append(Request(tm, "delta", "out", vectors[:, :min(m.k, vectors.shape[0] - 1)], zscore=m.zscores))
         return out
+
+    def compute(self, m: Measurement) -> Values:
+        out = Values()
+        for tm in m.tracked:
+            if tm.key in m.eig_out and tm.key in m.written:
+                spectrum = m.eig_out[tm.key]
+                dim = spectrum.vectors.shape[0]
+                k = min(m.k, dim - 1)
+                out.extend(rsf_metrics(m, "rsf_out_delta", tm, "delta", k, dim))
+                out.add([keys.at("gap_out_delta", tm.key)], geo.eigengap_batched(spectrum.values[None], k))
+        return out
+
+
+def out_dim(tm: TrackedMatrix) -> int:
+    """The output dimension m of ``tm``'s (out, in) matrix."""
+    if tm.rows is not None:
+        return len(tm.rows)
+    w = getattr(tm.module, "base_layer", tm.module).weight
+    return w.shape[1] if tm.transposed else w.shape[0]

@@ -45,8 +45,11 @@ class Trained:
 def trained(request) -> Trained:
     model = make_model("llama")
     L0, L1 = layer(model, 0), layer(model, 1)
+    # the exact path (float32's error: tests/hooks/test_suite.py); every_step keeps the last update and gradient
+    # after the loop, so each quantity can be computed on its own below (the lean default, capture="due",
+    # takes them inside a due step: tests/hooks/test_lean_state.py); coherence is opt-in
     suite = InstrumentSuite(model, input_roles=ROLES, k=K, every_n=1000, dtype=torch.float64, seed=3,
-                            metric_dtype="float64")  # the exact path; float32's error: tests/hooks/test_suite.py
+                            metric_dtype="float64", capture="every_step", coherence=True)
     opt = (torch.optim.SGD(model.parameters(), lr=0.5) if request.param == "sgd"
            else torch.optim.AdamW(model.parameters(), lr=1e-2))
     watched = {"q": L0.self_attn.q_proj, "down": L1.mlp.down_proj, "o": L1.self_attn.o_proj}

@@ -24,7 +24,7 @@ from weightgeom.hooks.suite import InstrumentSuite
 
 WORLD = 2
 K = 4
-SUITE_KW = dict(k=K, every_n=1, dtype=torch.float64, seed=0)
+SUITE_KW = dict(k=K, every_n=1, dtype=torch.float64, seed=0, coherence=True)  # coherence is opt-in
 
 
 def _batches():
@@ -46,7 +46,7 @@ def run(rank: int, world: int, sharding: str = "ddp") -> dict:
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     suite = InstrumentSuite(model, **SUITE_KW)
-    metrics = []
+    metrics, solved = [], []
     with suite.attached(net, opt):
         for step, full in enumerate(_batches(), 1):
             n = int((full["labels"][:, 1:] != -100).sum())
@@ -58,10 +58,11 @@ def run(rank: int, world: int, sharding: str = "ddp") -> dict:
             (loss_sum * world / n).backward()
             opt.step()
             metrics.append(suite.after_optimizer_step(step))
+            solved.append(set(suite.solved))
     snapshot = suite.snapshot_state()  # collective: every rank calls it, as a trainer's checkpoint does
     resumed = InstrumentSuite(model, **SUITE_KW)
     resumed.load_state_dict(snapshot)  # every rank loads the same (process-summed) snapshot
-    return {"local": suite.cov.state_dict(), "global": suite.cov.global_state(), "metrics": metrics,
+    return {"local": suite.cov.state_dict(), "global": suite.cov.global_state(), "metrics": metrics, "solved": solved,
             "resumed_global": resumed.cov.global_state(), "snapshot": snapshot,
             "resumed_snapshot": resumed.snapshot_state(),
             "weights": [whole(p.detach()).clone() for p in model.parameters()]}
@@ -124,6 +125,17 @@ def test_metrics_after_reduction_equal_single_process(results):
         assert "rsf_out_delta/L1/o" in got and "spike_in/L0/attn_in/top1" in got
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("name", ["results", "fsdp_results"])
+def test_the_eigendecompositions_are_split_over_the_processes_not_repeated(name, request):
+    """Each covariance's spectrum is computed by one process (longest first onto the least loaded) and
+    shared; together the processes computed exactly what one process computes alone."""
+    ranks, single = request.getfixturevalue(name)
+    for step, alone in enumerate(single["solved"]):
+        mine = [res["solved"][step] for res in ranks]
+        assert all(mine) and not set.intersection(*mine), (step, mine)
+        assert set.union(*mine) == alone, step
 
 
 def test_resume_from_snapshot_counts_each_token_once(results):
