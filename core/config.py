@@ -5,6 +5,8 @@ default shown here. ``load_config(path, overrides)`` reads it, applies ``key.sub
 from the command line (values parsed as YAML, so ``train.lr=1e-3`` is a float and
 ``instruments.roles=[q,o]`` a list), and validates: an unknown key, a wrong type or an invalid
 choice is a :class:`ConfigError` naming the key and the file.
+
+A field's help, what ``harness keys`` prints beside it, is its ``metadata["help"]``.
 """
 
 from __future__ import annotations
@@ -55,13 +57,14 @@ def _non_negative(obj: Any, *names: str) -> None:
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"  # "tiny" (built from this config) or a local HF model directory
-    arch: str = "llama"  # a row of weightgeom.hooks.roles.ARCHITECTURES
+    source: str = field(default="tiny", metadata={
+        "help": '"tiny" (built from this config) or a local HF model directory'})
+    arch: str = field(default="llama", metadata={"help": "a row of weightgeom.hooks.roles.ARCHITECTURES"})
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int | None = None
-    intermediate_size: int | None = None  # default: 4 * hidden_size
+    intermediate_size: int | None = field(default=None, metadata={"help": "default: 4 * hidden_size"})
     max_seq_len: int = 256
     tie_word_embeddings: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -77,7 +80,8 @@ class ModelConfig:
 
 @dataclass
 class TokenizerConfig:
-    source: str = "stdlib-bpe"  # trained locally on Python's stdlib sources, or a local directory
+    source: str = field(default="stdlib-bpe", metadata={
+        "help": "trained locally on Python's stdlib sources, or a local directory"})
     vocab_size: int = 4096
     cache_dir: str = "~/.cache/weightgeom"
 
@@ -89,11 +93,12 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    source: str | list[str] = "stdlib"  # "stdlib" or local .txt/.jsonl/.json/.parquet files/dirs
+    source: str | list[str] = field(default="stdlib", metadata={
+        "help": '"stdlib" or local .txt/.jsonl/.json/.parquet files/dirs'})
     text_field: str = "text"
     seq_len: int = 128
     eval_fraction: float = 0.02
-    max_tokens: int | None = 2_000_000  # cap on tokens read from the corpus
+    max_tokens: int | None = field(default=2_000_000, metadata={"help": "cap on tokens read from the corpus"})
 
     def __post_init__(self) -> None:
         _positive(self, "seq_len")
@@ -117,12 +122,16 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 4
-    save_every: int = 0  # 0: checkpoint only at the end
-    keep_checkpoints: int = 0  # keep only the newest N checkpoints (the final one is the newest); 0: all
+    save_every: int = field(default=0, metadata={"help": "0: checkpoint only at the end"})
+    keep_checkpoints: int = field(default=0, metadata={
+        "help": "keep only the newest N checkpoints (the final one is the newest); 0: all"})
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    fsdp: bool = False  # shard the model over the processes (FSDP2, core/sharding.py); DDP otherwise
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient stops the run, or skips the step
-    stall_patience: int = 20  # stop after this many consecutive all-zero-gradient (or skipped) steps; 0: never
+    fsdp: bool = field(default=False, metadata={
+        "help": "shard the model over the processes (FSDP2, core/sharding.py); DDP otherwise"})
+    on_nonfinite: Literal["stop", "skip"] = field(default="stop", metadata={
+        "help": "a NaN/inf loss or gradient stops the run, or skips the step"})
+    stall_patience: int = field(default=20, metadata={
+        "help": "stop after this many consecutive all-zero-gradient (or skipped) steps; 0: never"})
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "lr", "log_every")
@@ -233,9 +242,13 @@ class AlignConfig:
     data: str = "embedded"
     n_pairs: int = 512
     max_len: int = 128
-    beta: float = 0.1  # checked where it is used (weightgeom.trainers.losses.check_beta)
-    eval_fraction: float = 0.1  # pairs held out for eval/pref_* (whole pairs, seeded; at least 1 of >= 10)
-    objectives: list[Objective] = field(default_factory=lambda: [TrlObjective(name="dpo")])
+    beta: float = field(default=0.1, metadata={
+        "help": "checked where it is used (weightgeom.trainers.losses.check_beta)"})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "pairs held out for eval/pref_* (whole pairs, seeded; at least 1 of >= 10)"})
+    objectives: list[Objective] = field(default_factory=lambda: [TrlObjective(name="dpo")], metadata={
+        "help": "one alignment run per entry, each a mapping with name, loss and that loss's keys "
+                "(align.objectives[].* below)"})
     lora: LoraConfig | None = None
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=100, batch_size=8, lr=5e-4, warmup_steps=5, eval_every=0, max_grad_norm=1.0))
@@ -272,7 +285,8 @@ class Rank1Config:
 
     INPUTS: ClassVar[tuple[str, ...]] = ("max_pairs", "text_blocks")
 
-    roles: list[str] = field(default_factory=lambda: ["q", "k", "o", "down"])  # the read and write pathways
+    roles: list[str] = field(default_factory=lambda: ["q", "k", "o", "down"], metadata={
+        "help": "the read and write pathways"})
     layers: list[int] | None = None
     eps: float = 0.5
     eps_small: float | None = None
@@ -327,7 +341,8 @@ class RunConfig:
     seed: int = 0
     stages: list[Literal["pretrain", "align", "rank1", "report"]] = field(
         default_factory=lambda: ["pretrain", "report"])
-    init_from: str | None = None  # a checkpoint / HF model dir to start from (align-only runs)
+    init_from: str | None = field(default=None, metadata={
+        "help": "a checkpoint / HF model dir to start from (align-only runs)"})
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -336,7 +351,8 @@ class RunConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     rank1: Rank1Config = field(default_factory=Rank1Config)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    sweep: list[dict[str, Any]] = field(default_factory=list)  # asymmetry_scale: one override set per run
+    sweep: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "help": "asymmetry_scale: one override set per run"})
 
     def __post_init__(self) -> None:
         _require(not ("align" in self.stages and not self.align.objectives), "align.objectives",

@@ -1,5 +1,5 @@
-"""Which process this is under ``torchrun`` / ``accelerate launch``, and steps that only the main
-process may take (creating a run directory, writing a report).
+"""Which process this is under ``torchrun`` / ``accelerate launch``, steps that only the main
+process may take (creating a run directory, writing a report), and whether a process still runs.
 
 The trainers' ``Accelerator`` sets the process group up; a pipeline needs it earlier, to create its
 run directory once, so it asks for accelerate's ``PartialState`` here (the state every
@@ -8,6 +8,7 @@ run directory once, so it asks for accelerate's ``PartialState`` here (the state
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -58,3 +59,15 @@ def refuse_deepspeed(enabled: bool) -> None:
         raise RuntimeError("weightgeom: DeepSpeed is not supported by the instruments (ZeRO-3 partitions the weights, "
                            "ZeRO-1/2 replace the optimizer they hook); shard with FSDP2 instead (accelerate's FSDP "
                            "plugin with fsdp_version: 2, or train.fsdp: true in a recipe)")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this machine (another user's counts: signalling it is
+    refused, not unknown). Tells a killed writer's leftovers from a concurrent writer's work in progress."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

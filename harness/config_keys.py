@@ -1,30 +1,23 @@
-"""``harness keys``: every recipe key with its type, default and the comment beside its field.
+"""``harness keys``: every recipe key with its type, default and help.
 
 Built from the config dataclasses themselves (``weightgeom.core.config``,
-``weightgeom.hooks.suite.SuiteConfig``), so the list cannot drift from what the loader accepts.
-Alignment objectives are listed per ``loss``.
+``weightgeom.hooks.suite.SuiteConfig``), so the list cannot drift from what the loader accepts; the help
+is each field's ``metadata["help"]`` (``field(default=..., metadata={"help": "..."})``), empty where a
+field has none. Alignment objectives are listed per ``loss``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import re
 import typing
 from typing import Any
 
 from weightgeom.core.config import OBJECTIVES, RunConfig
 
-_FIELD_COMMENT = re.compile(r"^\s+(\w+):[^#\n]*#\s*(.+)$")
 
-
-def _comments(cls: type) -> dict[str, str]:
-    """``{field: its trailing source comment}`` for a dataclass (empty when the source is unavailable)."""
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    return {m.group(1): m.group(2).strip() for m in map(_FIELD_COMMENT.match, source.splitlines()) if m}
+def field_help(f: dataclasses.Field) -> str:
+    """The help a config field carries in its metadata (empty when it has none)."""
+    return f.metadata.get("help", "")
 
 
 def _type_text(tp: Any) -> str:
@@ -42,27 +35,24 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def config_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """``[(dotted key, type, default, comment)]`` for every leaf field of ``cls`` (sections recursed)."""
+    """``[(dotted key, type, default, help)]`` for every leaf field of ``cls`` (sections recursed)."""
     rows = []
     hints = typing.get_type_hints(cls)
-    comments = _comments(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         section = tp if dataclasses.is_dataclass(tp) else (inner[0] if len(inner) == 1 and
                                                            dataclasses.is_dataclass(inner[0]) else None)
-        if f.name == "objectives":
-            rows.append((f"{prefix}{f.name}", "list of objectives", [o.name for o in _default(f)],
-                         "one alignment run per entry, each a mapping with name, loss and that loss's keys "
-                         "(align.objectives[].* below)"))
+        if f.name == "objectives":  # one dataclass per loss: listed per loss by format_keys
+            rows.append((f"{prefix}{f.name}", "list of objectives", [o.name for o in _default(f)], field_help(f)))
             continue
         if section is not None:
             if section is not tp:
                 rows.append((f"{prefix}{f.name}", _type_text(tp), None,
-                             " ".join(filter(None, [comments.get(f.name), "optional section: null = off"]))))
+                             " ".join(filter(None, [field_help(f), "optional section: null = off"]))))
             rows += config_keys(section, f"{prefix}{f.name}.")
             continue
-        rows.append((f"{prefix}{f.name}", _type_text(tp), _default(f), comments.get(f.name, "")))
+        rows.append((f"{prefix}{f.name}", _type_text(tp), _default(f), field_help(f)))
     return rows
 
 
@@ -71,15 +61,15 @@ def format_keys(filter_text: str | None = None) -> str:
     lines = []
     rows = config_keys()
     for loss, cls in OBJECTIVES.items():
-        rows += [(f"align.objectives[].{key}", tp, default, comment + (f" [loss: {loss}]"))
-                 for key, tp, default, comment in config_keys(cls) if key != "loss"]
+        rows += [(f"align.objectives[].{key}", tp, default, help_text + f" [loss: {loss}]")
+                 for key, tp, default, help_text in config_keys(cls) if key != "loss"]
     seen = set()
-    for key, tp, default, comment in rows:
+    for key, tp, default, help_text in rows:
         if filter_text and filter_text not in key:
             continue
-        if (key, comment) in seen:
+        if (key, help_text) in seen:
             continue
-        seen.add((key, comment))
+        seen.add((key, help_text))
         text = f"{key}  ({tp}, default {default!r})"
-        lines.append(text + (f"\n      {comment}" if comment else ""))
+        lines.append(text + (f"\n      {help_text}" if help_text else ""))
     return "\n".join(lines)

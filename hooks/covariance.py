@@ -7,7 +7,8 @@ G):
     C_a     = (1/N) sum_t a_t a_t^T            (n x n, one per *input group*: q/k/v share one)
     C_delta = (1/N) sum_t delta_t delta_t^T    (m x m, one per role on the output side)
 
-How the hooks count (each point is a measured pitfall, see DESIGN.md section 3):
+How the hooks count (each point is a measured pitfall, pinned by tests/hooks/test_covariance.py; the
+rules are in docs/metrics.md, "Statistics accumulated while training"):
 
 * A forward hook on the module computes the pending input sums eagerly and registers a tensor hook
   on the module's output. Only when that tensor hook fires, i.e. when backward actually flows

@@ -3,8 +3,9 @@
 from importlib.resources import files
 from pathlib import Path
 
-# This folder is installed as ``weightgeom.recipes`` (pyproject.toml's package-dir); imported by its bare
-# folder name (``import recipes`` from the repository root) it would be a second copy of every module.
+# This folder is the package ``weightgeom.recipes`` through the link weightgeom/recipes -> ../recipes, which
+# pyproject.toml's packages.find (include weightgeom*) installs; imported by its bare folder name
+# (``import recipes`` from the repository root) it would be a second copy of every module.
 if __name__ != "weightgeom.recipes":
     raise ImportError(f"import weightgeom.recipes, not {__name__}: this folder is the package weightgeom.recipes "
                       "(pip install -e . from the repository root)")

@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers
 
+from weightgeom.core.models import build_tiny_model
+
 # One thread: the tests run tiny matmuls, for which a second thread costs more than it gives
 # (and on a busy 2-core machine, far more: 15.9 ms vs 0.03 ms measured for one small matmul).
 torch.set_num_threads(1)
@@ -18,29 +20,17 @@ VOCAB = 97
 REPO = Path(__file__).resolve().parents[1]  # the repository root
 
 
-def make_model(arch: str = "llama", hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):
-    """A tiny causal LM of the given family, dropout off, deterministic init."""
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    if arch in ("llama", "qwen2", "mistral"):
-        cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "mistral": transformers.MistralConfig}[arch]
-        cfg = cls(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=heads // 2 if arch != "llama" else heads,
-                  intermediate_size=2 * hidden, max_position_embeddings=64, **common)
-    elif arch == "gpt2":
-        cfg = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
-    elif arch == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                                         intermediate_size=2 * hidden, max_position_embeddings=64,
-                                         hidden_dropout=0.0, attention_dropout=0.0, **common)
-    else:
-        raise ValueError(arch)
-    cfg._attn_implementation = "eager"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(cfg)
-    return model
+# The tests' model size, small enough for a 2-core machine; qwen2 and mistral keep grouped-query attention
+# (2 key/value heads for 4 query heads), so that k and v are narrower than q somewhere in the suite.
+TINY_SIZES = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                  max_position_embeddings=64)
+GQA_KV_HEADS = {"qwen2": 2, "mistral": 2}
+
+
+def make_model(arch: str = "llama", *, seed: int = 0, **sizes):
+    """The project's one tiny-model builder, ``weightgeom.core.models.build_tiny_model``, at the tests'
+    sizes (``TINY_SIZES``; keywords such as ``num_layers=1`` replace them): dropout off, seeded init."""
+    return build_tiny_model(arch, seed=seed, **{**TINY_SIZES, "num_kv_heads": GQA_KV_HEADS.get(arch), **sizes})
 
 
 def make_batch(batch: int = 3, seq: int = 10, seed: int = 1, pad_last: int = 3):

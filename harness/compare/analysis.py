@@ -27,7 +27,6 @@ Memory: both models (fp32) and one delta per tracked matrix are held at once.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,133 +44,14 @@ from weightgeom.harness.compare.input_covariance import (
     sample_token_batches,
     snapshot_covariances,
 )
-from weightgeom.harness.compare.options import (
-    C_A_MODELS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_K,
-    DEFAULT_K_CURVE,
-    DEFAULT_N_TOKENS,
-    DEFAULT_SEQ_LEN,
-    UNEMBED_CHOICES,
-)
+from weightgeom.harness.compare.options import CompareOptions
 from weightgeom.harness.compare.report import write_compare_report
+from weightgeom.harness.compare.result import CompareResult, MatrixResult
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks import keys
-from weightgeom.hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
+from weightgeom.hooks.roles import WRITE_ROLES, TrackedMatrix, resolve_tracked, unembedding
 
-__all__ = ["CompareResult", "MatrixResult", "compare", "write_compare_report"]
-
-# The families that get a mean over layers, named as the live metrics name them.
-_MEAN_FAMILIES = ("rsf_in", "z_in", "rsf_out_pred", "z_out_pred", "rsf_out_pred_alt")
-
-
-@dataclass
-class MatrixResult:
-    """One (layer, role) matrix. RSF values are *relative* (RSF / (k / dim), 1.0 = isotropic) and
-    None where not measured: no delta, no ``C_a`` for the input group, or not a write role."""
-
-    layer: int
-    role: str
-    shape: tuple[int, int]  # (out, in)
-    delta_norm: float  # ||dW||_F
-    relative_delta: float | None  # ||dW||_F / ||W_base||_F (None when W_base is 0)
-    rsf_in: float | None = None
-    z_in: float | None = None
-    gap_in: float | None = None  # eigengap (l_k - l_{k+1}) / l_k of C_a at k_in
-    k_in: int | None = None
-    rsf_out_pred: float | None = None
-    z_out_pred: float | None = None
-    rsf_out_pred_alt: float | None = None  # against the other checkpoint's prediction subspace
-    k_out: int | None = None
-    curve_in: dict[int, float] = field(default_factory=dict)  # {k: relative RSF_in}
-    curve_out: dict[int, float] = field(default_factory=dict)  # {k: relative RSF_out (pred)}
-
-    @property
-    def key(self) -> str:
-        return f"L{self.layer}/{self.role}"
-
-    @property
-    def no_delta(self) -> bool:
-        return self.delta_norm == 0.0
-
-
-@dataclass
-class CompareResult:
-    """Everything :func:`compare` measured. ``no_delta`` is True when every tracked matrix is
-    identical in BASE and AFTER: there is nothing to analyse and no RSF is reported."""
-
-    base_dir: str
-    after_dir: str
-    model_type: str
-    k: int
-    k_curve: tuple[int, ...]
-    unembed: str  # whose W_U the prediction subspace came from: "after" or "base"
-    zscores: bool
-    seed: int
-    matrices: list[MatrixResult]
-    c_a_source: str | None = None  # None when nothing was measured (no delta)
-    c_a_tokens: dict[str, int] = field(default_factory=dict)  # tokens behind each group's C_a
-    c_a_file: str | None = None  # measured C_a saved in snapshot format (reusable as c_a=)
-    gap_pred: float | None = None  # eigengap of the squared singular values of W_U diag(g) at k
-    pred_overlap: float | None = None  # ||V_after^T V_base||_F^2 / k: 1 = same k-subspace
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def no_delta(self) -> bool:
-        return all(m.no_delta for m in self.matrices)
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted({m.layer for m in self.matrices})
-
-    @property
-    def roles(self) -> list[str]:
-        present = {m.role for m in self.matrices}
-        return [r for r in ROLES if r in present]
-
-    def metrics(self) -> dict[str, float]:
-        """Flat dict with the live metrics' keys (``rsf_in/L0/q``, ``z_out_pred/all/o``, ``gap_pred``, ...)
-        plus ``rsf_out_pred_alt/...`` (the other W_U) and ``delta_norm/L{i}/{r}``."""
-        out: dict[str, float] = {}
-        for m in self.matrices:
-            out[keys.metric("delta_norm", m.layer, m.role)] = m.delta_norm
-            for name in ("rsf_in", "z_in", "gap_in", "rsf_out_pred", "z_out_pred", "rsf_out_pred_alt"):
-                value = getattr(m, name)
-                if value is not None:
-                    out[keys.metric(name, m.layer, m.role)] = value
-        for family in _MEAN_FAMILIES:
-            for role, value in self.layer_means(family).items():
-                out[keys.layer_mean(family, role)] = value
-        if self.gap_pred is not None:
-            out["gap_pred"] = self.gap_pred
-        return out
-
-    def layer_means(self, name: str) -> dict[str, float]:
-        """``{role: mean over layers}`` of a MatrixResult field, over the layers where it is measured."""
-        values: dict[str, list[float]] = {}
-        for m in self.matrices:
-            value = getattr(m, name)
-            if value is not None:
-                values.setdefault(m.role, []).append(value)
-        return {r: sum(values[r]) / len(values[r]) for r in self.roles if r in values}
-
-    def curve_means(self, side: str) -> dict[str, tuple[list[int], list[float]]]:
-        """``{role: (ks, mean relative RSF over layers)}`` for side "in" or "out", over the k that
-        every measured layer has."""
-        name = "curve_in" if side == "in" else "curve_out"
-        out = {}
-        for role in self.roles:
-            curves = [getattr(m, name) for m in self.matrices if m.role == role and getattr(m, name)]
-            if curves:
-                ks = sorted(set.intersection(*(set(c) for c in curves)))
-                out[role] = (ks, [sum(c[k] for c in curves) / len(curves) for k in ks])
-        return out
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["no_delta"] = self.no_delta
-        data["metrics"] = self.metrics()
-        return data
+__all__ = ["CompareOptions", "CompareResult", "MatrixResult", "compare", "write_compare_report"]
 
 
 def zscore(dW: Tensor, rsf_value: float, k: int, side: str, enabled: bool) -> float | None:
@@ -180,43 +60,29 @@ def zscore(dW: Tensor, rsf_value: float, k: int, side: str, enabled: bool) -> fl
     return geo.rsf_zscore(dW, rsf_value, k, side) if enabled else None
 
 
-def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib", text_field: str = "text",
-            k: int = DEFAULT_K, k_curve: tuple[int, ...] | list[int] = DEFAULT_K_CURVE, unembed: str = "after",
-            c_a: str | Path | None = None, c_a_model: str = "base", n_tokens: int = DEFAULT_N_TOKENS,
-            seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = DEFAULT_BATCH_SIZE, zscores: bool = True,
-            seed: int = 0, tokenizer: str | Path | None = None,
-            device: str | torch.device | None = None, out_dir: str | Path | None = None) -> CompareResult:
+def compare(base_dir: str | Path, after_dir: str | Path, options: CompareOptions | None = None, *,
+            device: str | torch.device | None = None, out_dir: str | Path | None = None,
+            **overrides) -> CompareResult:
     """Static read/write analysis of ``dW = W_after - W_base`` for two local HF checkpoints.
 
     Args:
         base_dir, after_dir: local model directories (config.json + weights) of one supported
             architecture of the role table (or one its fallback maps by module names) with identical shapes.
-        text: the sample ``C_a`` is measured on: ``"stdlib"`` (the embedded corpus) or a local
-            .txt/.jsonl/.json/.parquet file or directory (``text_field`` names the column).
-        k: subspace dimension (capped at ``dim - 1`` per matrix, as in the live metrics).
-        k_curve: the k of the RSF-vs-k curves.
-        unembed: ``"after"`` (default; the live metrics' choice: the unembedding at measurement
-            time) or ``"base"``: whose ``W_U`` and final-norm gain span the prediction subspace.
-            The other one's value is reported too (``rsf_out_pred_alt``).
-        c_a: an instrument snapshot (``*.safetensors`` with ``cov_in/L{i}/{g}/sum_outer`` and
-            ``count``) to take ``C_a`` from instead of measuring it.
-        c_a_model: which checkpoint runs over the text to measure ``C_a`` (default BASE: the
-            activations the delta was written against, before the delta changed them).
-        n_tokens, seq_len, batch_size, seed: the token sample (non-padding tokens, chunk length
-            capped at the model's positions, forward batch, sampling seed).
-        zscores: exact z-scores of each RSF against random k-subspaces (closed form, as the live metrics).
-        tokenizer: tokenizer directory (default: the one saved in ``base_dir``).
+        options: what is measured and how (:class:`CompareOptions`: the text sample, ``k``, whose
+            ``W_U``, ``C_a`` from a snapshot, ...); default ``CompareOptions()``.
         device: where models and geometry run (default CUDA when available, else CPU).
         out_dir: when given, report.md, compare.json, PNGs (and the measured ``c_a.safetensors``).
+        **overrides: fields of ``options`` to replace: ``compare(base, after, k=4)`` is
+            ``compare(base, after, CompareOptions(k=4))``.
 
     Raises ValueError / FileNotFoundError naming the path, matrix, flag or snapshot key at fault.
     """
-    k_curve = tuple(int(v) for v in k_curve)
-    _check_options(k, k_curve, unembed, c_a_model, n_tokens, seq_len, batch_size)
+    options = (options or CompareOptions()).replace(**overrides)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if c_a is None and text != "stdlib" and not Path(text).exists():  # fail before loading two models
+    text = options.text
+    if options.c_a is None and text != "stdlib" and not Path(text).exists():  # fail before loading two models
         raise FileNotFoundError(f"--text {text!r} does not exist; use 'stdlib', a local file or a directory")
     # a .gguf file or short name: its dequantized directory (cached), whose tokenizer measures C_a
     base_dir, after_dir = _resolved("BASE", base_dir), _resolved("AFTER", after_dir)
@@ -226,17 +92,17 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
     tracked_base = resolve_tracked(base)  # an architecture without a role table fails here
     tracked_after = resolve_tracked(after)
     deltas, matrices = _deltas(tracked_base, tracked_after)
-    result = CompareResult(str(base_dir), str(after_dir), model_type, k, k_curve, unembed, zscores, seed, matrices)
+    result = CompareResult(str(base_dir), str(after_dir), model_type, options.k, options.k_curve, options.unembed,
+                           options.zscores, options.seed, matrices)
     if result.no_delta:
         result.notes.append("BASE and AFTER have identical weights in every tracked matrix: there is no delta, "
                             "so no RSF, z-score or curve is reported.")
     else:
-        if c_a is not None:
-            ca = _snapshot_c_a(c_a, tracked_base, deltas, device, result)
+        if options.c_a is not None:
+            ca = _snapshot_c_a(options.c_a, tracked_base, deltas, device, result)
         else:
-            model, tracked = (base, tracked_base) if c_a_model == "base" else (after, tracked_after)
-            ca = _measured_c_a(model, tracked, base_dir, tokenizer, text, text_field, n_tokens, seq_len, batch_size,
-                               seed, c_a_model, out_dir, result)
+            model, tracked = (base, tracked_base) if options.c_a_model == "base" else (after, tracked_after)
+            ca = _measured_c_a(model, tracked, base_dir, options, out_dir, result)
         _input_side(result, deltas, tracked_base, ca)
         _output_side(result, deltas, base, after)
     if out_dir is not None:
@@ -245,21 +111,6 @@ def compare(base_dir: str | Path, after_dir: str | Path, *, text: str = "stdlib"
 
 
 # ----- loading and consistency checks --------------------------------------------------------------
-
-def _check_options(k: int, k_curve: tuple[int, ...], unembed: str, c_a_model: str,
-                   n_tokens: int, seq_len: int, batch_size: int) -> None:
-    for flag, value in (("--n-tokens", n_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if k < 1:
-        raise ValueError(f"--k must be >= 1, got {k}")
-    if not k_curve or min(k_curve) < 1:
-        raise ValueError(f"--k-curve needs one or more k >= 1, got {list(k_curve)}")
-    if unembed not in UNEMBED_CHOICES:
-        raise ValueError(f"--unembed must be one of {UNEMBED_CHOICES}, got {unembed!r}")
-    if c_a_model not in C_A_MODELS:
-        raise ValueError(f"--c-a-model must be one of {C_A_MODELS}, got {c_a_model!r}")
-
 
 def _resolved(label: str, path: str | Path) -> Path:
     try:
@@ -330,9 +181,9 @@ def _snapshot_c_a(path: str | Path, tracked: list[TrackedMatrix], deltas: dict[s
     return ca
 
 
-def _measured_c_a(model: nn.Module, tracked: list[TrackedMatrix], base_dir: str | Path, tokenizer_dir,
-                  text: str, text_field: str, n_tokens: int, seq_len: int, batch_size: int, seed: int,
-                  c_a_model: str, out_dir, result: CompareResult) -> InputCovariances:
+def _measured_c_a(model: nn.Module, tracked: list[TrackedMatrix], base_dir: str | Path, options: CompareOptions,
+                  out_dir: str | Path | None, result: CompareResult) -> InputCovariances:
+    tokenizer_dir, text, n_tokens, seed = options.tokenizer, options.text, options.n_tokens, options.seed
     tokenizer = _tokenizer(tokenizer_dir or base_dir, "--tokenizer" if tokenizer_dir else "BASE")
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab_rows:
@@ -340,12 +191,12 @@ def _measured_c_a(model: nn.Module, tracked: list[TrackedMatrix], base_dir: str 
                          f"embedding has {vocab_rows} rows: pass the tokenizer the checkpoints were trained with "
                          "(--tokenizer DIR)")
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    seq_len = min(seq_len, max_positions) if max_positions else seq_len
-    texts = load_texts(text, text_field=text_field)
-    batches = sample_token_batches(tokenizer, texts, n_tokens=n_tokens, seq_len=seq_len, batch_size=batch_size,
-                                   seed=seed)
+    seq_len = min(options.seq_len, max_positions) if max_positions else options.seq_len
+    texts = load_texts(text, text_field=options.text_field)
+    batches = sample_token_batches(tokenizer, texts, n_tokens=n_tokens, seq_len=seq_len,
+                                   batch_size=options.batch_size, seed=seed)
     taken = sum(int(mask.sum()) for _, mask in batches)
-    source = (f"{c_a_model.upper()} model, forward only, on {taken} tokens of {text!r} "
+    source = (f"{options.c_a_model.upper()} model, forward only, on {taken} tokens of {text!r} "
               f"(chunks of <= {seq_len} tokens, seed {seed})")
     ca, collector = measure_input_covariances(model, tracked, batches, source)
     if taken < n_tokens:

@@ -5,25 +5,20 @@
     harness compare BASE AFTER --c-a RUN/align/g1.00/instruments/step_0000006.safetensors
 
 Prints the mean-over-layers table and writes report.md, compare.json and PNGs to --out.
-Python: weightgeom.harness.compare.analysis.compare(); the numbers and choices are explained in docs/compare.md.
+Python: weightgeom.harness.compare.analysis.compare(BASE, AFTER, CompareOptions(...)), the object these flags
+fill; the numbers and choices are explained in docs/compare.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from weightgeom.harness.compare.options import (
-    C_A_MODELS,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_K,
-    DEFAULT_K_CURVE,
-    DEFAULT_N_TOKENS,
-    DEFAULT_SEQ_LEN,
-    UNEMBED_CHOICES,
-)
+from weightgeom.harness.compare.options import C_A_MODELS, UNEMBED_CHOICES, CompareOptions
 
 DEFAULT_OUT = "compare"
+DEFAULTS = CompareOptions()  # every flag's default is the Python API's
 
 
 def _int_list(value: str) -> list[int]:
@@ -41,33 +36,40 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("base", help="BASE model directory (config.json + weights), e.g. RUN/pretrain/checkpoints/step_N, "
                    "a .gguf file or a short name (smollm2-135m-instruct)")
     p.add_argument("after", help="AFTER model directory of the same architecture and shapes")
-    p.add_argument("--text", default="stdlib",
+    p.add_argument("--text", default=DEFAULTS.text,
                    help="text sample for C_a: 'stdlib' (embedded corpus, default), a .txt/.jsonl/.json/.parquet "
                         "file or a directory")
-    p.add_argument("--text-field", default="text",
+    p.add_argument("--text-field", default=DEFAULTS.text_field,
                    help="column holding the text in .jsonl/.json/.parquet (default: text)")
-    p.add_argument("--k", type=int, default=DEFAULT_K,
-                   help=f"subspace dimension (default {DEFAULT_K}; capped at dim - 1)")
-    p.add_argument("--k-curve", type=_int_list, default=list(DEFAULT_K_CURVE),
-                   help=f"k values of the RSF-vs-k curves (default {','.join(map(str, DEFAULT_K_CURVE))})")
-    p.add_argument("--unembed", choices=UNEMBED_CHOICES, default="after",
+    p.add_argument("--k", type=int, default=DEFAULTS.k,
+                   help=f"subspace dimension (default {DEFAULTS.k}; capped at dim - 1)")
+    p.add_argument("--k-curve", type=_int_list, default=list(DEFAULTS.k_curve),
+                   help=f"k values of the RSF-vs-k curves (default {','.join(map(str, DEFAULTS.k_curve))})")
+    p.add_argument("--unembed", choices=UNEMBED_CHOICES, default=DEFAULTS.unembed,
                    help="whose W_U spans the prediction subspace (default after, as the live metrics)")
     p.add_argument("--c-a", dest="c_a", metavar="SNAPSHOT",
                    help="take C_a from an instrument snapshot (*.safetensors) instead of measuring it on --text")
-    p.add_argument("--c-a-model", choices=C_A_MODELS, default="base",
+    p.add_argument("--c-a-model", choices=C_A_MODELS, default=DEFAULTS.c_a_model,
                    help="which checkpoint runs over the text to measure C_a (default base)")
-    p.add_argument("--n-tokens", type=int, default=DEFAULT_N_TOKENS,
-                   help=f"non-padding tokens in the C_a sample (default {DEFAULT_N_TOKENS})")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN,
-                   help=f"tokens per sequence, capped at the model's positions (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help=f"sequences per forward (default {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--n-tokens", type=int, default=DEFAULTS.n_tokens,
+                   help=f"non-padding tokens in the C_a sample (default {DEFAULTS.n_tokens})")
+    p.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len,
+                   help=f"tokens per sequence, capped at the model's positions (default {DEFAULTS.seq_len})")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                   help=f"sequences per forward (default {DEFAULTS.batch_size})")
     p.add_argument("--no-zscores", action="store_true", help="skip the z-scores against random subspaces")
-    p.add_argument("--seed", type=int, default=0, help="seed of the token sample")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the token sample")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the one saved in BASE)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default ./{DEFAULT_OUT})")
     return p
+
+
+def options_from_args(args: argparse.Namespace) -> CompareOptions:
+    """The :class:`CompareOptions` the flags fill: each field is the flag of the same name (``--k-curve`` is
+    ``k_curve``), ``--no-zscores`` the one negated."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(CompareOptions) if f.name != "zscores"}
+    return CompareOptions(**given, zscores=not args.no_zscores)
 
 
 def compare_command(args: argparse.Namespace) -> int:
@@ -78,11 +80,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from weightgeom.harness.compare.report import mean_table  # noqa: PLC0415
 
     check_output_file(args.out, "--out")  # before any model is loaded
-    result = compare(args.base, args.after, text=args.text, text_field=args.text_field, k=args.k,
-                     k_curve=args.k_curve, unembed=args.unembed, c_a=args.c_a, c_a_model=args.c_a_model,
-                     n_tokens=args.n_tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                     zscores=not args.no_zscores, seed=args.seed, tokenizer=args.tokenizer, device=args.device,
-                     out_dir=args.out)
+    result = compare(args.base, args.after, options_from_args(args), device=args.device, out_dir=args.out)
     if result.no_delta:
         print(f"no delta: {result.notes[0]}")
     else:

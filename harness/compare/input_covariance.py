@@ -1,12 +1,12 @@
 """``C_a`` for a static comparison of two checkpoints: measured forward-only on a text sample, or
 read from an instrument snapshot.
 
-``C_a = (1/N) sum_t a_t a_t^T`` (uncentered, DESIGN.md section 2) over the non-padding tokens of a
-sample, one per *input group* (``L{i}/attn_in`` is read by q, k and v; ``L{i}/mlp_in`` by gate
-and up; ``L{i}/o_in`` by o; ``L{i}/down_in`` by down), exactly the statistic the live
-``CovarianceInstrument`` accumulates. Here no backward runs, so a forward pre-hook on one module
-per group adds the statistics immediately (the live instrument waits for backward only to skip
-no-grad passes; a static measurement *is* a no-grad pass).
+``C_a = (1/N) sum_t a_t a_t^T`` (uncentered; docs/metrics.md, "Statistics accumulated while
+training") over the non-padding tokens of a sample, one per *input group* (``L{i}/attn_in`` is read
+by q, k and v; ``L{i}/mlp_in`` by gate and up; ``L{i}/o_in`` by o; ``L{i}/down_in`` by down), exactly
+the statistic the live ``CovarianceInstrument`` accumulates. Here no backward runs, so a forward
+pre-hook on one module per group adds the statistics immediately (the live instrument waits for
+backward only to skip no-grad passes; a static measurement *is* a no-grad pass).
 
 Token sample (:func:`sample_token_batches`): documents are tokenized without special tokens and
 cut into consecutive chunks of at most ``seq_len`` tokens (no chunk crosses a document boundary,

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from weightgeom.harness.compare.result import CompareResult
 from weightgeom.harness.reports.markdown import markdown_table
 from weightgeom.harness.reports.plots import plot_rsf_k_curve
 from weightgeom.hooks.roles import WRITE_ROLES
-
-if TYPE_CHECKING:
-    from weightgeom.harness.compare.analysis import CompareResult
 
 MEAN_COLUMNS = ["role", "‖dW‖/‖W‖", "RSF_in", "z_in", "gap_in", "RSF_out (pred)", "z_out_pred",
                 "RSF_out (pred, other W_U)"]

@@ -15,6 +15,8 @@ import torch
 from datasets import Dataset
 
 import weightgeom.core.shards as shards
+import weightgeom.core.shards.corpus as shard_corpus
+import weightgeom.core.shards.prepare as shard_prepare
 from tests.conftest import REPO
 from weightgeom.core.config import load_config
 from weightgeom.core.data import _epoch_permutation, _epoch_seed, batch_indices, load_texts
@@ -173,8 +175,8 @@ def test_num_proc_2_gives_identical_shards(tokenizer, corpus, tmp_path):
 
 def test_windows_and_max_tokens_cap(tokenizer, corpus, tmp_path, monkeypatch):
     root, docs = corpus
-    monkeypatch.setattr(shards, "_WINDOW_CHARS", 500)  # many windows, as for a large corpus
-    monkeypatch.setattr(shards, "_MIN_WINDOW_CHARS", 100)
+    monkeypatch.setattr(shard_prepare, "_WINDOW_CHARS", 500)  # many windows, as for a large corpus
+    monkeypatch.setattr(shard_prepare, "_MIN_WINDOW_CHARS", 100)
     expected = [t for doc in encode(tokenizer, docs) for t in doc]
     full = prepare_corpus(str(root), tokenizer, tmp_path / "full", eval_fraction=0.0, progress=False)
     assert stream_of(full, "train").tolist() == expected
@@ -299,7 +301,7 @@ def test_load_corpus_caches_and_invalidates(tokenizer, corpus, tmp_path, monkeyp
     (entry,) = cache.iterdir()
     assert entry.name.startswith("corpus-") and len(held) > 0 and len(train) > len(held)
     calls = []
-    monkeypatch.setattr(shards, "prepare_corpus", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(shard_corpus, "prepare_corpus", lambda *a, **k: calls.append(a))
     again, _ = load_corpus(data_cfg(str(src)), tokenizer, seed=0, cache_dir=cache)
     assert calls == [] and torch.equal(again[0:len(again)], train[0:len(train)])  # reused, not prepared again
     monkeypatch.undo()
@@ -352,12 +354,12 @@ def test_interrupted_prepare_leaves_nothing_that_looks_prepared(tokenizer, corpu
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if killed while writing shards
 
-    monkeypatch.setattr(shards, "_write_splits", crash)
+    monkeypatch.setattr(shard_prepare, "_write_splits", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(str(root), tokenizer, out, progress=False)
     assert not out.exists() and not list(tmp_path.iterdir())  # the temporary directory is removed too
     # A kill leaves the temporary directory behind (no cleanup runs): simulate it.
-    monkeypatch.setattr(shards.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(shard_prepare.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(str(root), tokenizer, out, progress=False)
     (leftover,) = tmp_path.iterdir()
@@ -366,7 +368,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_prepared(tokenizer, corpu
         read_index(leftover)
     monkeypatch.undo()
     # Killed after the index was written but before the rename: the cache still prepares anew.
-    monkeypatch.setattr(shards.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(shard_prepare.shutil, "rmtree", lambda *a, **k: None)
     monkeypatch.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(KeyboardInterrupt()))
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):

@@ -76,7 +76,7 @@ def test_k_is_capped_at_dim_minus_one():
 
 @pytest.mark.parametrize("every_n, log_spaced, expected", [(3, False, {3, 6, 9}), (5, True, {1, 2, 4, 5, 8, 10})])
 def test_metrics_returned_exactly_at_scheduled_steps(every_n, log_spaced, expected):
-    model = make_model("llama", layers=1)
+    model = make_model("llama", num_layers=1)
     suite = InstrumentSuite(model, roles=("q", "o"), k=2, every_n=every_n, log_spaced=log_spaced, zscores=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batch = make_batch(batch=2, seq=6, pad_last=0)
