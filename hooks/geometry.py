@@ -150,6 +150,33 @@ def rsf_curve(dW: Tensor, basis: Tensor, ks: list[int], side: Side = "in") -> di
     return curve
 
 
+def subspace_energies(C: Tensor, V: Tensor) -> Tensor:
+    """``v_i^T C v_i`` for each column of ``V`` (d, j): the energy of the PSD ``C`` (d, d) along each
+    direction, in ``C``'s dtype. ``sum(energies[:k]) / tr C`` is the mass of ``C`` in the top-k span."""
+    return ((C @ V.to(C)) * V.to(C)).sum(0)
+
+
+def prediction_mass(C_delta: Tensor, V: Tensor, k: int) -> float:
+    """Relative mass of ``C_delta`` (m, m) in the subspace of the first ``k`` columns of ``V`` (m, j >= k):
+    ``tr(V_k^T C_delta V_k) / tr(C_delta)`` over its isotropic value ``k / m``, float64. With ``V`` the
+    prediction subspace this says whether the loss's per-token ``delta`` lies where the unembedding
+    reads (docs/metrics.md); 1.0 is no preference, ``m / k`` all of it. 0.0 for a zero ``C_delta``."""
+    C = C_delta.detach().double()
+    _check_square(C, "C_delta")
+    _check_basis(V, C.shape[0], "V", "C_delta's dimension")
+    _check_k(k, V.shape[1], "prediction_mass")
+    mass = _safe_ratio(subspace_energies(C, V.detach().double()[:, :k]).sum(), torch.diagonal(C).sum())
+    return float(mass) * C.shape[0] / k
+
+
+def mass_zscore(C_delta: Tensor, mass: float, k: int) -> float:
+    """Exact z-score of a (non-relative) mass ``tr(P C) / tr C`` against Haar-random k-subspaces: the
+    RSF null of :func:`rsf_null_moments` with ``A = C / tr C``, so ``tr(A²) = ‖C‖_F² / (tr C)²``."""
+    C = C_delta.detach().double()
+    tr_a2 = _safe_ratio(C.square().sum(), torch.diagonal(C).sum().square())
+    return rsf_zscore_from_trace(torch.tensor(float(mass), dtype=torch.float64), tr_a2, k, C.shape[0]).item()
+
+
 # ----- random-subspace baseline -------------------------------------------------------------------
 
 def haar_subspace(dim: int, k: int, generator: torch.Generator) -> Tensor:

@@ -21,6 +21,7 @@ ALL = "all"  # the layer label of a mean over layers
 # State families of instrument snapshots (docs/architecture.md, "Instrument state").
 COV_IN, COV_OUT, WEIGHTS, FROZEN_IN, PRED, META = "cov_in", "cov_out", "weights", "frozen_in", "pred", "meta"
 CURVE_IN = "curve_in"  # the cumulative delta's energy along the top eigenvectors of C_a (the reports' k-curves)
+CURVE_MASS = "curve_mass"  # C_delta's energy along the prediction subspace's directions (the mass k-curves)
 WEIGHT_STEPS = f"{WEIGHTS}/steps"
 W_U, GAIN = f"{PRED}/W_U", f"{PRED}/gain"  # in snapshots written before 2026-12-07 only
 
@@ -30,7 +31,7 @@ RSF_FAMILIES = {"rsf_in": "z_in", "rsf_out_pred": "z_out_pred", "rsf_out_delta":
 # phase start, the last optimizer update, the last raw gradient.
 VIEWS = ("", "_update", "_grad")
 # Families averaged over layers into ``{family}/all/{name}``.
-LAYER_MEAN_PREFIXES = ("rsf_", "z_")
+LAYER_MEAN_PREFIXES = ("rsf_", "z_", "mass_")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ CITED = re.compile(r"(?<![\w./-])((?:\.ci|benchmarks|core|docs|harness|hooks|rec
                    r"/[\w./-]*\w\.(?:py|md|yaml|sh|toml|txt))\b")
 # A key family at the start of an f-string, followed by a formatted field: a key built by hand.
 HAND_BUILT_KEY = re.compile(r"""\bf["'](?:rsf_\w*|z_\w+|gap_\w+|spike_\w+|coherence|cov_in|cov_out|weights|"""
-                            r"""frozen_in|curve_in|pred|meta)/\{""")
+                            r"""frozen_in|curve_in|curve_mass|mass_pred|pred|meta)/\{""")
 PACKAGES = ("hooks", "core", "trainers", "harness")
 # Any Markdown file named anywhere, as a path or a bare name (a design note named without its folder): a reader
 # will look for it. Names with a template or glob in them (``report$2.md``, ``*.md``) and URLs are not citations.

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from weightgeom.hooks.measurement import Measurement, Request, Values
 from weightgeom.hooks.quantities.coherence import Coherence
+from weightgeom.hooks.quantities.prediction_mass import PredictionMass
 from weightgeom.hooks.quantities.rsf import DeltaRSF, InputRSF, PredictionRSF
 from weightgeom.hooks.quantities.spikiness import Spikiness
 from weightgeom.hooks.quantities.subspace_error import SubspaceError
@@ -27,7 +28,7 @@ class Quantity(Protocol):
 
 
 DEFAULT_QUANTITIES: tuple[Quantity, ...] = (InputRSF(), PredictionRSF(), DeltaRSF(), Spikiness(), Coherence(),
-                                            SubspaceError())
+                                            SubspaceError(), PredictionMass())
 
-__all__ = ["DEFAULT_QUANTITIES", "Coherence", "DeltaRSF", "InputRSF", "PredictionRSF", "Quantity", "Spikiness",
-           "SubspaceError"]
+__all__ = ["DEFAULT_QUANTITIES", "Coherence", "DeltaRSF", "InputRSF", "PredictionMass", "PredictionRSF", "Quantity",
+           "Spikiness", "SubspaceError"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import make_model, token_loss_sum
-from tests.hooks.brute_force import K, Recorder, batches, layer, second_moment
+from tests.hooks.brute_force import K, Recorder, batches, kept, layer, second_moment
 from weightgeom.hooks.quantities import Quantity
 from weightgeom.hooks.roles import ROLES
 from weightgeom.hooks.suite import InstrumentSuite
@@ -31,6 +31,7 @@ class Trained:
     C_o_in: torch.Tensor  # L1 o_in
     C_down_in: torch.Tensor  # L1 down_in
     C_delta: torch.Tensor  # L1 o, per-token deltas at the per-token loss scale
+    o_deltas: torch.Tensor  # those deltas, one row per non-padding token (N, 32)
     dW: dict[str, torch.Tensor]
     update: dict[str, torch.Tensor]
     grads: dict[str, list[torch.Tensor]]
@@ -78,5 +79,6 @@ def trained(request) -> Trained:
                    C_o_in=second_moment(rec.inputs["o_in"], masks),
                    C_down_in=second_moment(rec.inputs["down_in"], masks),
                    C_delta=second_moment([e.grad for e in rec.eps["o"]], masks, scales=norms),
+                   o_deltas=torch.cat([kept(e.grad, mk) * s for e, mk, s in zip(rec.eps["o"], masks, norms)]),
                    dW={name: now[name] - start[name] for name in watched},
                    update={name: now[name] - before[name] for name in watched}, grads=dict(grads))

@@ -120,7 +120,8 @@ def test_the_state_holds_no_weight_sized_tensor_and_names_w0_by_its_file(tmp_pat
     state = suite.state_dict()
     shapes = {tuple(tm.weight().shape) for tm in suite.tracked}
     families = {keys.family(k) for k in state}
-    assert families <= {keys.COV_IN, keys.COV_OUT, keys.FROZEN_IN, keys.CURVE_IN, keys.WEIGHTS, keys.META}
+    assert families <= {keys.COV_IN, keys.COV_OUT, keys.FROZEN_IN, keys.CURVE_IN, keys.CURVE_MASS, keys.WEIGHTS,
+                        keys.META}
     for key, value in state.items():
         if keys.family(key) not in (keys.COV_IN, keys.COV_OUT):
             assert tuple(value.shape) not in shapes and value.numel() * value.element_size() <= 8192, key
