@@ -347,6 +347,14 @@ class CovarianceInstrument(Instrument):
         return covariance_from_sums(state[keys.state_key(keys.COV_OUT, key, "sum_outer")], None,
                                     state[keys.state_key(keys.COV_OUT, key, "count")])
 
+    def global_covariance(self, side: str, key: str) -> torch.Tensor:
+        """``C_a`` (side ``"in"``) or ``C_delta`` (``"out"``) of one key, float64, uncentered, from the sums
+        summed over processes (a collective per call: every process asks for the same keys in the same
+        order). One matrix at a time: a metric computation never holds every covariance twice."""
+        outer, count = (self.sums_in[key][0], self.sums_in[key][2]) if side == "in" else self.sums_out[key]
+        sums = all_reduce_sums({"outer": outer, "count": _count(count, outer.device)})
+        return covariance_from_sums(symmetric(sums["outer"]), None, sums["count"])
+
     def global_state(self) -> dict[str, torch.Tensor]:
         """State with the sums and counts summed over processes (identity without torch.distributed)."""
         state = self.state_dict()

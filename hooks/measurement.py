@@ -33,11 +33,13 @@ from weightgeom.hooks import eigensolver as eig
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks.covariance import CovarianceInstrument
 from weightgeom.hooks.distributed import all_reduce_sums, rank, world_size
-from weightgeom.hooks.roles import TrackedMatrix, has_unembedding, unembedding
+from weightgeom.hooks.roles import TrackedMatrix, has_unembedding, local, unembedding
 from weightgeom.hooks.updates import UpdateInstrument
 from weightgeom.hooks.views import gram_fro2
 
 VIEW_NAMES = {"": "delta", "_update": "update", "_grad": "grad"}  # metric suffix -> UpdateInstrument view
+DENSE_BATCH_BYTES = 1 << 28  # narrow covariances decomposed together up to 256 MB per batch
+GRAM_MAX_DIM = 2048  # a wider unembedding's top-k is solved matrix-free, without forming M^T M
 
 
 class Values:
@@ -133,10 +135,8 @@ class Measurement:
     live_grads: bool = False
     warm: dict[str, Tensor] = field(default_factory=dict)
     seed: int = 0
-    state: dict[str, Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.state = self.cov.global_state()  # a collective: every rank builds a Measurement
         self._prediction: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.reduced: dict[tuple[str, str, str], Reduced] = {}  # (matrix key, gain id, view) -> reductions
         self.tr_a2: dict[tuple[str, str], Tensor] = {}  # (matrix key, gain id) -> tr(A²) of the cumulative view
@@ -148,33 +148,44 @@ class Measurement:
     @cached_property
     def eig_in(self) -> dict[str, Spectrum]:
         """``{group key "L{i}/{g}": Spectrum}`` of every measured ``C_a``."""
-        return self._spectra("in", {key: self.cov.covariance_in(key, state=self.state) for key in self.cov.sums_in})
+        return self._spectra("in", {key: s[0].shape[0] for key, s in self.cov.sums_in.items()})
 
     @cached_property
     def eig_out(self) -> dict[str, Spectrum]:
         """``{role key "L{i}/{r}": Spectrum}`` of every measured ``C_delta``."""
-        return self._spectra("out", {key: self.cov.covariance_out(key, state=self.state) for key in self.cov.sums_out})
+        return self._spectra("out", {key: s[0].shape[0] for key, s in self.cov.sums_out.items()})
+
+    def covariance(self, side: str, key: str) -> Tensor:
+        """``C_a`` (``"in"``) or ``C_delta`` (``"out"``) of ``key``, summed over processes (a collective),
+        float64."""
+        return self.cov.global_covariance(side, key)
 
     def need(self, n: int) -> int:
         """Eigenvectors kept per covariance of width n: k + 1 (the gap), or the curve's."""
         return min(n, max(self.k, self.curve_k) + 1)
 
-    def _spectra(self, kind: str, matrices: dict[str, Tensor]) -> dict[str, Spectrum]:
-        owner = plan({key: _eig_cost(C.shape[0], self._is_full(C.shape[0])) for key, C in matrices.items()})
+    def _spectra(self, kind: str, widths: dict[str, int]) -> dict[str, Spectrum]:
+        """Every covariance of ``kind``, one at a time (a wide one's float64 copy is the largest thing alive),
+        narrow ones batched per width in chunks of about :data:`DENSE_BATCH_BYTES`; each by one process."""
+        owner = plan({key: _eig_cost(n, self._is_full(n)) for key, n in widths.items()})
         out: dict[str, Spectrum] = {}
-        dense: dict[int, list[str]] = defaultdict(list)
-        for key, C in matrices.items():
+        pending: dict[int, list[tuple[str, Tensor]]] = defaultdict(list)
+        for key, n in widths.items():
+            C = self.covariance(kind, key)  # a collective: every process takes every covariance
             if owner[key] != rank():
                 continue
             self.solves.append(f"{kind}:{key}")
-            if self._is_full(C.shape[0]):
-                dense[C.shape[0]].append(key)
-            else:
+            if not self._is_full(n):
                 out[key] = self._top(f"{kind}:{key}", C)
-        for names in dense.values():  # one batched eigendecomposition per width
-            out.update(self._full(names, [matrices[n] for n in names]))
-        return exchange(out, {key: self._spectrum_shape(C.shape[0]) for key, C in matrices.items()},
-                        _device(matrices), self.dtype)
+                continue
+            pending[n].append((key, C.to(self.dtype)))
+            if len(pending[n]) * n * n * C.element_size() >= DENSE_BATCH_BYTES:
+                out.update(self._full(pending.pop(n)))
+        for batch in pending.values():
+            out.update(self._full(batch))
+        device = next((s[0].device for s in (*self.cov.sums_in.values(), *self.cov.sums_out.values())),
+                      torch.device("cpu"))
+        return exchange(out, {key: self._spectrum_shape(n) for key, n in widths.items()}, device, self.dtype)
 
     def _is_full(self, n: int) -> bool:
         return n <= self.dense_max_dim or self.full_spectrum
@@ -183,8 +194,10 @@ class Measurement:
         """(values, vector rows, vector columns) exchanged for a covariance of width n."""
         return (n if self._is_full(n) else self.need(n), n, self.need(n))
 
-    def _full(self, names: list[str], matrices: list[Tensor]) -> dict[str, Spectrum]:
-        C = torch.stack([M.to(self.dtype) for M in matrices])
+    def _full(self, batch: list[tuple[str, Tensor]]) -> dict[str, Spectrum]:
+        names = [name for name, _ in batch]
+        C = torch.stack([M for _, M in batch])
+        batch.clear()
         evals, evecs = torch.linalg.eigh(eig.symmetrize(C))
         evals, evecs = evals.flip(-1), evecs.flip(-1)
         out = {}
@@ -223,36 +236,55 @@ class Measurement:
         return V, svals
 
     def prediction_spectrum(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`prediction` and the bound on its subspace error."""
+        """:meth:`prediction` and the bound on its subspace error (computed for the suite's k; NaN for
+        another k). One decomposition per measurement serves every k (the largest any quantity needs,
+        ``max(k, curve_k)``); it is reused across measurements while the unembedding and the final norm
+        are unchanged (their version counters: a frozen head, LoRA)."""
         if k not in self._prediction:
-            W_U, gain, layernorm = unembedding(self.model, self.arch)
-            d = W_U.shape[1]
-            if d <= self.dense_max_dim:  # the (d, d) Gram, exactly as geometry.prediction_subspace
-                M = _prediction_matrix(W_U, gain, layernorm, self.dtype)
-                full = eig.full_eigenpairs(M.T @ M, min(k, d - 1))
-                self._prediction[k] = (full.vectors[:, :k], full.values.sqrt(), full.error)
-            else:
-                self._prediction[k] = self._top_prediction(W_U, gain, layernorm, k)
+            values, vectors, at_k = self._prediction_solution()
+            error = at_k if k == min(self.k, vectors.shape[0] - 1) else torch.full_like(at_k, float("nan"))
+            self._prediction[k] = (vectors[:, :k], values.clamp_min(0.0).sqrt(), error)
         return self._prediction[k]
 
-    def _top_prediction(self, W_U: Tensor, gain: Tensor | None, layernorm: bool, k: int) -> tuple[Tensor, ...]:
-        """Matrix-free: ``X -> M^T (M X)`` costs ``2 vocab d`` per column (forming ``M^T M`` would be
-        ``vocab d^2``). One process solves; the others receive (under several processes)."""
+    def _prediction_solution(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(eigenvalues of M^T M (descending), its top eigenvectors, the bound at the suite's k)``."""
+        version = _versions(self.model, self.arch)
+        cached = self.warm.get("pred:solution")
+        if (version is not None and cached is not None and cached[0] == version and cached[1].dtype == self.dtype
+                and cached[2].shape[1] >= self.need(cached[2].shape[0])):
+            return cached[1], cached[2], cached[3]
+        W_U, gain, layernorm = unembedding(self.model, self.arch, copy=False)
         d = W_U.shape[1]
-        owner = plan({"pred": float(W_U.numel())})["pred"]
+        k, j = min(self.k, d - 1), self.need(d)
+        if d <= self.dense_max_dim:  # the (d, d) Gram, exactly as geometry.prediction_subspace
+            M = _prediction_matrix(W_U, gain, layernorm, self.dtype)
+            full = eig.full_eigenpairs(M.T @ M, k)
+            values, vectors, error = full.values, full.vectors[:, :j], full.error
+        else:
+            values, vectors, error = self._top_prediction(_PredictionOperator(W_U, gain, layernorm), k, j)
+        self.warm["pred:solution"] = (version, values, vectors, error)
+        return values, vectors, error
+
+    def _top_prediction(self, op: _PredictionOperator, k: int, j: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-j eigenpairs of ``M^T M``: matrix-free (``2 vocab d`` per column) above :data:`GRAM_MAX_DIM`,
+        else through the Gram (``vocab d^2`` once, then ``d^2`` per column); ``M`` is never materialised.
+        One process solves; the others receive it (under several processes)."""
+        d = op.d
+        owner = plan({"pred": float(op.W.numel())})["pred"]
         found = {}
         if owner == rank():
             self.solves.append("pred")
-            M = _prediction_matrix(W_U, gain, layernorm, torch.float32)
-            result = eig.top_eigenpairs(lambda X: (M.T @ (M @ X.float())).double(), d, min(k, d - 1),
-                                        device=W_U.device, warm=self.warm.get("pred"), seed=self.seed)
+            apply = op.gram_apply if d > GRAM_MAX_DIM else op.gram_matrix().__matmul__
+            result = eig.top_eigenpairs(apply, d, max(k, j - 1), device=op.W.device, warm=self.warm.get("pred"),
+                                        seed=self.seed)
             self.warm["pred"] = result.vectors
-            j = min(d, k + 1)
+            Y = result.vectors[:, : k + 1]
+            error = eig._ritz_error(apply(Y), Y, result.values[: k + 1], k)
             found["pred"] = Spectrum(result.values[:j].to(self.dtype), result.vectors[:, :j].to(self.dtype),
-                                     result.error.to(self.dtype), result.values.sum().to(self.dtype),
+                                     error.to(self.dtype), result.values.sum().to(self.dtype),
                                      result.values.square().sum().to(self.dtype), False)
-        s = exchange(found, {"pred": (min(d, k + 1), d, min(d, k + 1))}, W_U.device, self.dtype)["pred"]
-        return s.vectors[:, :k], s.values.clamp_min(0.0).sqrt(), s.error
+        s = exchange(found, {"pred": (j, d, j)}, op.W.device, self.dtype)["pred"]
+        return s.values, s.vectors, s.error
 
     # ----- per-matrix reductions ---------------------------------------------------------------------
     def reduce(self, requests: list[Request]) -> None:
@@ -307,7 +339,7 @@ class Measurement:
     def _collect(self, layout, local: dict) -> None:
         """Sum the per-process results over processes, then read which views exist and which matrices
         were written in one host read."""
-        device = next(iter(local.values())).device if local else _device(self.state)
+        device = next(iter(local.values())).device if local else _weights_device(self.tracked)
         flat = []
         for slot, bases, _ in layout:
             size = 3 + sum(j for _, j in bases)
@@ -401,9 +433,54 @@ def _gain_id(gain: Tensor | None) -> str:
     return "" if gain is None else "post"
 
 
-def _device(tensors) -> torch.device:
-    values = tensors.values() if isinstance(tensors, dict) else tensors
-    return next((t.device for t in values if isinstance(t, Tensor)), torch.device("cpu"))
+def _versions(model, arch) -> tuple[int, ...] | None:
+    """The version counters of the unembedding and final-norm weights (bumped by every in-place update),
+    or None when they cannot be trusted (sharded weights update their local shards)."""
+    from weightgeom.hooks.roles import arch_spec_for, unwrap_model  # noqa: PLC0415
+
+    spec, base = arch_spec_for(model, arch), unwrap_model(model)
+    tensors = []
+    for path in (spec.unembed, spec.final_norm):
+        module = base.get_submodule(path) if path else None
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor) or type(weight) is not torch.nn.Parameter:
+                return None
+            tensors.append(weight)
+    return tuple(t._version for t in tensors) + tuple(id(t) for t in tensors)
+
+
+def _weights_device(tracked: list[TrackedMatrix]) -> torch.device:
+    return local(getattr(tracked[0].module, "base_layer", tracked[0].module).weight).device
+
+
+class _PredictionOperator:
+    """``M = W_U diag(g) (I - 1 1^T / d)`` (the centring for LayerNorm only) applied without forming it:
+    ``M^T M X = P g * (W_U^T (W_U (g * P X)))`` with ``P`` the centring, float64 in and out, fp32 products
+    with the live ``W_U`` (no vocab x d copy)."""
+
+    def __init__(self, W: Tensor, gain: Tensor | None, layernorm: bool) -> None:
+        self.W, self.gain, self.layernorm, self.d = W, gain, layernorm, W.shape[1]
+
+    def _center(self, X: Tensor) -> Tensor:
+        return X - X.mean(0, keepdim=True) if self.layernorm else X
+
+    def _scale(self, X: Tensor) -> Tensor:
+        return X if self.gain is None else X * self.gain.to(X)[:, None]
+
+    def gram_apply(self, X: Tensor) -> Tensor:
+        Y = self._scale(self._center(X)).to(self.W.dtype)
+        Z = self.W.T @ (self.W @ Y)
+        return self._center(self._scale(Z.double()))
+
+    def gram_matrix(self) -> Tensor:
+        """``M^T M`` (d, d) float64."""
+        G = (self.W.T @ self.W).double()
+        G = self._scale(self._scale(G).T).T
+        if self.layernorm:
+            G = G - G.mean(0, keepdim=True)
+            G = G - G.mean(1, keepdim=True)
+        return eig.symmetrize(G)
 
 
 def _prediction_matrix(W_U: Tensor, gain: Tensor | None, layernorm: bool, dtype: torch.dtype) -> Tensor:

@@ -535,11 +535,14 @@ def _unembedding_module(base: nn.Module, spec: ArchSpec) -> nn.Module | None:
         return None
 
 
-def unembedding(model: nn.Module, arch: ArchSpec | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+def unembedding(model: nn.Module, arch: ArchSpec | str | None = None,
+                copy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """``(W_U (vocab, d), final-norm gain (d,) or None, layernorm)`` as whole fp32 copies (gathered
     when the model is sharded: a collective). The gain is the effective one, ``gain_offset + weight``
     (Gemma's RMSNorm: ``1 + weight``); None for a norm without affine parameters (OLMo). Raises
-    :class:`NoUnembedding` when the model has none (check with :func:`has_unembedding`)."""
+    :class:`NoUnembedding` when the model has none (check with :func:`has_unembedding`). ``copy=False``:
+    ``W_U`` is the live detached weight itself when it is an unsharded fp32 tensor (a vocab x d copy saved;
+    never write to it)."""
     spec = arch_spec_for(model, arch)
     base = unwrap_model(model)
     head = _unembedding_module(base, spec)
@@ -551,4 +554,5 @@ def unembedding(model: nn.Module, arch: ArchSpec | str | None = None) -> tuple[t
     gain = getattr(norm, "weight", None)
     if gain is not None:
         gain = full(gain.detach()).float().clone() + spec.gain_offset  # Gemma: 1 + weight
-    return full(head.weight.detach()).float().clone(), gain, spec.layernorm
+    W = full(head.weight.detach()).float()  # float() of an fp32 tensor is that tensor: no copy
+    return (W.clone() if copy else W), gain, spec.layernorm

@@ -342,9 +342,8 @@ class InstrumentSuite:
         """Top-k bases of ``C_a`` after the phase's first optimizer step (the frozen subspaces)."""
         if self.frozen or self.upd.steps < 1:
             return
-        state = self.cov.global_state()
         for key in self.cov.sums_in:
-            C = self.cov.covariance_in(key, state=state)
+            C = self.cov.global_covariance("in", key)  # one at a time (a collective)
             n, k = C.shape[0], min(self.k, C.shape[0] - 1)
             if n <= self.config.dense_max_dim:  # exact, in float64
                 basis = eig.full_eigenpairs(C.double(), k).top(k)
@@ -359,7 +358,7 @@ class InstrumentSuite:
         ``full_spectrum_every``-th after it, and with ``full`` (a phase's last step). ``live_grads``: inside
         the optimizer's post-step hook, where ``.grad`` is the gradient view."""
         c = self.config
-        full = full or self._computations % c.full_spectrum_every == 0
+        full = full or (self._computations + 1) % c.full_spectrum_every == 0
         self._computations += 1
         m = Measurement(step=step, k=self.k, zscores=c.zscores, dtype=DTYPES[c.metric_dtype], cov=self.cov,
                         upd=self.upd, tracked=self.tracked, input_roles=self.input_roles, frozen=self.frozen,
@@ -414,7 +413,9 @@ class InstrumentSuite:
 
         covariances = size([t for s in self.cov.sums_in.values() for t in s[:2]] +
                            [s[0] for s in self.cov.sums_out.values()])
-        other = size(list(self.frozen.values()) + list(self.curves.values()) + list(self._warm.values()))
+        warm = [t for v in self._warm.values() for t in (v if isinstance(v, tuple) else (v,))
+                if isinstance(t, torch.Tensor)]
+        other = size(list(self.frozen.values()) + list(self.curves.values()) + warm)
         return {"covariances": covariances, **self.upd.held_bytes(), "other": other}
 
     @property

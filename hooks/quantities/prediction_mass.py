@@ -30,7 +30,7 @@ class PredictionMass:
         """``(role key, C_delta)`` of the write roles (their output is the residual stream)."""
         if not m.has_prediction:
             return []
-        return [(key, m.cov.covariance_out(key, state=m.state).to(m.dtype)) for key in m.cov.sums_out
+        return [(key, m.covariance("out", key).to(m.dtype)) for key in m.cov.sums_out
                 if key.rsplit("/", 1)[1] in WRITE_ROLES]
 
     def compute(self, m: Measurement) -> Values:
