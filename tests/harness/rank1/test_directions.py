@@ -17,7 +17,7 @@ from weightgeom.harness.rank1.directions import (
     variance_matched,
     widest_angle_in_band,
 )
-from weightgeom.harness.rank1.experiment import control_layers, zscore
+from weightgeom.harness.rank1.experiment import control_layers, zscore, zscore_se
 from weightgeom.hooks import geometry as geo
 
 # ----- controls --------------------------------------------------------------------------------------
@@ -156,6 +156,21 @@ def test_zscore_uses_the_sample_std_and_refuses_to_divide_by_no_spread():
     assert (mean, std) == (2.0, 1.0) and z == 3.0
     assert zscore(5.0, [1.0])[0] is None
     assert zscore(5.0, [2.0, 2.0, 2.0])[0] is None
+
+
+def test_zscore_se_is_the_spread_of_z_over_redrawn_normal_families():
+    """The standard error of z is how far z moves when its n controls are drawn again (x fixed): checked
+    against 100,000 redrawn normal families; the delta method's sqrt(1/n + z^2 / (2 (n - 1))) is low."""
+    g = torch.Generator().manual_seed(0)
+    for n in (8, 12):
+        controls = torch.randn(100_000, n, generator=g, dtype=torch.float64)
+        mean, std = controls.mean(1), controls.std(1)
+        for z in (0.0, 1.0, 3.0):
+            spread = float(((z - mean) / std).std())
+            assert zscore_se(z, n) == pytest.approx(spread, rel=0.03)
+            assert zscore_se(z, n) > math.sqrt(1 / n + z * z / (2 * (n - 1)))
+    assert zscore_se(None, 10) is None and zscore_se(1.0, 3) == math.inf
+    assert zscore_se(-2.0, 10) == zscore_se(2.0, 10)
 
 
 def test_layer_controls_are_every_other_layer_or_an_even_spread_over_them():
