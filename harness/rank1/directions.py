@@ -15,7 +15,8 @@ Control families (what a tested direction ``t`` is compared with):
   singular vector is its squared singular value), orthogonal to ``t`` where the spectrum allows.
   See :func:`variance_matched`: in a spiked spectrum only directions that overlap the top
   eigenvector can reach its value, so those controls overlap ``t``; their overlaps and the least
-  possible overlap are returned and reported.
+  possible overlap are returned and reported. Each control is a continuous function of ``Q`` and its
+  random draw (:func:`matched_control`: a mirror-image tie is broken by the draw, not by rounding).
 * ``lower``: lower principal directions of the same ``Q`` (ranks spread from just below the tested
   ones to the bottom of the spectrum).
 * ``layer``: the same direction (same source, same rank) measured in another layer.
@@ -103,20 +104,25 @@ def variance_matched(Q: Tensor, t: Tensor, count: int, tol: float, generator: to
     """``count`` random unit directions ``w`` with ``w^T Q w`` in ``[(1 - tol) q, (1 + tol) q]``,
     ``q = t^T Q t``, overlapping ``t`` as little as the spectrum allows.
 
-    Construction, per control: ``e`` is the extreme eigenvector of ``Q`` restricted to ``t``'s
-    orthogonal complement (the top one when ``q`` is at least the complement's mean variance, else
-    the bottom one), with value ``mu``; ``r`` is Haar-random on the unit sphere orthogonal to both.
+    Each control comes from a Gaussian draw ``g`` (:func:`matched_control`): ``p``, the part of ``g``
+    orthogonal to ``t``, if ``p^T Q p / p^T p`` is in the band; otherwise the band point nearest ``p``
+    on the great circle through ``p`` and ``e``, the extreme eigenvector of ``Q`` restricted to ``t``'s
+    orthogonal complement on the band's side (the top one when ``p`` lies below the band, the bottom
+    one when above), whose value is ``mu``. Overlap with ``t``: 0. When only directions near ``e``
+    reach the band (a spiked spectrum), the controls are near ``e`` (the random part is what the band
+    leaves).
 
-    1. If the band is reachable orthogonally to ``t`` (``mu`` on the band's side): ``w`` is the point
-       of the great circle from ``e`` towards ``r`` that lies in the band and is closest to ``r``.
-       Overlap with ``t``: 0. When only directions near ``e`` reach the band (a spiked spectrum),
-       the controls are near ``e`` (the random part is what the band leaves).
-    2. Otherwise (``t`` is, or is close to, the top eigenvector of a spiked ``Q``: nothing orthogonal
-       to it has enough variance), ``s`` is the point of the circle from ``e`` towards ``r`` closest
-       to ``r`` with value within ``tol`` of ``mu``, and ``w`` is the point of the circle from ``t``
-       towards ``s`` that lies in the band and is farthest from ``t``. For ``t`` the top eigenvector
-       with ``l1 >> l2`` every direction in the band has ``cos^2 >= ((1 - tol) l1 - l2) / (l1 - l2)``
-       with ``t`` (``min_overlap``); these controls come within the ``tol`` slack of that bound.
+    When that circle misses the band (``mu`` short of it: ``t`` is, or is close to, the top
+    eigenvector of a spiked ``Q``, and nothing orthogonal to it has enough variance), ``s`` is the
+    point of the circle nearest ``p`` with value within ``tol`` of ``mu``, and ``w`` is the point of the
+    circle from ``t`` towards ``s`` that lies in the band and is farthest from ``t``. For ``t`` the top
+    eigenvector with ``l1 >> l2`` every direction in the band has ``cos^2 >= ((1 - tol) l1 - l2) / (l1
+    - l2)`` with ``t`` (``min_overlap``); these controls come within the ``tol`` slack of that bound.
+
+    The selection is a continuous function of ``Q`` (statistics perturbed at float-noise level move the
+    controls at that level), except at isolated values: where ``lo`` or ``hi`` crosses ``mu`` (the
+    circle starts or stops reaching the band: then ``min_overlap`` is near 0 and the overlaps are
+    not) and where the complement's extreme eigenvalue is degenerate (``e`` turns).
 
     On each circle the quadratic form is a sinusoid in the angle, so the band's edges are solved in
     closed form (:func:`widest_angle_in_band`). ``overlaps`` and ``min_overlap`` say how close to ``t``
@@ -139,33 +145,64 @@ def variance_matched(Q: Tensor, t: Tensor, count: int, tol: float, generator: to
     evals, evecs = torch.linalg.eigh(P @ Q @ P)
     own = int(torch.argmax((evecs.T @ t).abs()))  # the eigenpair (0, t) of P Q P
     keep = [i for i in range(d) if i != own]
-    evals, evecs = evals[keep], evecs[:, keep]
-    upward = q_t >= float(evals.mean())
-    e = evecs[:, -1] if upward else evecs[:, 0]
+    extremes = (evecs[:, keep[0]], evecs[:, keep[-1]])  # bottom and top of t's complement
+    cols = [matched_control(Q, t, torch.randn(d, generator=generator, dtype=torch.float64), extremes, tol)
+            for _ in range(count)]
+    W = torch.stack(cols, dim=1)
+    return Matched(W, torch.einsum("ic,ij,jc->c", W, Q, W), (W.T @ t).abs(), q_t, lo, hi, _min_overlap(Q, t, lo, hi))
+
+
+def matched_control(Q: Tensor, t: Tensor, g: Tensor, extremes: tuple[Tensor, Tensor], tol: float) -> Tensor:
+    """One control of :func:`variance_matched` from the Gaussian draw ``g``; ``extremes``: the bottom and
+    top eigenvectors of ``Q`` restricted to the orthogonal complement of the unit vector ``t``.
+
+    Mirror images: on a circle ``cos(a) x + sin(a) y`` with ``x^T Q y = 0`` the quadratic form is
+    symmetric about ``y``, so ``w`` and its mirror image ``-cos(a) x + sin(a) y`` are equally good.
+    That holds on every circle from ``e`` towards ``r`` (``e^T Q r = e^T (P Q P) r = mu e^T r = 0``),
+    and on the circle from ``t`` towards ``s`` when ``t`` is an eigenvector of ``Q`` (every tested
+    direction is). The two edits differ (``G w`` adds or subtracts ``G x``), so the choice decides the
+    control, and it is taken from the draw, not from rounding: ``w``'s ``e`` part has the sign of
+    ``<g, e>`` and its ``t`` part the sign of ``<g, t>`` (``w`` is the mirror image nearer ``g``), which
+    also makes the controls independent of the arbitrary signs of the eigenvectors. Left to rounding,
+    the choice flipped for most controls when ``Q`` changed by 1e-6 relative (docs/rank1.md).
+    """
+    q_t = float(t @ Q @ t)
+    lo, hi = q_t * (1 - tol), q_t * (1 + tol)
+    p = g - (t @ g) * t
+    p = p / torch.linalg.vector_norm(p)
+    q_p = float(p @ Q @ p)
+    if lo <= q_p <= hi:
+        return p
+    climb = q_p < lo  # towards the top of the complement, or down towards its bottom
+    e = extremes[1] if climb else extremes[0]
     mu = float(e @ Q @ e)
-    cols, values, overlaps = [], [], []
-    for _ in range(count):
-        g = torch.randn(d, generator=generator, dtype=torch.float64)
-        r = g - (t @ g) * t - (e @ g) * e
-        r = r / torch.linalg.vector_norm(r)
-        phi = widest_angle_in_band(mu, float(r @ Q @ r), float(e @ Q @ r), lo, hi)
-        if phi is not None:  # 1: orthogonal to t
-            w = math.cos(phi) * e + math.sin(phi) * r
-        else:  # 2: near mu orthogonally, then towards t until the band
-            near = (mu * (1 - tol), mu) if upward else (mu, mu * (1 + tol))
-            phi = widest_angle_in_band(mu, float(r @ Q @ r), float(e @ Q @ r), *near)
-            s_ = math.cos(phi) * e + math.sin(phi) * r
-            theta = widest_angle_in_band(q_t, float(s_ @ Q @ s_), float(t @ Q @ s_), lo, hi)
-            w = math.cos(theta) * t + math.sin(theta) * s_
-        w = w / torch.linalg.vector_norm(w)
-        cols.append(w)
-        values.append(float(w @ Q @ w))
-        overlaps.append(abs(float(w @ t)))
-    return Matched(torch.stack(cols, dim=1), torch.tensor(values, dtype=torch.float64),
-                   torch.tensor(overlaps, dtype=torch.float64), q_t, lo, hi, _min_overlap(Q, t, lo, hi))
+    r = p - (e @ p) * e
+    r = r / torch.linalg.vector_norm(r)
+    q_r, c_er = float(r @ Q @ r), float(e @ Q @ r)
+    side_e, side_t = _sign(float(e @ g)), _sign(float(t @ g))
+    phi = widest_angle_in_band(mu, q_r, c_er, lo, hi, prefer=side_e)
+    if phi is not None:  # orthogonal to t
+        return math.cos(phi) * e + math.sin(phi) * r
+    # the complement falls short of the band: within tol of mu orthogonally, then towards t until the band
+    near = (mu * (1 - tol), mu) if climb else (mu, mu * (1 + tol))
+    phi = widest_angle_in_band(mu, q_r, c_er, *near, prefer=side_e)
+    s = math.cos(phi) * e + math.sin(phi) * r
+    theta = widest_angle_in_band(q_t, float(s @ Q @ s), float(t @ Q @ s), lo, hi, prefer=side_t)
+    w = math.cos(theta) * t + math.sin(theta) * s
+    return w / torch.linalg.vector_norm(w)
 
 
-def widest_angle_in_band(q_a: float, q_b: float, c: float, lo: float, hi: float) -> float | None:
+def _sign(x: float) -> float:
+    return -1.0 if x < 0 else 1.0
+
+
+# |sin| values closer than this are one point and its mirror image (equal up to rounding): the tie
+# that widest_angle_in_band breaks by ``prefer``. Rounding makes them differ by ~1e-16; a genuinely
+# asymmetric circle (t no eigenvector of Q) by far more.
+MIRROR_TIE = 1e-9
+
+
+def widest_angle_in_band(q_a: float, q_b: float, c: float, lo: float, hi: float, prefer: float = 1.0) -> float | None:
     """On the great circle ``w(theta) = cos(theta) a + sin(theta) b`` (orthonormal a, b), with
     ``f(theta) = w^T Q w = cos^2 q_a + sin^2 q_b + 2 sin cos c`` (``q_a = a^T Q a``, ``q_b = b^T Q b``,
     ``c = a^T Q b``): the angle in [0, pi) with ``f`` in [lo, hi] and the largest ``|sin theta|``
@@ -173,6 +210,10 @@ def widest_angle_in_band(q_a: float, q_b: float, c: float, lo: float, hi: float)
 
     ``f = A + R cos(2 theta - phi)``; the feasible angles form arcs whose ends solve ``f = lo`` or
     ``f = hi``, and ``|sin|`` on an arc peaks at pi/2 or at an end, so those are the candidates.
+    With ``c = 0``, ``f`` is symmetric about pi/2 and ``theta`` and ``pi - theta`` (the mirror images
+    ``+-cos(theta) a + sin(theta) b``) tie; candidates within ``MIRROR_TIE`` of the largest ``|sin|``
+    are such a tie, and the one whose ``cos theta`` has the sign of ``prefer`` is returned, so the
+    choice never rests on rounding.
     """
     A, B = (q_a + q_b) / 2, (q_a - q_b) / 2
     R, phi = math.hypot(B, c), math.atan2(c, B)
@@ -187,7 +228,11 @@ def widest_angle_in_band(q_a: float, q_b: float, c: float, lo: float, hi: float)
         return A + B * math.cos(2 * theta) + c * math.sin(2 * theta)
 
     feasible = [th for th in candidates if lo - slack <= f(th) <= hi + slack]
-    return max(feasible, key=lambda th: abs(math.sin(th))) if feasible else None
+    if not feasible:
+        return None
+    widest = max(abs(math.sin(th)) for th in feasible)
+    tied = [th for th in feasible if abs(math.sin(th)) >= widest - MIRROR_TIE]
+    return max(tied, key=lambda th: _sign(prefer) * math.cos(th))
 
 
 def _min_overlap(Q: Tensor, t: Tensor, lo: float, hi: float) -> float | None:

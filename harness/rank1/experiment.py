@@ -97,8 +97,8 @@ class Rank1Result:
     role): norms, token counts, leading spectra. ``directions``: one record per edited direction
     (tested and controls) with its metrics. ``zscores``: per tested direction and control family,
     ``z = (tested - mean) / std`` (sample std) of every metric in ``Z_METRICS``; None where the
-    family has fewer than 2 members or no spread. ``matching``: the variance-matched families'
-    targets, bands and overlaps.
+    family has fewer than 2 members or no spread; ``z_se`` its standard error (:func:`zscore_se`).
+    ``matching``: the variance-matched families' targets, bands and overlaps.
     """
 
     config: dict
@@ -399,8 +399,9 @@ def family_members(tested: Direction, directions: list[Direction], family: str) 
 
 
 def zscores(records: list[dict], directions: list[Direction]) -> list[dict]:
-    """Per tested direction and family: z of each metric in ``Z_METRICS``, the family's mean and std,
-    its size, and the members' overlaps ``|<w, t>|`` with the tested direction."""
+    """Per tested direction and family: z of each metric in ``Z_METRICS``, its standard error
+    (:func:`zscore_se`), the family's mean and std, its size, and the members' overlaps ``|<w, t>|``
+    with the tested direction."""
     out = []
     for t in (d for d in directions if d.family == "tested"):
         for family in FAMILIES:
@@ -408,11 +409,12 @@ def zscores(records: list[dict], directions: list[Direction]) -> list[dict]:
             overlaps = [abs(float(m.vector @ t.vector)) for m in members]
             entry = {"tested": t.id, "family": family, "n": len(members),
                      "overlap_mean": sum(overlaps) / len(overlaps) if overlaps else None,
-                     "overlap_max": max(overlaps) if overlaps else None, "z": {}, "mean": {}, "std": {}}
+                     "overlap_max": max(overlaps) if overlaps else None, "z": {}, "z_se": {}, "mean": {}, "std": {}}
             for metric in Z_METRICS:
                 values = [m.metrics[metric] for m in members]
                 z, mean, std = zscore(t.metrics[metric], values)
                 entry["z"][metric], entry["mean"][metric], entry["std"][metric] = z, mean, std
+                entry["z_se"][metric] = zscore_se(z, len(values))
             out.append(entry)
     return out
 
@@ -430,6 +432,33 @@ def zscore(value: float, controls: list[float]) -> tuple[float | None, float | N
     if std <= 1e-12 * scale:
         return None, mean, std
     return (value - mean) / std, mean, std
+
+
+def zscore_se(z: float | None, n: int) -> float | None:
+    """Standard error of ``z = (x - m) / s`` from ``n`` controls: how far z moves when the family is
+    drawn again, ``x`` held fixed.
+
+    For normal controls (mean ``mu``, std ``sigma``, ``z* = (x - mu) / sigma``), ``x - m`` is normal
+    with mean ``z* sigma`` and variance ``sigma^2 / n``, independent of ``s``, and
+    ``(n - 1) s^2 / sigma^2`` is chi-square with ``n - 1`` degrees of freedom, so exactly
+
+        E z   = z* c_n,          c_n = sigma E[1/s] = sqrt((n - 1)/2) Gamma((n - 2)/2) / Gamma((n - 1)/2)
+        E z^2 = (z*^2 + 1/n) (n - 1)/(n - 3)
+        se^2  = (z*^2 + 1/n) (n - 1)/(n - 3) - z*^2 c_n^2
+
+    evaluated at ``z* = z``. For large n it tends to the delta method's ``sqrt(1/n + z^2 / (2 (n - 1)))``,
+    which is 10-20% low at n = 10 (0.96 against 0.77 at z = 3; 0.36 against 0.32 at z = 0). Infinite
+    for ``n <= 3`` (``E[1/s^2]`` diverges: a z from three controls has no finite standard error); None
+    where z is None.
+    """
+    if z is None:
+        return None
+    if n <= 3:
+        return math.inf
+    c_n = math.sqrt((n - 1) / 2) * math.exp(math.lgamma((n - 2) / 2) - math.lgamma((n - 1) / 2))
+    var = (z * z + 1 / n) * (n - 1) / (n - 3) - z * z * c_n * c_n
+    return math.sqrt(max(var, 0.0))
+
 
 __all__ = ["Rank1Config", "Rank1Result", "run_rank1", "rank1_experiment",
            "FAMILIES", "Z_METRICS"]

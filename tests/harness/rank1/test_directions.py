@@ -17,7 +17,7 @@ from weightgeom.harness.rank1.directions import (
     variance_matched,
     widest_angle_in_band,
 )
-from weightgeom.harness.rank1.experiment import control_layers, zscore
+from weightgeom.harness.rank1.experiment import control_layers, zscore, zscore_se
 from weightgeom.hooks import geometry as geo
 
 # ----- controls --------------------------------------------------------------------------------------
@@ -86,6 +86,54 @@ def test_variance_matched_controls_lie_in_the_band_with_the_least_overlap_the_sp
                             family_generator(3)).pairwise_overlap < 0.5  # isotropic: spread-out controls
 
 
+def _perturbed(Q: torch.Tensor, rel: float, seed: int) -> torch.Tensor:
+    """``Q`` with every entry changed by ``rel`` relative (symmetric Gaussian factors)."""
+    xi = torch.randn(Q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return Q * (1 + rel * (xi + xi.T) / math.sqrt(2))
+
+
+def _flat_top(n: int, seed: int) -> torch.Tensor:
+    """A randomly rotated form whose top eigenvalue has close neighbours (10, 9.6, 9.3, then 3 .. 0.5)."""
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    spectrum = torch.cat([torch.tensor([10.0, 9.6, 9.3], dtype=torch.float64),
+                          torch.linspace(3.0, 0.5, n - 3, dtype=torch.float64)])
+    return (V * spectrum) @ V.T
+
+
+@pytest.mark.parametrize(("form", "rank", "orthogonal"), [("spiked", 0, False), ("flat", 0, True), ("spiked", 1, True)])
+def test_variance_matched_controls_move_with_the_form_not_with_rounding(form, rank, orthogonal):
+    """Each control has an equally good mirror image (the form has no cross terms between t, e and r);
+    the draw picks it, so a 1e-6 relative change of Q, and the arbitrary sign of the eigenvector t,
+    move every control by about 1e-6 instead of re-drawing it. Spiked top eigenvector: controls
+    rotated from t (construction 2); flat top and the second eigenvector: orthogonal to t (1)."""
+    Q = rand_psd(12, 4, spike=20.0) if form == "spiked" else _flat_top(12, 4)
+    t = geo.sym_eigh(Q)[1][:, rank]
+    match = variance_matched(Q, t, 25, 0.1, family_generator(0, "matched", rank))
+    assert (float(match.overlaps.max()) < 1e-9) == orthogonal  # the construction meant
+    for seed in (1, 2, 3):
+        Q2 = _perturbed(Q, 1e-6, seed)
+        t2 = geo.sym_eigh(Q2)[1][:, rank]
+        for sign in (1.0, -1.0):
+            moved = variance_matched(Q2, sign * t2, 25, 0.1, family_generator(0, "matched", rank)).directions
+            # a direction's edit ignores its sign: compare up to sign
+            gap = torch.minimum((moved - match.directions).norm(dim=0), (moved + match.directions).norm(dim=0))
+            assert float(gap.max()) < 1e-4, f"seed {seed}, sign {sign}: a control moved by {float(gap.max()):.3g}"
+
+
+def test_widest_angle_in_band_breaks_a_mirror_tie_by_the_preferred_side_not_by_rounding():
+    """c = 0: the circle's form is symmetric about b, theta and pi - theta (+-cos(theta) a + sin(theta) b)
+    tie; ``prefer`` picks the side of a, whatever sign rounding gives c."""
+    ahead = widest_angle_in_band(5.0, 1.0, 0.0, 4.0, 4.6, prefer=1.0)
+    behind = widest_angle_in_band(5.0, 1.0, 0.0, 4.0, 4.6, prefer=-1.0)
+    assert ahead < math.pi / 2 < behind and ahead + behind == pytest.approx(math.pi, abs=1e-12)
+    for c in (1e-15, -1e-15):
+        assert widest_angle_in_band(5.0, 1.0, c, 4.0, 4.6, prefer=1.0) == pytest.approx(ahead, abs=1e-9)
+        assert widest_angle_in_band(5.0, 1.0, c, 4.0, 4.6, prefer=-1.0) == pytest.approx(behind, abs=1e-9)
+    # a genuinely asymmetric circle has one widest point, whatever the preference
+    assert widest_angle_in_band(5.0, 1.0, 1.5, 4.0, 4.6, prefer=1.0) == widest_angle_in_band(5.0, 1.0, 1.5, 4.0, 4.6,
+                                                                                               prefer=-1.0)
+
+
 def test_widest_angle_in_band_matches_a_brute_force_search_on_the_circle():
     thetas = torch.linspace(0, math.pi, 200001, dtype=torch.float64)[:-1]
     for q_a, q_b, c, lo, hi in ((5.0, 1.0, 1.5, 4.0, 4.6), (5.0, 1.0, -1.5, 4.0, 4.6), (2.0, 2.5, 0.7, 1.9, 2.1),
@@ -108,6 +156,21 @@ def test_zscore_uses_the_sample_std_and_refuses_to_divide_by_no_spread():
     assert (mean, std) == (2.0, 1.0) and z == 3.0
     assert zscore(5.0, [1.0])[0] is None
     assert zscore(5.0, [2.0, 2.0, 2.0])[0] is None
+
+
+def test_zscore_se_is_the_spread_of_z_over_redrawn_normal_families():
+    """The standard error of z is how far z moves when its n controls are drawn again (x fixed): checked
+    against 100,000 redrawn normal families; the delta method's sqrt(1/n + z^2 / (2 (n - 1))) is low."""
+    g = torch.Generator().manual_seed(0)
+    for n in (8, 12):
+        controls = torch.randn(100_000, n, generator=g, dtype=torch.float64)
+        mean, std = controls.mean(1), controls.std(1)
+        for z in (0.0, 1.0, 3.0):
+            spread = float(((z - mean) / std).std())
+            assert zscore_se(z, n) == pytest.approx(spread, rel=0.03)
+            assert zscore_se(z, n) > math.sqrt(1 / n + z * z / (2 * (n - 1)))
+    assert zscore_se(None, 10) is None and zscore_se(1.0, 3) == math.inf
+    assert zscore_se(-2.0, 10) == zscore_se(2.0, 10)
 
 
 def test_layer_controls_are_every_other_layer_or_an_even_spread_over_them():

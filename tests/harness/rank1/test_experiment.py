@@ -19,10 +19,12 @@ from weightgeom.harness.rank1.experiment import (
     Forms,
     Rank1Result,
     build_directions,
+    measure_direction,
     prediction_form,
     rank1_experiment,
+    zscores,
 )
-from weightgeom.harness.rank1.measure import measure_statistics
+from weightgeom.harness.rank1.measure import Statistics, evaluate, measure_statistics, prepare_heldout
 from weightgeom.harness.rank1.report import rank1_section, write_rank1_report
 from weightgeom.hooks.roles import resolve_tracked
 from weightgeom.hooks.roles import unembedding as resolve_unembedding
@@ -116,3 +118,62 @@ def test_report_files_and_section(tiny_result, tmp_path):
     lines = rank1_section(tmp_path)
     assert lines[0].startswith("## Causal test") and "![rank-1 edits](../rank1/rank1.png)" in lines
     assert rank1_section(tmp_path / "nothing_here") == []
+
+
+# ----- stability of the matched controls ------------------------------------------------------------------
+
+def _perturbed(stats: Statistics, rel: float, seed: int) -> Statistics:
+    """Every statistic (G, the held-out gradients, C_a, C_delta) with each entry changed by ``rel``
+    relative: independent Gaussian factors, symmetric for the covariances."""
+    g = torch.Generator().manual_seed(seed)
+
+    def move(X: torch.Tensor, symmetric: bool) -> torch.Tensor:
+        xi = torch.randn(X.shape, generator=g, dtype=torch.float64)
+        return X * (1 + rel * ((xi + xi.T) / math.sqrt(2) if symmetric else xi))
+
+    return Statistics({k: move(v, False) for k, v in stats.G.items()},
+                      {k: move(v, False) for k, v in stats.G_heldout.items()},
+                      {k: move(v, False) for k, v in stats.G_ce.items()},
+                      {k: move(v, True) for k, v in stats.C_a.items()},
+                      {k: move(v, True) for k, v in stats.C_delta.items()}, stats.tokens, stats.n_pairs)
+
+
+def _matched_zscores(model, tracked, stats: Statistics, held, base, cfg: Rank1Config) -> dict[str, dict]:
+    """The z-scores of every tested direction against its matched family (the other families skipped)."""
+    forms = Forms(stats, prediction_form(model))
+    directions = []
+    for tm in tracked:
+        dirs, _ = build_directions(tm, forms, 2, cfg, seed=5)
+        directions += [d for d in dirs if d.family in ("tested", "matched")]
+    for d in directions:
+        d.metrics = measure_direction(model, next(tm for tm in tracked if tm.key == f"L{d.layer}/{d.role}"), d, stats,
+                                      held, base, cfg)
+    return {z["tested"]: z for z in zscores([], directions) if z["family"] == "matched"}
+
+
+def test_z_against_matched_controls_moves_less_than_its_standard_error_when_the_statistics_do():
+    """Statistics perturbed by 1e-6 relative (as two runs that differ at float-noise level): every
+    tested direction's z against its matched controls moves by less than its standard error, on dL/eps
+    (the report's column) and the other pair metrics. The model runs in float64, and so do the pair
+    log-probs, so that what could move z is the selection, not float32 rounding of the held-out losses
+    (docs/rank1.md: in float32 a dL/eps near the evaluation noise moves by itself; CE and KL take their
+    log-softmax in float32 whatever the model's dtype, so their z's are left out)."""
+    model = make_model("llama").double().eval()
+    tok = tiny_tokenizer()
+    tracked = resolve_tracked(model, ("q", "k", "o", "down"))
+    eval_data = tokenize_pairs(random_pairs(6, seed=1), tok, 16)
+    stats = measure_statistics(model, tracked, train_data=tokenize_pairs(random_pairs(12), tok, 16),
+                               heldout_data=eval_data, text_blocks=text_blocks(), beta=0.1, batch_size=8, device=CPU)
+    held = prepare_heldout(model, eval_data, text_blocks(), beta=0.1, batch_size=8, device=CPU)
+    base = evaluate(model, held)
+    cfg = Rank1Config(roles=("q", "k", "o", "down"), n_matched=10)
+    before = _matched_zscores(model, tracked, stats, held, base, cfg)
+    assert len(before) == 12  # 2 layers x (q, k: C_a; o, down: pred, C_delta)
+    for seed in (1, 2):
+        after = _matched_zscores(model, tracked, _perturbed(stats, 1e-6, seed), held, base, cfg)
+        for tested, entry in before.items():
+            for metric in ("dpo_loss_unit", "dpo_loss", "margin_unit", "pred1_unit"):
+                z, se = entry["z"][metric], entry["z_se"][metric]
+                moved = abs(after[tested]["z"][metric] - z)
+                assert moved <= se, (f"{tested} {metric}: z {z:.3f} moved by {moved:.3f}, "
+                                     f"more than its standard error {se:.3f}")
