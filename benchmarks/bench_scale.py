@@ -44,12 +44,19 @@ import time
 from pathlib import Path
 
 SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=8192, num_heads=32, num_kv_heads=8),
-          "8b": dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8)}
+          "8b": dict(hidden_size=4096, intermediate_size=14336, num_heads=32, num_kv_heads=8),
+          "tiny": dict(hidden_size=256, intermediate_size=1024, num_heads=4, num_kv_heads=2)}  # dry runs
 ROLE_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CUDA = False  # set from --device in the child
 
 
 # ----- the child: one model, one variant ---------------------------------------------------------------
 def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``); on CUDA
+    (``--device cuda``) the allocator's allocated / peak allocated bytes instead."""
+    if CUDA:
+        import torch  # noqa: PLC0415
+        return torch.cuda.max_memory_allocated() if field == "VmHWM" else torch.cuda.memory_allocated()
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -213,30 +220,37 @@ def step_ratio(args) -> dict:
 
 # ----- the prediction subspace at real vocabularies ---------------------------------------------------
 def prediction_cost(args) -> list[dict]:
-    """``Measurement.prediction`` on a random (vocab, d) unembedding: the dense Gram path vs the top-k
-    path (matrix-free), at Llama-3.2-1B's and Llama-3-8B's vocabulary and widths."""
+    """The prediction subspace of a random (vocab, d) unembedding at Llama-3.2-1B's and Llama-3-8B's
+    vocabulary and widths: a full ``eigh`` of the Gram (the dense path) vs the top-k solver through the
+    Gram and matrix-free (the paths above ``dense_max_dim``), and the angle between their subspaces."""
     import torch  # noqa: PLC0415
 
     from weightgeom.hooks import eigensolver as eig  # noqa: PLC0415
-    from weightgeom.hooks.measurement import _prediction_matrix  # noqa: PLC0415
+    from weightgeom.hooks.measurement import _PredictionOperator  # noqa: PLC0415
 
     torch.set_num_threads(args.threads)
     out = []
     for vocab, d in ((128256, 2048), (128256, 4096)):
-        W = torch.randn(vocab, d, generator=torch.Generator().manual_seed(0)) / d**0.5
-        M = _prediction_matrix(W, None, False, torch.float32)
+        op = _PredictionOperator(torch.randn(vocab, d, generator=torch.Generator().manual_seed(0)) / d**0.5,
+                                 None, False)
+        row = {"vocab": vocab, "d": d}
         start = time.perf_counter()
-        gram = M.T @ M
+        gram = op.gram_matrix()
+        row["gram_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         dense = eig.full_eigenpairs(gram, 8)
-        t_dense = time.perf_counter() - start
+        row["eigh_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        top = eig.top_eigenpairs(lambda X: (M.T @ (M @ X.float())).double(), d, 8, device=W.device)
-        t_top = time.perf_counter() - start
-        sin = float(torch.linalg.matrix_norm(top.top(8).float() - dense.top(8) @ (dense.top(8).T @ top.top(8).float()),
-                                             ord=2))
-        out.append({"vocab": vocab, "d": d, "dense_s": t_dense, "topk_s": t_top, "products": top.iterations,
-                    "sin_vs_dense": sin})
-        del W, M, gram
+        via_gram = eig.top_eigenpairs(gram.__matmul__, d, 8, device=gram.device)
+        row["topk_on_gram_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        free = eig.top_eigenpairs(op.gram_apply, d, 8, device=gram.device)
+        row["matrix_free_s"], row["products"] = time.perf_counter() - start, free.iterations
+        for name, result in (("gram", via_gram), ("free", free)):
+            Y, X = result.top(8), dense.top(8)
+            row[f"sin_{name}_vs_eigh"] = float(torch.linalg.matrix_norm(Y - X @ (X.T @ Y), ord=2))
+        out.append(row)
+        del op, gram
     return out
 
 
@@ -306,6 +320,8 @@ def main() -> None:
     if args.tokens:
         args.seq = args.tokens // args.batch
     if args.child:
+        global CUDA
+        CUDA = args.device.startswith("cuda")
         print(json.dumps(step_ratio(args) if args.step_ratio else child(args)))
         return
     if args.pred:
@@ -319,8 +335,8 @@ def main() -> None:
     for shape in args.shapes.split(","):
         for mode in args.modes.split(","):
             if args.step_ratio:
-                row = run_child(common + ["--step-ratio", "--shape", shape, "--mode", mode, "--variant", "instrumented"],
-                                args.repo, args.timeout)
+                row = run_child(common + ["--step-ratio", "--shape", shape, "--mode", mode, "--variant",
+                                          "instrumented"], args.repo, args.timeout)
                 print(json.dumps(row), flush=True)
                 if "error" not in row:
                     print(f"  {shape} {mode}, {row['tokens']} tokens: plain {row['plain']:.2f} s, instrumented "

