@@ -8,7 +8,9 @@ the process's own: the child builds one model, trains it with AdamW, and reports
                 the instrument state taken and written as a checkpoint file would be
     state       bytes of ``InstrumentSuite.state_dict()`` (what every checkpoint holds) and of the W0 file
                 (written once per phase)
-    compute     wall time of the due step's metric computation, and of the first and second steps
+    compute     wall time of the metric computations of two scheduled steps (the first cold, the second
+                warm-started) and of the phase's last step (full spectra and k-curves), and of the first
+                and second optimizer steps
 
 A child is ``plain`` (no instruments), ``instrumented`` (``InstrumentSuite`` defaults) or
 ``disk`` (defaults with ``instruments.reference: disk``), on a ``full`` fine-tune or ``lora`` (r=16 on
@@ -122,13 +124,14 @@ def child(args) -> dict:
             return out
 
         suite.compute = timed
+        suite.schedule = lambda step: step in (3, 4)  # two scheduled computations, then the last step's
         suite.attach(model, opt)
     vocab = model.config.vocab_size if hasattr(model, "config") else args.block_vocab
     g = torch.Generator().manual_seed(1)
     tracked = sum(getattr(tm.module, "base_layer", tm.module).weight.numel()
                   for tm in (suite.tracked if suite else _tracked(model)))
     times = []
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4, 5):
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
         sync(torch, args)
         start = time.perf_counter()
@@ -139,7 +142,7 @@ def child(args) -> dict:
         if suite is not None:
             suite.set_loss_normalizer(ids[:, 1:].numel())
         loss.backward()
-        due = step == 3  # step 3 is the phase's last: its metrics are computed
+        due = step == 5  # the phase's last step: its metrics are forced
         if announce:
             suite.before_optimizer_step(step, force=due)
         opt.step()
@@ -160,8 +163,7 @@ def child(args) -> dict:
         w0_bytes = sum(p.stat().st_size for p in Path(args.scratch).glob("W0-*.safetensors"))
     return {"shape": args.shape, "mode": args.mode, "variant": args.variant, "tracked": tracked,
             "resident": resident, "peak": rss_bytes("VmHWM") - base_rss, "state": state_bytes, "w0_file": w0_bytes,
-            "step1": times[0], "step2": times[1], "step3": times[2], "compute": compute_times[-1] if compute_times
-            else None, "tokens": args.batch * args.seq}
+            "step1": times[0], "step2": times[1], "computes": compute_times, "tokens": args.batch * args.seq}
 
 
 def _tracked(model):
@@ -266,12 +268,12 @@ def run_child(cli: list[str], repo: Path, timeout: int) -> dict:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GB"
+    return f"{n / 2**30:.2f} GiB"
 
 
 def report(rows: list[dict]) -> None:
     print("| shape | mode | variant | resident | extra (copies) | peak | peak extra (copies) | state (copies) "
-          "| W0 file | step 1 / 2 (s) | one metric computation (s) |")
+          "| W0 file | step 1 / 2 (s) | metric computation: cold / warm / last (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     plain = {(r["shape"], r["mode"]): r for r in rows if r.get("variant") == "plain"}
     for r in rows:
@@ -282,7 +284,7 @@ def report(rows: list[dict]) -> None:
         p = plain.get((r["shape"], r["mode"]))
         extra = f"{(r['resident'] - p['resident']) / copy:+.2f}" if p and r is not p else "-"
         peak_extra = f"{(r['peak'] - p['peak']) / copy:+.2f}" if p and r is not p else "-"
-        compute = f"{r['compute']:.2f}" if r["compute"] is not None else "-"
+        compute = " / ".join(f"{t:.2f}" for t in r["computes"]) or "-"
         state = f"{gib(r['state'])} ({r['state'] / copy:.2f})" if r["variant"] != "plain" else "-"
         w0 = gib(r["w0_file"]) if r["w0_file"] else "-"
         print(f"| {r['shape']} | {r['mode']} | {r['variant']} | {gib(r['resident'])} | {extra} | {gib(r['peak'])} "

@@ -69,7 +69,7 @@ from weightgeom.hooks import keys
 from weightgeom.hooks.base import Instrument
 from weightgeom.hooks.distributed import all_reduce_sums
 from weightgeom.hooks.geometry import covariance_from_sums
-from weightgeom.hooks.gram import Gram, symmetric
+from weightgeom.hooks.gram import Gram, block_upper, symmetric
 from weightgeom.hooks.roles import ROLES, WRITE_ROLES, TrackedMatrix, unwrap_model
 
 # State of the token-subsampling generator (``max_tokens``), so that a resumed run draws the same
@@ -347,13 +347,20 @@ class CovarianceInstrument(Instrument):
         return covariance_from_sums(state[keys.state_key(keys.COV_OUT, key, "sum_outer")], None,
                                     state[keys.state_key(keys.COV_OUT, key, "count")])
 
-    def global_covariance(self, side: str, key: str) -> torch.Tensor:
-        """``C_a`` (side ``"in"``) or ``C_delta`` (``"out"``) of one key, float64, uncentered, from the sums
-        summed over processes (a collective per call: every process asks for the same keys in the same
-        order). One matrix at a time: a metric computation never holds every covariance twice."""
+    def global_sums(self, side: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum of outer products in its upper block triangle (gram.block_upper layout), count)`` of
+        ``C_a`` (side ``"in"``) or ``C_delta`` (``"out"``) of one key, summed over processes (a collective
+        per call: every process asks for the same keys in the same order; a copy then, the live
+        accumulator itself under one process: never write to it)."""
         outer, count = (self.sums_in[key][0], self.sums_in[key][2]) if side == "in" else self.sums_out[key]
         sums = all_reduce_sums({"outer": outer, "count": _count(count, outer.device)})
-        return covariance_from_sums(symmetric(sums["outer"]), None, sums["count"])
+        return sums["outer"], sums["count"]
+
+    def global_covariance(self, side: str, key: str) -> torch.Tensor:
+        """``C_a`` (side ``"in"``) or ``C_delta`` (``"out"``) of one key, float64, uncentered, summed over
+        processes (a collective). One matrix at a time: a metric computation never holds every covariance twice."""
+        outer, count = self.global_sums(side, key)
+        return covariance_from_sums(symmetric(outer), None, count)
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """State with the sums and counts summed over processes (identity without torch.distributed)."""
@@ -385,11 +392,11 @@ class CovarianceInstrument(Instrument):
             family, layer, group, _ = parsed
             key = keys.matrix_key(layer, group)
             if family == keys.COV_IN:
-                self.sums_in[key] = [value.to(self.dtype).clone(),
+                self.sums_in[key] = [block_upper(value.to(self.dtype).clone()),
                                      state[keys.state_key(keys.COV_IN, key, "sum")].to(self.dtype).clone(),
                                      int(state[keys.state_key(keys.COV_IN, key, "count")].item())]
             elif family == keys.COV_OUT:
-                self.sums_out[key] = [value.to(self.dtype).clone(),
+                self.sums_out[key] = [block_upper(value.to(self.dtype).clone()),
                                       int(state[keys.state_key(keys.COV_OUT, key, "count")].item())]
 
     def reset(self) -> None:

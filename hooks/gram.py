@@ -53,6 +53,31 @@ def symmetric(upper: Tensor) -> Tensor:
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
+def block_upper(acc: Tensor) -> Tensor:
+    """Zero, in place, what lies below the diagonal blocks of ``acc`` (n, n): the layout :class:`Gram`
+    accumulates into (full diagonal blocks, upper off-diagonal blocks), which
+    :func:`symmetric_matmul` relies on. Returns ``acc``."""
+    for r0, r1 in gram_bounds(acc.shape[0]):
+        acc[r1:, r0:r1] = 0
+    return acc
+
+
+def symmetric_matmul(acc: Tensor, X: Tensor) -> Tensor:
+    """``S X`` for the symmetric ``S`` whose upper block triangle ``acc`` holds (:func:`block_upper`
+    layout), without forming ``S``: ``acc X + acc^T X`` counts the diagonal blocks twice, so one of them
+    is taken off. ``X`` (n, j) in ``acc``'s dtype."""
+    out = acc @ X + acc.T @ X
+    for r0, r1 in gram_bounds(acc.shape[0]):
+        out[r0:r1] -= acc[r0:r1, r0:r1] @ X[r0:r1]
+    return out
+
+
+def symmetric_fro2(acc: Tensor) -> Tensor:
+    """``‖S‖_F²`` of that ``S``: twice the upper off-diagonal blocks' energy plus the diagonal blocks'."""
+    diagonal = sum(acc[r0:r1, r0:r1].double().square().sum() for r0, r1 in gram_bounds(acc.shape[0]))
+    return 2 * acc.double().square().sum() - diagonal
+
+
 @contextlib.contextmanager
 def _tf32_matmuls() -> Iterator[None]:
     """TF32 tensor cores for the fp32 matmuls inside the block (CUDA), the user's setting restored."""

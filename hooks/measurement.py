@@ -33,6 +33,8 @@ from weightgeom.hooks import eigensolver as eig
 from weightgeom.hooks import geometry as geo
 from weightgeom.hooks.covariance import CovarianceInstrument
 from weightgeom.hooks.distributed import all_reduce_sums, rank, world_size
+from weightgeom.hooks.geometry import covariance_from_sums
+from weightgeom.hooks.gram import symmetric, symmetric_fro2, symmetric_matmul
 from weightgeom.hooks.roles import TrackedMatrix, has_unembedding, local, unembedding
 from weightgeom.hooks.updates import UpdateInstrument
 from weightgeom.hooks.views import gram_fro2
@@ -165,21 +167,23 @@ class Measurement:
         return min(n, max(self.k, self.curve_k) + 1)
 
     def _spectra(self, kind: str, widths: dict[str, int]) -> dict[str, Spectrum]:
-        """Every covariance of ``kind``, one at a time (a wide one's float64 copy is the largest thing alive),
-        narrow ones batched per width in chunks of about :data:`DENSE_BATCH_BYTES`; each by one process."""
-        owner = plan({key: _eig_cost(n, self._is_full(n)) for key, n in widths.items()})
+        """Every covariance of ``kind``, each by one process. Narrow ones (``dense_max_dim``): a full ``eigh``,
+        batched per width in chunks of about :data:`DENSE_BATCH_BYTES`. Wide ones: the top-k solver on the
+        accumulated sums themselves (no copy of the matrix: :func:`gram.symmetric_matmul`), plus at
+        full-spectrum computations every eigenvalue (``eigvalsh``, for the effective rank)."""
+        owner = plan({key: _eig_cost(n, n <= self.dense_max_dim) for key, n in widths.items()})
         out: dict[str, Spectrum] = {}
         pending: dict[int, list[tuple[str, Tensor]]] = defaultdict(list)
         for key, n in widths.items():
-            C = self.covariance(kind, key)  # a collective: every process takes every covariance
+            outer, count = self.cov.global_sums(kind, key)  # a collective: every process takes every covariance
             if owner[key] != rank():
                 continue
             self.solves.append(f"{kind}:{key}")
-            if not self._is_full(n):
-                out[key] = self._top(f"{kind}:{key}", C)
+            if n > self.dense_max_dim:
+                out[key] = self._top(f"{kind}:{key}", outer, count)
                 continue
-            pending[n].append((key, C.to(self.dtype)))
-            if len(pending[n]) * n * n * C.element_size() >= DENSE_BATCH_BYTES:
+            pending[n].append((key, covariance_from_sums(symmetric(outer), None, count).to(self.dtype)))
+            if len(pending[n]) * n * n * 8 >= DENSE_BATCH_BYTES:
                 out.update(self._full(pending.pop(n)))
         for batch in pending.values():
             out.update(self._full(batch))
@@ -187,12 +191,10 @@ class Measurement:
                       torch.device("cpu"))
         return exchange(out, {key: self._spectrum_shape(n) for key, n in widths.items()}, device, self.dtype)
 
-    def _is_full(self, n: int) -> bool:
-        return n <= self.dense_max_dim or self.full_spectrum
-
     def _spectrum_shape(self, n: int) -> tuple[int, int, int]:
         """(values, vector rows, vector columns) exchanged for a covariance of width n."""
-        return (n if self._is_full(n) else self.need(n), n, self.need(n))
+        full = n <= self.dense_max_dim or self.full_spectrum
+        return (n if full else self.need(n), n, self.need(n))
 
     def _full(self, batch: list[tuple[str, Tensor]]) -> dict[str, Spectrum]:
         names = [name for name, _ in batch]
@@ -211,17 +213,28 @@ class Measurement:
             out[name] = Spectrum(values, evecs[i, :, :j], error, values.sum(), values.square().sum(), True)
         return out
 
-    def _top(self, name: str, C: Tensor) -> Spectrum:
-        n = C.shape[0]
-        C64 = eig.symmetrize(C.double())
-        result = eig.top_eigenpairs(lambda X: C64 @ X, n, max(1, min(max(self.k, self.curve_k), n - 1)),
-                                    device=C.device, warm=self.warm.get(name), seed=self.seed)
+    def _top(self, name: str, outer: Tensor, count: Tensor) -> Spectrum:
+        """A wide covariance ``outer / count``: top eigenpairs from its fp32 sums (products in fp32, the
+        Lanczos bookkeeping in float64), every eigenvalue too at a full-spectrum computation."""
+        n = outer.shape[0]
+        scale = 1.0 / float(count) if float(count) > 0 else 0.0
+
+        def apply(X: Tensor) -> Tensor:
+            return symmetric_matmul(outer, X.to(outer.dtype)).double() * scale
+
+        result = eig.top_eigenpairs(apply, n, max(1, min(max(self.k, self.curve_k), n - 1)), device=outer.device,
+                                    warm=self.warm.get(name), seed=self.seed)
         self.warm[name] = result.vectors
         j, k = self.need(n), min(self.k, n - 1)
         Y = result.vectors[:, : k + 1]
-        error = eig._ritz_error(C64 @ Y, Y, result.values[: k + 1], k)
-        return Spectrum(result.values[:j].to(self.dtype), result.vectors[:, :j].to(self.dtype), error.to(self.dtype),
-                        torch.diagonal(C64).sum().to(self.dtype), C64.square().sum().to(self.dtype), False)
+        error = eig._ritz_error(apply(Y), Y, result.values[: k + 1], k)
+        trace = torch.diagonal(outer).double().sum() * scale
+        fro2 = symmetric_fro2(outer) * scale**2
+        values = result.values[:j]
+        if self.full_spectrum:  # every eigenvalue, without eigenvectors: the effective rank
+            values = torch.linalg.eigvalsh(symmetric(outer).to(self.dtype)).flip(0).clamp_min(0.0) * scale
+        return Spectrum(values.to(self.dtype), result.vectors[:, :j].to(self.dtype), error.to(self.dtype),
+                        trace.to(self.dtype), fro2.to(self.dtype), self.full_spectrum)
 
     # ----- prediction subspace -----------------------------------------------------------------------
     @cached_property

@@ -192,7 +192,8 @@ class InstrumentSuite:
         self.curves: dict[str, torch.Tensor] = {}  # state key -> the k-curve energies of the last full computation
         self._has_unembedding = has_unembedding(model, arch)
         self._untracked = untracked_modules(model, arch)
-        self._warm: dict[str, torch.Tensor] = {}  # the top-k eigensolver's warm starts (not state: they only save time)
+        # the top-k eigensolver's warm starts and the cached prediction subspace (not state: they only save time)
+        self._warm: dict[str, object] = {}
         self._hooks: list = []  # the optimizer's step hooks
         self._expected: tuple[int, bool] | None = None  # (step, force) of the optimizer step about to run
         self._last_step: int | None = None
@@ -312,7 +313,7 @@ class InstrumentSuite:
             return out
         return None
 
-        # ----- divergence guard (trainers/guard.py) ------------------------------------------------------
+    # ----- divergence guard (trainers/guard.py) ------------------------------------------------------
     def statistics_finite(self) -> torch.Tensor | None:
         """A 0-d bool tensor on the statistics' device, without a host sync: every covariance sum is
         finite (None when nothing is accumulated). ``nonfinite_statistics`` names the offenders."""

@@ -31,7 +31,7 @@ def _batches():
     return [make_batch(batch=4, seq=8, pad_last=2, seed=s) for s in (1, 2)]
 
 
-def run(rank: int, world: int, sharding: str = "ddp") -> dict:
+def run(rank: int, world: int, sharding: str = "ddp", reference: str = "device", folder: str | None = None) -> dict:
     """Two SGD steps with the suite attached; this rank trains on rows ``rank::world``-block of
     each batch. Returns local and global covariance state, per-step metrics, and the global state
     seen after a resume from this run's snapshot. ``sharding``: ``ddp`` (replicas) or ``fsdp``
@@ -45,7 +45,7 @@ def run(rank: int, world: int, sharding: str = "ddp") -> dict:
     else:
         net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    suite = InstrumentSuite(model, **SUITE_KW)
+    suite = InstrumentSuite(model, **SUITE_KW, reference=reference, reference_dir=folder)
     metrics, solved = [], []
     with suite.attached(net, opt):
         for step, full in enumerate(_batches(), 1):
@@ -60,7 +60,7 @@ def run(rank: int, world: int, sharding: str = "ddp") -> dict:
             metrics.append(suite.after_optimizer_step(step))
             solved.append(set(suite.solved))
     snapshot = suite.snapshot_state()  # collective: every rank calls it, as a trainer's checkpoint does
-    resumed = InstrumentSuite(model, **SUITE_KW)
+    resumed = InstrumentSuite(model, **SUITE_KW, reference=reference, reference_dir=folder)
     resumed.load_state_dict(snapshot)  # every rank loads the same (process-summed) snapshot
     return {"local": suite.cov.state_dict(), "global": suite.cov.global_state(), "metrics": metrics, "solved": solved,
             "resumed_global": resumed.cov.global_state(), "snapshot": snapshot,
@@ -68,17 +68,17 @@ def run(rank: int, world: int, sharding: str = "ddp") -> dict:
             "weights": [whole(p.detach()).clone() for p in model.parameters()]}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, sharding: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, sharding: str, reference: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.save(run(rank, world, sharding), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(run(rank, world, sharding, reference, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp, sharding: str) -> list[dict]:
-    mp.spawn(_worker, args=(WORLD, str(tmp / "store"), str(tmp), sharding), nprocs=WORLD, join=True)
+def _spawn(tmp, sharding: str, reference: str = "device") -> list[dict]:
+    mp.spawn(_worker, args=(WORLD, str(tmp / "store"), str(tmp), sharding, reference), nprocs=WORLD, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -95,6 +95,18 @@ def results(tmp_path_factory, single):
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory, single):
     return _spawn(tmp_path_factory.mktemp("fsdp"), "fsdp"), single
+
+
+def test_fsdp_with_w0_on_disk_gives_the_same_metrics(tmp_path, single):
+    """reference: disk under FSDP2: the main process writes the whole W0 once, every process reads its own
+    rows back when a metric is due; the metrics are those of one process holding W0 in memory."""
+    ranks = _spawn(tmp_path, "fsdp", "disk")
+    assert len(list(tmp_path.glob("W0-*.safetensors"))) == 1
+    for step, expected in enumerate(single["metrics"], 1):
+        got = ranks[0]["metrics"][step - 1]
+        assert got == ranks[1]["metrics"][step - 1] and got.keys() == expected.keys()
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_global_state_equals_single_process(results):

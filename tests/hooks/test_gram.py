@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from tests.conftest import make_batch, make_model, token_loss_sum
-from weightgeom.hooks.gram import Gram, _tf32_matmuls, gram_bounds, symmetric
+from weightgeom.hooks.gram import (
+    Gram,
+    _tf32_matmuls,
+    block_upper,
+    gram_bounds,
+    symmetric,
+    symmetric_fro2,
+    symmetric_matmul,
+)
 from weightgeom.hooks.suite import InstrumentSuite, SuiteConfig
 
 BF16_UNIT = 2.0 ** -8  # bf16 unit roundoff: 8 significand bits (7 stored), rounding to nearest
@@ -133,3 +141,20 @@ def test_suite_gram_precision_on_cpu():
     errors = gram_precision_errors("cpu")
     assert errors["tf32"] == 0.0  # no TF32 on CPU: fp32 numbers
     assert 0.0 < errors["bf16"] < 1e-2  # measured 1.5e-3 at 54 tokens per statistic
+
+
+@pytest.mark.parametrize("n", [48, 130, 300])
+def test_symmetric_products_read_the_accumulated_upper_blocks_without_forming_the_matrix(n):
+    """What Gram.accumulate leaves (full diagonal blocks, upper off-diagonal blocks, zeros below) and what a
+    restored state is cut back to (block_upper of a whole symmetric matrix) give S X and ‖S‖_F² of S."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(64, n, generator=g, dtype=torch.float64)
+    acc = torch.zeros(n, n, dtype=torch.float64)
+    Gram("fp32").accumulate(acc, X)
+    S = X.T @ X
+    restored = block_upper(S.clone())
+    V = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    for upper in (acc, restored):
+        torch.testing.assert_close(symmetric_matmul(upper, V), S @ V)
+        torch.testing.assert_close(symmetric_fro2(upper), S.square().sum())
+        torch.testing.assert_close(symmetric(upper), S)

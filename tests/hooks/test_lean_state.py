@@ -217,3 +217,30 @@ def test_deepspeed_zero3_weights_are_refused_with_the_supported_path_named():
     model.model.layers[1].mlp.down_proj.weight.ds_id = 7  # what ZeRO-3 puts on the parameters it partitions
     with pytest.raises(RuntimeError, match="L1/down: DeepSpeed ZeRO-3.*FSDP2"):
         InstrumentSuite(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
+@pytest.mark.parametrize("gram_max_dim", [4096, 0])
+def test_the_wide_prediction_operator_spans_the_dense_subspace(arch, gram_max_dim, monkeypatch):
+    """Above dense_max_dim the prediction subspace is solved without copying W_U, through the Gram or
+    matrix-free (GRAM_MAX_DIM), with the family's gain (Gemma: 1 + w) and LayerNorm centring (GPT-2):
+    the same top-k subspace as the dense path's eigh of (W_U diag(g))^T (W_U diag(g))."""
+    from weightgeom.hooks import measurement  # noqa: PLC0415
+
+    monkeypatch.setattr(measurement, "GRAM_MAX_DIM", gram_max_dim)
+    model = make_model(arch)
+    if arch == "gemma":
+        with torch.no_grad():
+            model.model.norm.weight.normal_(0.0, 0.5)  # Gemma's norms start at 0: give the gain a shape
+    suite = InstrumentSuite(model, k=K, every_n=1000, metric_dtype="float64")
+    spans = []
+    for dense_max_dim in (10**6, 0):
+        suite.config.dense_max_dim = dense_max_dim
+        m = measurement.Measurement(step=1, k=K, zscores=False, dtype=torch.float64, cov=suite.cov, upd=suite.upd,
+                                    tracked=suite.tracked, input_roles=suite.input_roles, frozen={}, model=model,
+                                    dense_max_dim=dense_max_dim)
+        V, svals = m.prediction(K)
+        spans.append((V @ V.T, svals[: K + 1]))
+    # the wide path's products are fp32 on the live weights: ~1e-7; a wrong gain or centring moves it by O(0.1)
+    torch.testing.assert_close(spans[1][0], spans[0][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(spans[1][1], spans[0][1], rtol=1e-6, atol=0)

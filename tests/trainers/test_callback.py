@@ -360,3 +360,16 @@ def test_a_streaming_dataset_trains(tmp_path):
     Trainer(model=make_model("llama"), args=args, train_dataset=stream, data_collator=pad_collate,
             callbacks=[callback]).train()
     assert callback.rule is not None and callback.suite.cov.covariance_in("L0/attn_in").shape == (32, 32)
+
+
+def test_a_deepspeed_trainer_is_refused_in_one_line_naming_fsdp2(tmp_path):
+    """DeepSpeed (ZeRO-3 partitions the weights, ZeRO-1/2 replace the optimizer the instruments hook)
+    cannot be run here, so it is refused before anything is attached."""
+    args = TrainingArguments(output_dir=str(tmp_path), **COMMON)
+    trainer = Trainer(model=make_model("llama"), args=args, train_dataset=Dataset.from_list(lm_rows(4)),
+                      data_collator=pad_collate)
+    trainer.is_deepspeed_enabled = True  # what accelerate's DeepSpeed plugin sets
+    callback = WeightGeomCallback(k=2, trainer=trainer)
+    with pytest.raises(RuntimeError, match=r"DeepSpeed is not supported.*FSDP2") as err:
+        callback.on_train_begin(args, trainer.state, trainer.control)
+    assert "\n" not in str(err.value) and callback.suite is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
@@ -43,6 +44,19 @@ def test_k_curve_of_a_planted_delta():
     assert ks == [1, 4, 8]
     assert abs(values[1] - 16 / 4) < 1e-6  # all energy in the top-4 subspace: relative RSF = n / k
     assert abs(values[2] - 16 / 8) < 1e-6
+
+
+def test_recorded_k_curves_give_the_curves_of_the_delta_they_were_recorded_from():
+    """A snapshot written now holds, instead of the delta, its energy along each top eigenvector of C_a
+    (curve_in/...): the report's curve from those equals the one recomputed from the delta itself."""
+    legacy = _planted_snapshot()
+    dW = legacy.pop("weights/L0/q/delta").double()
+    _, evecs = geo.sym_eigh(legacy["cov_in/L0/attn_in/sum_outer"].double())
+    recorded = {**legacy, "curve_in/L0/q/energy": (dW @ evecs[:, :8]).square().sum(0),
+                "curve_in/L0/q/sq_norm": dW.square().sum()}
+    ks, values = k_curves(recorded, [1, 4, 8])["q"]
+    expected = k_curves(_planted_snapshot(), [1, 4, 8])["q"]
+    assert ks == expected[0] and values == pytest.approx(expected[1], rel=1e-6)
 
 
 def test_run_report_renders_logged_numbers_and_plots(tmp_path):
