@@ -135,20 +135,7 @@ def child(args) -> dict:
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
         sync(torch, args)
         start = time.perf_counter()
-        with autocast(torch, args):
-            logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                 ids[:, 1:].reshape(-1))
-        if suite is not None:
-            suite.set_loss_normalizer(ids[:, 1:].numel())
-        loss.backward()
-        due = step == 5  # the phase's last step: its metrics are forced
-        if announce:
-            suite.before_optimizer_step(step, force=due)
-        opt.step()
-        if suite is not None:
-            suite.after_optimizer_step(step, force=due)
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, suite, ids, args, torch, step, force=step == 5, announce=announce)  # 5: the last
         sync(torch, args)
         times.append(time.perf_counter() - start)
         if step == 2:
@@ -164,6 +151,24 @@ def child(args) -> dict:
     return {"shape": args.shape, "mode": args.mode, "variant": args.variant, "tracked": tracked,
             "resident": resident, "peak": rss_bytes("VmHWM") - base_rss, "state": state_bytes, "w0_file": w0_bytes,
             "step1": times[0], "step2": times[1], "computes": compute_times, "tokens": args.batch * args.seq}
+
+
+def train_step(model, opt, suite, ids, args, torch, step: int | None = None, force: bool = False,
+               announce: bool = False) -> None:
+    """Forward, token-mean CE, backward, the suite's bookkeeping, AdamW step, as trainers/ce.py drives it."""
+    with autocast(torch, args):
+        logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1))
+    if suite is not None:
+        suite.set_loss_normalizer(ids[:, 1:].numel())
+    loss.backward()
+    if announce:
+        suite.before_optimizer_step(step, force=force)
+    opt.step()
+    if suite is not None:
+        suite.after_optimizer_step(step, force=force)
+    opt.zero_grad(set_to_none=True)
 
 
 def _tracked(model):
@@ -202,17 +207,7 @@ def step_ratio(args) -> dict:
         for model, opt, s, out in (order if rnd % 2 == 0 else order[::-1]):
             sync(torch, args)
             start = time.perf_counter()
-            with autocast(torch, args):
-                logits = model(input_ids=ids).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1))
-            if s is not None:
-                s.set_loss_normalizer(ids[:, 1:].numel())
-            loss.backward()
-            opt.step()
-            if s is not None:
-                s.after_optimizer_step(rnd + 1)
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, s, ids, args, torch, rnd + 1)
             sync(torch, args)
             if rnd > 0:  # the first round warms up
                 out.append(time.perf_counter() - start)

@@ -34,7 +34,9 @@ MatVec = Callable[[Tensor], Tensor]
 # torch.linalg.eigh), or when a restart no longer halves it.
 TOL = 1e-9
 BLOCKS = 6  # Krylov blocks per restart: the basis is (BLOCKS + 1) * p wide
-MAX_RESTARTS = 40
+# Restarts per call. A subspace that is not pinned by then has a tiny eigengap (a flat spectrum: the
+# bound says so); the next computation starts from these vectors and refines them further.
+MAX_RESTARTS = 10
 
 
 @dataclass
@@ -89,7 +91,7 @@ def top_eigenpairs(matvec: MatVec, n: int, k: int, *, device: torch.device, warm
     X = _start(n, p, warm, dtype, device, seed)
     iterations, result, previous = 0, None, float("inf")
     for _ in range(MAX_RESTARTS):
-        basis, products = _krylov(matvec, X, max(1, min(BLOCKS, n // p - 1)))
+        basis, products = _krylov(matvec, X, max(1, min(BLOCKS, -(-n // p) - 1)))  # at most the whole space
         iterations += len(basis)
         Q, CQ = torch.cat(basis, 1), torch.cat(products, 1)
         T = symmetrize(Q.T @ CQ)  # the small Rayleigh-Ritz problem
@@ -116,23 +118,30 @@ def _start(n: int, p: int, warm: Tensor | None, dtype, device, seed: int) -> Ten
 
 
 def _krylov(matvec: MatVec, X: Tensor, blocks: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Orthonormal blocks ``[X, C X, ...]`` (reorthogonalised twice against all earlier blocks) and their
-    images under ``C``; stops early when a new block has no new direction."""
-    basis, products = [X], [matvec(X)]
+    """Orthonormal blocks ``[X, C X, ...]`` (reorthogonalised twice against all earlier blocks, in one
+    preallocated basis) and their images under ``C``; stops early when a new block has no new direction."""
+    n, p = X.shape
+    Q = X.new_empty(n, (blocks + 1) * p)
+    Q[:, :p] = X
+    filled = p
+    basis, products = [Q[:, :p]], [matvec(X)]
     for _ in range(blocks):
-        W = products[-1]
-        Q = torch.cat(basis, 1)
-        for _ in range(2):  # twice is enough (Kahan's "twice is enough" for Gram-Schmidt)
-            W = W - Q @ (Q.T @ W)
-        norms = W.norm(dim=0)
-        keep = norms > norms.max().clamp_min(torch.finfo(W.dtype).tiny) * 1e-3 if norms.numel() else norms
-        if not bool(keep.any()):
+        B = Q[:, :filled]
+        W = products[-1] - B @ (B.T @ products[-1])
+        W = W - B @ (B.T @ W)  # twice is enough (Kahan's "twice is enough" for Gram-Schmidt)
+        # the new directions the block really has (its singular values, relative to the operator's scale), no
+        # more than the space has left: a dependent column would make QR return an arbitrary vector
+        U, sv, _ = torch.linalg.svd(W, full_matrices=False)
+        scale = products[-1].norm(dim=0).max().clamp_min(torch.finfo(W.dtype).tiny)
+        Z = U[:, sv > scale * 1e-10][:, : n - filled]
+        if Z.shape[1] == 0:
             break
-        Z = torch.linalg.qr(W[:, keep]).Q
-        Z = Z - Q @ (Q.T @ Z)  # QR of a nearly dependent block leaves a little of the old basis
-        Z = torch.linalg.qr(Z).Q
-        basis.append(Z)
-        products.append(matvec(Z))
+        Z = torch.linalg.qr(Z - B @ (B.T @ Z)).Q  # one more pass: round-off leaves a little of the old basis
+        j = Z.shape[1]
+        Q[:, filled:filled + j] = Z
+        basis.append(Q[:, filled:filled + j])
+        filled += j
+        products.append(matvec(basis[-1]))
     return basis, products
 
 

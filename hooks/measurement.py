@@ -34,10 +34,10 @@ from weightgeom.hooks import geometry as geo
 from weightgeom.hooks.covariance import CovarianceInstrument
 from weightgeom.hooks.distributed import all_reduce_sums, rank, world_size
 from weightgeom.hooks.geometry import covariance_from_sums
-from weightgeom.hooks.gram import symmetric, symmetric_fro2, symmetric_matmul
+from weightgeom.hooks.gram import symmetric
 from weightgeom.hooks.roles import TrackedMatrix, has_unembedding, local, unembedding
 from weightgeom.hooks.updates import UpdateInstrument
-from weightgeom.hooks.views import gram_fro2
+from weightgeom.hooks.views import hutchpp_finish, hutchpp_probes, is_exact
 
 VIEW_NAMES = {"": "delta", "_update": "update", "_grad": "grad"}  # metric suffix -> UpdateInstrument view
 DENSE_BATCH_BYTES = 1 << 28  # narrow covariances decomposed together up to 256 MB per batch
@@ -214,13 +214,15 @@ class Measurement:
         return out
 
     def _top(self, name: str, outer: Tensor, count: Tensor) -> Spectrum:
-        """A wide covariance ``outer / count``: top eigenpairs from its fp32 sums (products in fp32, the
-        Lanczos bookkeeping in float64), every eigenvalue too at a full-spectrum computation."""
+        """A wide covariance ``outer / count``: top eigenpairs by the solver, whose products read one fp32
+        symmetric copy of the sums (``n^2`` floats, the largest thing this adds; the Lanczos bookkeeping is
+        float64), and every eigenvalue too at a full-spectrum computation (``eigvalsh``: no eigenvectors)."""
         n = outer.shape[0]
         scale = 1.0 / float(count) if float(count) > 0 else 0.0
+        S = symmetric(outer)
 
         def apply(X: Tensor) -> Tensor:
-            return symmetric_matmul(outer, X.to(outer.dtype)).double() * scale
+            return (S @ X.to(S.dtype)).double() * scale
 
         result = eig.top_eigenpairs(apply, n, max(1, min(max(self.k, self.curve_k), n - 1)), device=outer.device,
                                     warm=self.warm.get(name), seed=self.seed)
@@ -228,11 +230,11 @@ class Measurement:
         j, k = self.need(n), min(self.k, n - 1)
         Y = result.vectors[:, : k + 1]
         error = eig._ritz_error(apply(Y), Y, result.values[: k + 1], k)
-        trace = torch.diagonal(outer).double().sum() * scale
-        fro2 = symmetric_fro2(outer) * scale**2
+        trace = torch.diagonal(S).double().sum() * scale
+        fro2 = torch.linalg.vector_norm(S, dtype=torch.float64).square() * scale**2
         values = result.values[:j]
         if self.full_spectrum:  # every eigenvalue, without eigenvectors: the effective rank
-            values = torch.linalg.eigvalsh(symmetric(outer).to(self.dtype)).flip(0).clamp_min(0.0) * scale
+            values = torch.linalg.eigvalsh(S.to(self.dtype)).flip(0).clamp_min(0.0) * scale
         return Spectrum(values.to(self.dtype), result.vectors[:, :j].to(self.dtype), error.to(self.dtype),
                         trace.to(self.dtype), fro2.to(self.dtype), self.full_spectrum)
 
@@ -337,10 +339,12 @@ class Measurement:
     def _reduce_one(self, view, reqs: list[Request], zscore: bool) -> Tensor:
         """``[present, ‖M‖², tr(A²), energies...]`` of one view, flat, in the metric dtype (one read of the
         view for the energies, and Hutch++'s three for a wide view's z-score)."""
-        sq, energies = view.reductions([(r.side, r.basis) for r in reqs])
+        estimate = zscore and not is_exact(view, self.dense_max_dim)
+        S, G = hutchpp_probes(view, seed=self.seed) if estimate else (None, None)
+        sq, energies, BS = view.reductions([(r.side, r.basis) for r in reqs], probe=S)
         parts = [torch.ones((), dtype=self.dtype, device=sq.device), sq.to(self.dtype)]
         if zscore:
-            g2 = gram_fro2(view, self.dense_max_dim, seed=self.seed)
+            g2 = hutchpp_finish(view, BS, G) if estimate else view.gram_fro2()
             parts.append(geo._safe_ratio(g2.to(self.dtype), sq.to(self.dtype).square()))
         else:
             parts.append(torch.zeros((), dtype=self.dtype, device=sq.device))

@@ -53,9 +53,16 @@ class MatrixView:
         """``M^T M X`` for X (n, s)."""
         return self.rmatmul(self.matmul(X))
 
-    def reductions(self, bases: list[tuple[str, Tensor]]) -> tuple[Tensor, list[Tensor]]:
-        """``(‖M‖², [energies along each basis])`` with each basis ``(side, (dim, j))``; one read of M."""
-        return self.sq_norm(), [self.in_energies(B) if side == "in" else self.out_energies(B) for side, B in bases]
+    def reductions(self, bases: list[tuple[str, Tensor]], probe: Tensor | None = None
+                   ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """``(‖M‖², [energies along each basis], M^T M probe)`` with each basis ``(side, (dim, j))`` and an
+        optional (n, s) ``probe`` (Hutch++'s first product rides along)."""
+        ins = [B for side, B in bases if side == "in"]
+        outs = [B for side, B in bases if side == "out"]
+        e_in = _split(self.in_energies(torch.cat(ins, 1)), ins) if ins else []
+        e_out = _split(self.out_energies(torch.cat(outs, 1)), outs) if outs else []
+        energies = [e_in.pop(0) if side == "in" else e_out.pop(0) for side, _ in bases]
+        return self.sq_norm(), energies, None if probe is None else self.gram_apply(probe)
 
 
 @dataclass
@@ -70,7 +77,7 @@ class Dense(MatrixView):
         self.shape, self.device = tuple(self.M.shape), self.M.device
 
     def sq_norm(self) -> Tensor:
-        return self.M.square().sum()
+        return torch.linalg.vector_norm(self.M).square()  # no temporary of M's size
 
     def in_energies(self, U: Tensor) -> Tensor:
         return (self.M @ U.to(self.M)).square().sum(0)
@@ -115,7 +122,7 @@ class RowBlocks(MatrixView):
             yield r0, r1, block
 
     def sq_norm(self) -> Tensor:
-        return sum(b.square().sum() for _, _, b in self.blocks())
+        return sum(torch.linalg.vector_norm(b).square() for _, _, b in self.blocks())
 
     def in_energies(self, U: Tensor) -> Tensor:
         U = U.to(device=self.device, dtype=self.dtype)
@@ -133,20 +140,30 @@ class RowBlocks(MatrixView):
         Y = Y.to(device=self.device, dtype=self.dtype)
         return sum(b.T @ Y[r0:r1] for r0, r1, b in self.blocks())
 
-    def reductions(self, bases: list[tuple[str, Tensor]]) -> tuple[Tensor, list[Tensor]]:
-        """Every reduction in one pass over the row blocks (each block is formed once)."""
-        bases = [(side, B.to(device=self.device, dtype=self.dtype)) for side, B in bases]
+    def reductions(self, bases: list[tuple[str, Tensor]], probe: Tensor | None = None
+                   ) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """Every reduction in one pass over the row blocks (each block is formed once): the input-side
+        bases in one product per block, the output-side ones in another, the probe's ``M_b^T (M_b P)``."""
+        ins = torch.cat([B for side, B in bases if side == "in"] or [torch.zeros(self.shape[1], 0)], 1)
+        outs = torch.cat([B for side, B in bases if side == "out"] or [torch.zeros(self.shape[0], 0)], 1)
+        ins, outs = (t.to(device=self.device, dtype=self.dtype) for t in (ins, outs))
+        P = None if probe is None else probe.to(device=self.device, dtype=self.dtype)
         sq = torch.zeros((), dtype=self.dtype, device=self.device)
-        acc = [torch.zeros(B.shape[1], dtype=self.dtype, device=self.device) if side == "in" else
-               torch.zeros(B.shape[1], self.shape[1], dtype=self.dtype, device=self.device) for side, B in bases]
+        e_in = torch.zeros(ins.shape[1], dtype=self.dtype, device=self.device)
+        proj_out = torch.zeros(outs.shape[1], self.shape[1], dtype=self.dtype, device=self.device)
+        gram_probe = None if P is None else torch.zeros_like(P)
         for r0, r1, b in self.blocks():
-            sq += b.square().sum()
-            for i, (side, B) in enumerate(bases):
-                if side == "in":
-                    acc[i] += (b @ B).square().sum(0)
-                else:
-                    acc[i] += B[r0:r1].T @ b
-        return sq, [a if side == "in" else a.square().sum(1) for a, (side, _) in zip(acc, bases)]
+            sq += torch.linalg.vector_norm(b).square()
+            if ins.shape[1]:
+                e_in += (b @ ins).square().sum(0)
+            if outs.shape[1]:
+                proj_out += outs[r0:r1].T @ b
+            if P is not None:
+                gram_probe += b.T @ (b @ P)
+        e_out = proj_out.square().sum(1)
+        split_in = _split(e_in, [B for side, B in bases if side == "in"])
+        split_out = _split(e_out, [B for side, B in bases if side == "out"])
+        return sq, [split_in.pop(0) if side == "in" else split_out.pop(0) for side, _ in bases], gram_probe
 
     def gram_apply(self, X: Tensor) -> Tensor:
         """``M^T M X = sum_b M_b^T (M_b X)``: one pass."""
@@ -237,29 +254,54 @@ class Zero(MatrixView):
 
 def gram_fro2(view: MatrixView, exact_max_dim: int, seed: int = 0) -> Tensor:
     """``‖M^T M‖_F²``: exact when ``min(m, n) <= exact_max_dim`` or the view is low-rank, else Hutch++."""
-    if isinstance(view, (LowRank, Zero)) or min(view.shape) <= exact_max_dim:
+    if is_exact(view, exact_max_dim):
         return view.gram_fro2()
     return hutchpp_gram_fro2(view, seed=seed)
 
 
+def is_exact(view: MatrixView, exact_max_dim: int) -> bool:
+    """Whether :func:`gram_fro2` takes the exact path for ``view``."""
+    return isinstance(view, (LowRank, Zero)) or min(view.shape) <= exact_max_dim
+
+
+def hutchpp_probes(view: MatrixView, probes: int = HUTCHPP_PROBES, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Hutch++'s two seeded Gaussian blocks ``(S, G)``, each (n, probes / 3), for :func:`hutchpp_finish`."""
+    s = max(1, probes // 3)
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(view.shape[1], s, generator=g, dtype=torch.float64)
+    G = torch.randn(view.shape[1], s, generator=g, dtype=torch.float64)
+    return S.to(device=view.device, dtype=view.dtype), G.to(device=view.device, dtype=view.dtype)
+
+
+def hutchpp_finish(view: MatrixView, BS: Tensor, G: Tensor) -> Tensor:
+    """Hutch++ from ``BS = M^T M S`` (the first product, which may ride along another read of M): one more
+    read of M applies ``B`` to ``[Q, Z]`` at once."""
+    Q = torch.linalg.qr(BS).Q
+    Z = G - Q @ (Q.T @ G)
+    out = view.gram_apply(torch.cat([Q, Z], 1))
+    return out[:, : Q.shape[1]].square().sum() + out[:, Q.shape[1]:].square().sum() / G.shape[1]
+
+
 def hutchpp_gram_fro2(view: MatrixView, probes: int = HUTCHPP_PROBES, seed: int = 0) -> Tensor:
     """Hutch++ (Meyer, Musco, Musco and Woodruff, 2021) estimate of ``‖B‖_F² = tr(B²)`` for the Gram
-    ``B = M^T M``, from ``probes`` products ``M^T (M x)`` (three reads of ``M``).
+    ``B = M^T M``, from ``probes`` products ``M^T (M x)`` in two reads of ``M``.
 
-    ``B² `` is PSD; with ``Q`` an orthonormal basis of ``B S`` (``probes / 3`` Gaussian columns ``S``):
+    ``B²`` is PSD; with ``Q`` an orthonormal basis of ``B S`` (``probes / 3`` Gaussian columns ``S``):
     ``tr(B²) = ‖B Q‖_F² + tr((I - QQ^T) B² (I - QQ^T))``; the first term is exact, the second is
     estimated by Hutchinson with ``probes / 3`` Gaussian vectors projected off ``Q``. The top of the
     spectrum (where a delta's ``tr(B²)`` mostly lives) is captured exactly; the relative error then
     falls like ``1 / probes`` (not ``1 / sqrt(probes)``): tests/hooks/test_views.py measures it on
-    real deltas. Seeded: the same matrix gives the same estimate on every rank and resume.
+    synthetic deltas, tests/e2e/test_real_model.py on real ones. Seeded: the same matrix gives the same
+    estimate on every rank and resume.
     """
-    d = view.shape[1]  # B = M^T M (n, n): tr(B²) is the same on both sides, and M^T (M X) is one read of M
-    s = max(1, probes // 3)
-    B = view.gram_apply
-    g = torch.Generator().manual_seed(seed)
-    S = torch.randn(d, s, generator=g, dtype=torch.float64).to(device=view.device, dtype=view.dtype)
-    G = torch.randn(d, s, generator=g, dtype=torch.float64).to(device=view.device, dtype=view.dtype)
-    Q = torch.linalg.qr(B(S)).Q
-    exact = B(Q).square().sum()
-    Z = G - Q @ (Q.T @ G)
-    return exact + B(Z).square().sum() / s
+    S, G = hutchpp_probes(view, probes, seed)
+    return hutchpp_finish(view, view.gram_apply(S), G)
+
+
+def _split(energies: Tensor, bases: list[Tensor]) -> list[Tensor]:
+    """``energies`` of concatenated bases back into one vector per basis."""
+    out, at = [], 0
+    for B in bases:
+        out.append(energies[at:at + B.shape[1]])
+        at += B.shape[1]
+    return out

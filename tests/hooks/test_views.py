@@ -38,8 +38,9 @@ def test_every_shape_gives_the_dense_reductions(shape, monkeypatch):
         torch.testing.assert_close(view.rmatmul(Y), M.T @ Y, msg=name)
         torch.testing.assert_close(view.gram_fro2(), (M.T @ M).square().sum(), msg=name)
         torch.testing.assert_close(view.gram_apply(X), M.T @ (M @ X), msg=name)
-        sq, (e_in, e_out) = view.reductions([("in", U), ("out", V)])  # one read for all of them
+        sq, (e_in, e_out), probe = view.reductions([("in", U), ("out", V)], probe=X)  # one read for all of them
         torch.testing.assert_close(sq, M.square().sum(), msg=name)
+        torch.testing.assert_close(probe, M.T @ (M @ X), msg=name)
         torch.testing.assert_close(e_in, (M @ U).square().sum(0), msg=name)
         torch.testing.assert_close(e_out, (V.T @ M).square().sum(1), msg=name)
         scaled = view.scale_rows(gain)
