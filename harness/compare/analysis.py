@@ -167,11 +167,15 @@ def compare_models(base: Checkpoint, after: Checkpoint, options: CompareOptions,
         which = options.c_a_checkpoint(base_is_init=base.path is None)
         source = base if which == "base" else after
         tracked = tracked_base if which == "base" else tracked_after
-        ca = _measured_c_a(source, tracked, base, options, measurements, c_a_out, result)
+        # the tokenizer: BASE's, or AFTER's when BASE is a random initialisation (which has none)
+        owner = base if base.path is not None else after
+        ca = _measured_c_a(source, tracked, owner, options, measurements, c_a_out, result)
         _input_side(result, deltas, tracked_base, ca)
     _output_side(result, deltas, base.model, after.model)
     if options.mass:
-        result.mass = mass_of_checkpoint(base if options.mass_model == "base" else after, options, measurements)
+        source = base if options.mass_model == "base" else after
+        result.mass = mass_of_checkpoint(source, options, measurements,
+                                         tokenizer_owner=source if source.path is not None else after)
     return result
 
 
@@ -185,14 +189,18 @@ def _in_layers(tracked: list[TrackedMatrix], layers: tuple[int, ...] | None) -> 
     return [tm for tm in tracked if tm.layer in layers]
 
 
-def mass_of_checkpoint(source: Checkpoint, options: CompareOptions, measurements: Measurements) -> dict:
+def mass_of_checkpoint(source: Checkpoint, options: CompareOptions, measurements: Measurements, *,
+                       tokenizer_owner: Checkpoint | None = None) -> dict:
     """The mechanism metric of every loss of ``options.mass`` on ``source``'s model (measured once per
-    checkpoint), with ``source``'s tokenizer unless ``options.tokenizer``."""
+    checkpoint), with ``options.tokenizer``, else the tokenizer saved with ``tokenizer_owner`` (default
+    ``source``)."""
     key = source.title
     if key not in measurements.mass:
-        tokenizer = _tokenizer(options.tokenizer or source.path, "--tokenizer" if options.tokenizer else source.label,
+        owner = tokenizer_owner or source
+        tokenizer_dir = options.tokenizer or owner.path
+        tokenizer = _tokenizer(tokenizer_dir, "--tokenizer" if options.tokenizer else owner.label,
                                "the mechanism's losses need text or pairs")
-        _check_vocabulary(tokenizer, source.model, options.tokenizer or source.path)
+        _check_vocabulary(tokenizer, source.model, tokenizer_dir)
         measurements.mass[key] = measure_mass(source.model, tokenizer, options, options.mass_model, options.layers)
     return dict(measurements.mass[key])
 
@@ -300,11 +308,11 @@ def snapshot_reference(state: dict[str, Tensor], path: str | Path, matrices: lis
     return reader, str(file)
 
 
-def _measured_c_a(source: Checkpoint, tracked: list[TrackedMatrix], base: Checkpoint, options: CompareOptions,
+def _measured_c_a(source: Checkpoint, tracked: list[TrackedMatrix], owner: Checkpoint, options: CompareOptions,
                   measurements: Measurements, out_dir: str | Path | None, result: CompareResult) -> InputCovariances:
     key = source.title
     if key not in measurements.c_a:
-        measurements.c_a[key] = _measure_c_a(source, tracked, base, options, out_dir)
+        measurements.c_a[key] = _measure_c_a(source, tracked, owner, options, out_dir)
     ca, found = measurements.c_a[key]
     result.notes.extend(found["notes"])
     result.c_a_file = found["file"]
@@ -312,12 +320,11 @@ def _measured_c_a(source: Checkpoint, tracked: list[TrackedMatrix], base: Checkp
     return ca
 
 
-def _measure_c_a(source: Checkpoint, tracked: list[TrackedMatrix], base: Checkpoint, options: CompareOptions,
+def _measure_c_a(source: Checkpoint, tracked: list[TrackedMatrix], owner: Checkpoint, options: CompareOptions,
                  out_dir: str | Path | None) -> tuple[InputCovariances, dict]:
-    """``C_a`` measured by ``source`` on the text sample, with the tokenizer of ``--tokenizer``, else BASE's
-    (AFTER's when BASE is a random initialisation)."""
+    """``C_a`` measured by ``source`` on the text sample, with the tokenizer of ``--tokenizer``, else the one saved
+    with ``owner`` (BASE, or AFTER when BASE is a random initialisation)."""
     text, n_tokens, seed = options.text, options.n_tokens, options.seed
-    owner = base if base.path is not None else source
     tokenizer_dir = options.tokenizer or owner.path
     tokenizer = _tokenizer(tokenizer_dir, "--tokenizer" if options.tokenizer else owner.label,
                            "C_a is measured on text")
@@ -329,8 +336,7 @@ def _measure_c_a(source: Checkpoint, tracked: list[TrackedMatrix], base: Checkpo
     batches = sample_token_batches(tokenizer, texts, n_tokens=n_tokens, seq_len=seq_len,
                                    batch_size=options.batch_size, seed=seed)
     taken = sum(int(mask.sum()) for _, mask in batches)
-    described = source.label if source.path is not None or source.name is None else f"{source.label} ({source.name})"
-    described = f"{described} model" if source.label in ("BASE", "AFTER") else described
+    described = f"{source.label} model" + (f" ({source.name})" if source.path is None and source.name else "")
     text_source = (f"{described}, forward only, on {taken} tokens of {text!r} "
                    f"(chunks of <= {seq_len} tokens, seed {seed})")
     ca, collector = measure_input_covariances(model, tracked, batches, text_source)

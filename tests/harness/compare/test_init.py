@@ -100,3 +100,16 @@ def test_init_on_the_command_line(after_dir, tmp_path, capsys):
     assert "compare takes BASE AFTER, 'init AFTER' or 'series CK1 CK2 ...'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"compare_init\(AFTER, options\)"):
         compare("init", after_dir)
+
+
+def test_the_init_itself_can_measure_with_afters_tokenizer(after_dir, text_file):  # noqa: F811
+    """--c-a-model base / --mass-model base on an init: the initialisation runs over the text (it has no
+    tokenizer of its own: AFTER's is used)."""
+    init = compare_init(after_dir, seeds=(0,), text=str(text_file), c_a_model="base", mass=("ce",),
+                        mass_model="base", mass_tokens=200, device="cpu", **OPTIONS)
+    result = init.results[0]
+    assert result.c_a_source.startswith("BASE model (init (seed 0)), forward only")
+    assert result.mass["ce"].model == "base" and result.mass["ce"].source.startswith("BASE model")
+    on_after = compare_init(after_dir, seeds=(0,), text=str(text_file), mass=("ce",), mass_tokens=200, device="cpu",
+                            **OPTIONS).results[0]
+    assert on_after.mass["ce"].mass != result.mass["ce"].mass  # AFTER's C_delta is another one
