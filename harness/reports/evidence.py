@@ -103,6 +103,8 @@ def write_evidence(run_dir: Path, cfg: dict, phases: list[Phase]) -> WriteEviden
     ks = tuple(inst.get("k_curve") or DEFAULT_KS)
     evidence = WriteEvidence(start=run_start(cfg))
     evidence.pretraining = read_pretraining_delta(run_dir / INIT_DELTA / "init.json")
+    if evidence.pretraining is not None and evidence.start:
+        evidence.pretraining.start = evidence.start  # as the recipe names it (a short name, not the cache path)
     for phase in phases:
         if phase.path is None:
             continue

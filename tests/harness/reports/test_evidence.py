@@ -79,7 +79,7 @@ def test_a_run_from_a_checkpoint_rests_the_ce_claim_on_the_whole_pretraining_del
     summary = init["summary"]
     expected = [(o + d) / 2 for o, d in zip(summary["rsf_out_pred/all/o"]["values"],
                                             summary["rsf_out_pred/all/down"]["values"])]
-    assert f"(ii) {start} - random init, seeds 0, 1, 2" in ce["evidence"]
+    assert f"(ii) {start} - random init, seeds 0, 1, 2" in ce["evidence"]  # as init_from names it
     assert ce["held"] == all(v > 2.0 for v in expected) and "(i) continued CE's delta" in ce["evidence"]
     assert ce["curve"]["4"] == pytest.approx(sum(expected) / 3)
     report = (run / "report" / "report.md").read_text()
