@@ -6,6 +6,7 @@ so the attention kernel does not change what they see), or "eager" for a family 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -114,6 +115,18 @@ def build_tiny_model(
         if isinstance(module, nn.Dropout):
             module.p = 0.0  # belt and braces: some dropouts are not driven by a config field
     return model.train()
+
+
+def random_init(config: PretrainedConfig, seed: int, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A random initialisation of ``config``'s architecture: ``AutoModelForCausalLM.from_config``, which applies
+    the family's own ``_init_weights`` (with the config's ``initializer_range``; tied embeddings stay tied), seeded
+    by ``seed`` inside ``torch.random.fork_rng`` (reproducible; the caller's global RNG untouched). Built on the
+    CPU (the same numbers on every machine); eval mode. The config is copied, never changed."""
+    config = copy.deepcopy(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def load_local_model(path: str | Path, dtype: torch.dtype = torch.float32,

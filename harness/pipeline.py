@@ -4,7 +4,10 @@ Layouts (see docs/architecture.md):
 
 * ``stages: [pretrain, report]`` -> ``RUN/`` is the pretraining run itself.
 * any recipe with ``align`` -> ``RUN/pretrain/`` (when pretraining), ``RUN/align/{objective}/``,
-  ``RUN/report/`` (the asymmetry report comparing objectives).
+  ``RUN/report/`` (the asymmetry report comparing objectives), and, when the run starts from a real checkpoint
+  (``init_from`` or ``model.source``) and reports, ``RUN/init_delta/``: that checkpoint's whole pretraining delta
+  against random initialisations of its config (``harness compare init``, seeds 0, 1, 2, write side only), the
+  evidence the report's CE claim rests on.
 * ``sweep: [{override: value, ...}, ...]`` -> one pipeline per entry under ``RUN/{i:02d}/`` and a
   scale report in ``RUN/report/`` that collects every claim's figures across sizes.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -32,9 +36,12 @@ from weightgeom.core.preflight import preflight
 from weightgeom.core.processes import main_print, on_main
 from weightgeom.core.rundir import check_resume_config, existing_run_problem, prepare_run_dir
 from weightgeom.core.stage_inputs import load_pairs, split_pairs, stage_tokenizer, starting_model
+from weightgeom.harness.compare.init import compare_init
+from weightgeom.harness.compare.options import CompareOptions
 from weightgeom.harness.rank1.report import rank1_section
 from weightgeom.harness.rank1.stage import RANK1_DIR, run_rank1_stage
 from weightgeom.harness.reports.asymmetry import write_asymmetry_report
+from weightgeom.harness.reports.evidence import INIT_DELTA, INIT_SEEDS
 from weightgeom.harness.reports.run_report import write_run_report
 from weightgeom.harness.reports.scale import write_scale_report
 from weightgeom.trainers.ce import pretrain
@@ -164,9 +171,30 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, *, resume: str | None = None, ov
         else:  # one process: the edits are measured on the main one while the others wait
             on_main(run_rank1_stage, cfg, run_dir, init_dir, tokenizer=tokenizer, pairs=pairs, eval_pairs=eval_pairs,
                     progress=progress)
+    if "report" in cfg.stages and start is not None:
+        on_main(write_init_delta, cfg, run_dir, start, resume=bool(resume))
     if "report" in cfg.stages:
         on_main(write_report, run_dir)
     return Path(run_dir)
+
+
+def write_init_delta(cfg: RunConfig, run_dir: Path, start: Path, *, resume: bool = False) -> Path:
+    """``RUN/init_delta/``: the starting checkpoint against random initialisations of its own config (seeds
+    :data:`INIT_SEEDS`), the write side only (no text pass), with the run's ``k``, ``k_curve`` and tracked layers;
+    kept on resume. Cost: one fp32 initialisation per seed (one alive at a time) beside the checkpoint, and the
+    geometry of the write matrices (on SmolLM2-135M, 2-core CPU: docs/real_model.md)."""
+    out = Path(run_dir) / INIT_DELTA
+    if resume and (out / "init.json").is_file():
+        main_print(f"[resume] {INIT_DELTA} already written: {out}")
+        return out
+    inst = cfg.instruments
+    options = CompareOptions(k=inst.k, k_curve=tuple(inst.k_curve), read_side=False, seeds=INIT_SEEDS,
+                             layers=tuple(inst.layers) if inst.layers else None)
+    began = time.perf_counter()
+    compare_init(start, options, out_dir=out)
+    main_print(f"[{INIT_DELTA}] {start} against random initialisations of its config (seeds "
+               f"{', '.join(map(str, INIT_SEEDS))}): {out / 'report.md'} ({time.perf_counter() - began:.0f} s)")
+    return out
 
 
 def usable_pairs(cfg: RunConfig, pairs: list[dict], stats: dict, tokenizer) -> list[dict]:

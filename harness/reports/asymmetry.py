@@ -29,10 +29,16 @@ from weightgeom.harness.reports.claims import (
     specificity,
     verdicts,
 )
+from weightgeom.harness.reports.evidence import INIT_DELTA, WriteEvidence, write_evidence
 from weightgeom.harness.reports.health import check_phase, health_block, health_json
-from weightgeom.harness.reports.markdown import markdown_table, metrics_doc_link
+from weightgeom.harness.reports.markdown import fmt, markdown_table, metrics_doc_link
 from weightgeom.harness.reports.phases import PRETRAIN, Phase, load_phases, mean_over, read_config
-from weightgeom.harness.reports.plots import plot_phase_trajectories, plot_rsf_over_steps, plot_training_curves
+from weightgeom.harness.reports.plots import (
+    plot_phase_trajectories,
+    plot_rsf_over_steps,
+    plot_training_curves,
+    plot_write_evidence,
+)
 from weightgeom.harness.reports.run_report import THRESHOLDS, training_table
 from weightgeom.harness.reports.summary import PhaseFiles, n_eval_pairs, pairs_per_step, summary_section
 from weightgeom.hooks import keys
@@ -140,7 +146,8 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None, sections:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = read_config(run_dir)
     phases = load_phases(run_dir)
-    found = verdicts(phases)
+    evidence = write_evidence(run_dir, cfg, phases)
+    found = verdicts(phases, evidence)
     warnings, notes = phase_health(run_dir, cfg, phases)
     k = (cfg.get("instruments") or {}).get("k")
     lines = _intro(run_dir, out_dir, k)
@@ -148,8 +155,9 @@ def write_asymmetry_report(run_dir: Path, out_dir: Path | None = None, sections:
                                             for p in phases])
     lines += health_block(warnings, notes)
     lines += _verdict_section(found, warnings)
-    lines += _tables(phases, k)
     pretrain = PRETRAIN if any(p.name == PRETRAIN for p in phases) else None
+    lines += _evidence_section(phases, evidence, out_dir, run_dir, k, pretrain)
+    lines += _tables(phases, k)
     lines += _curves_section(phases, out_dir, pretrain)
     lines += _trajectory_section(phases, out_dir, pretrain)
     lines += list(sections)
@@ -177,11 +185,81 @@ def _verdict_section(found: list, warnings: list) -> list[str]:
                   f"{', '.join(dict.fromkeys(w.phase for w in warnings))}).", ""]
     for v in found:
         lines += [f"- **{v.status}**: {v.claim}. {v.evidence}. Rule: {v.rule}."]
+        if v.basis:
+            curve = ", ".join(f"k={kk}: {fmt(value)}" for kk, value in sorted(v.curve.items()))
+            lines += [f"  - Rests on {v.basis}." + (f" Its k-curve (mean of o, down): {curve}." if curve else "")]
     return lines + ["", f"Thresholds: concentrated = relative RSF > {CONCENTRATED} and z > {Z_MIN}; near-isotropic = "
                     f"relative RSF < {NEAR_ISOTROPIC}; specific = read-pathway mean above the controls' mean by more "
                     f"than {SPECIFIC_EXCESS} and by more than {SPECIFIC_SPREAD:g} x the controls' sd; grade "
                     f"dependence = Spearman rho <= {GRADE_RHO} and a drop >= {GRADE_DROP} from g=0 to g=1. A claim "
                     "whose numbers or comparison are missing or non-finite is NOT MEASURED.", ""]
+
+
+def _evidence_section(phases: list[Phase], ev: WriteEvidence, out_dir: Path, run_dir: Path, k: int | None,
+                      pretrain: str | None) -> list[str]:
+    """The write side's evidence, each with its k-curves: (i) every phase's own delta, (ii) the whole pretraining
+    delta of the starting checkpoint against init, (iii) every phase's C_delta mass (harness/reports/evidence.py)."""
+    lines = ["## The write side's evidence", "",
+             "The write-side verdicts above each rest on one of: **(i)** a phase's own cumulative delta (relative "
+             "RSF_out against the prediction subspace); **(ii)** the whole pretraining delta of the checkpoint the run "
+             "started from, against random initialisations of its config (`harness compare init`); **(iii)** the "
+             "mechanism: the relative mass of a phase's own `C_delta` (its loss's per-token `delta` at o and down) in "
+             "the prediction subspace (1.0 = no preference, as for RSF). Values are means over layers, against k.", ""]
+    rows = []
+    for p in phases:
+        for role in WRITE_ROLES:
+            curve = (ev.delta_curves.get(p.name) or {}).get(role)
+            if curve:
+                rows.append([p.name, role, *(curve.get(kk) for kk in _ks(ev))])
+    if rows:
+        lines += ["### (i) each phase's own delta: relative RSF_out(pred) against k", "",
+                  markdown_table(["phase", "role", *(f"k={kk}" for kk in _ks(ev))], rows), ""]
+    lines += ["### (ii) the whole pretraining delta against random initialisations", ""]
+    pre = ev.pretraining
+    if pre is not None:
+        ks = sorted({kk for c in pre.curves.values() for kk in c})
+        table = [[role, *(f"{fmt(c[kk][0])} ± {fmt(c[kk][1])}" if kk in c else "-" for kk in ks)]
+                 for role, c in pre.curves.items()]
+        lines += [f"{pre.start} minus random initialisations of its config (seeds {', '.join(map(str, pre.seeds))}; "
+                  f"mean ± sd over seeds): relative RSF_out(pred) against k. Every number: "
+                  f"[{INIT_DELTA}/report.md](../{INIT_DELTA}/report.md).", "",
+                  markdown_table(["role", *(f"k={kk}" for kk in ks)], table), ""]
+    elif ev.start:
+        lines += [f"Not measured: the run started from {ev.start}, whose pretraining delta against init is written by "
+                  f"the pipeline to `{INIT_DELTA}/` (or `harness compare init {ev.start} --out "
+                  f"{run_dir / INIT_DELTA}`).", ""]
+    else:
+        lines += ["Not needed: the model was trained from a random initialisation, so the CE phase's delta (i) is the "
+                  "whole pretraining delta.", ""]
+    rows = []
+    for p in phases:
+        for role in WRITE_ROLES:
+            value = p.final.get(keys.layer_mean("mass_pred", role))
+            z = p.final.get(keys.layer_mean("mass_pred_z", role))
+            curve = (ev.mass_curves.get(p.name) or {}).get(role) or {}
+            if value is not None or curve:
+                rows.append([p.name, role, value, z, *(curve.get(kk) for kk in _ks(ev))])
+    lines += ["### (iii) the mechanism: C_delta's mass in the prediction subspace", ""]
+    if rows:
+        lines += [f"The live `mass_pred` at each phase's last step (k = {k if k else 'not recorded'}), its z against "
+                  "Haar-random subspaces, and its k-curve from the final snapshot.", "",
+                  markdown_table(["phase", "role", "mass", "z", *(f"k={kk}" for kk in _ks(ev))], rows), ""]
+    else:
+        lines += ["Not measured: the phases' rows hold no `mass_pred` (a run from before the live metric).", ""]
+    init_curves = pre.curves if pre is not None else None
+    path = plot_write_evidence(ev.delta_curves, init_curves, ev.mass_curves, out_dir / "write_evidence.png",
+                               "the write side's evidence against k (mean over layers)", pretrain=pretrain)
+    if path is not None:
+        lines += ["![write-side evidence](write_evidence.png)", ""]
+    if ev.notes:
+        lines += [f"- {note}" for note in ev.notes] + [""]
+    return lines
+
+
+def _ks(ev: WriteEvidence) -> list[int]:
+    found = {kk for curves in (*ev.delta_curves.values(), *ev.mass_curves.values()) for c in curves.values()
+             for kk in c}
+    return sorted(found)
 
 
 def _tables(phases: list, k: int | None) -> list[str]:

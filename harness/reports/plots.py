@@ -274,6 +274,55 @@ def plot_scale(x: list[float], lines: dict[str, list[float | None]], out_path: P
     return _save(fig, out_path)
 
 
+def plot_write_evidence(deltas: dict[str, dict[str, dict[int, float]]],
+                        init: dict[str, dict[int, tuple[float, float]]] | None,
+                        masses: dict[str, dict[str, dict[int, float]]], out_path: Path, title: str,
+                        roles: tuple[str, ...] = ("o", "down"), pretrain: str | None = None,
+                        thresholds: tuple[Threshold, ...] = (ISOTROPIC,)) -> Path | None:
+    """The write side's k-curves, one panel per role: (i) each phase's own delta (solid, a colour per phase;
+    pretraining black), (ii) the whole pretraining delta against init (thick gray with the seeds' sd as error
+    bars), (iii) each phase's C_delta mass (dotted, the phase's colour). ``deltas[phase][role] = {k: value}``,
+    ``init[role] = {k: (mean, sd)}``, ``masses`` as ``deltas``. None when there is nothing to draw."""
+    names = list(dict.fromkeys([*deltas, *masses]))
+    if not names and not init:
+        return None
+    colors = phase_colors(names, pretrain)
+    fig, axes = plt.subplots(1, len(roles), squeeze=False)
+    handles: dict[str, Line2D] = {}
+    all_ks: set[int] = set()
+    for ax, role in zip(axes[0], roles):
+        for name in names:
+            for source, style, label in ((deltas, "-", f"{name}: delta (i)"),
+                                         (masses, ":", f"{name}: C_delta mass (iii)")):
+                curve = (source.get(name) or {}).get(role) or {}
+                points = _finite(sorted(curve.items()))
+                if points:
+                    ks, values = zip(*points)
+                    all_ks.update(ks)
+                    (handles[label],) = ax.plot(ks, values, linestyle=style, marker="o", markersize=3,
+                                                color=colors[name], linewidth=1.2)
+        if init and init.get(role):
+            ks = sorted(init[role])
+            all_ks.update(ks)
+            handles["whole pretraining delta vs init (ii), mean ± sd over seeds"] = ax.errorbar(
+                ks, [init[role][k][0] for k in ks], yerr=[init[role][k][1] for k in ks], color="gray", linewidth=2.4,
+                marker="s", markersize=4, capsize=3)[0]
+        for h in _draw_thresholds(ax, thresholds):
+            handles[h.get_label()] = h
+        ax.set_xscale("log", base=2)
+        ax.set_title(role, fontsize=9)
+        ax.set_xlabel("k", fontsize=8)
+        ax.set_ylabel("relative (1 = isotropic)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes[0]:
+        if all_ks:
+            ax.set_xticks(sorted(all_ks))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+    _layout(fig, axes, title, handles, panel=(4.2, 2.8), ncol=2, top=0.5)
+    return _save(fig, out_path)
+
+
 def _save(fig, out_path: Path) -> Path:
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

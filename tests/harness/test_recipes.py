@@ -57,7 +57,7 @@ def test_smoke_pipeline_runs_end_to_end_and_reproduces(tmp_path):
     assert report.index("## Run summary") < report.index("## Health:") < report.index("## Verdicts")
     verdicts = json.loads((run / "report" / "verdicts.json").read_text())
     assert [v["id"] for v in verdicts] == ["read_concentrates", "read_specific", "write_isotropic", "ce_prediction",
-                                           "grade_dependence"]
+                                           "grade_dependence", "ce_mechanism", "write_mechanism"]
     assert all(v["held"] in (True, False, None) and v["rule"].startswith("held if") for v in verdicts)
     health = json.loads((run / "report" / "health.json").read_text())
     assert set(health) == {"rules", "warnings", "notes"}
@@ -95,9 +95,15 @@ def test_local_model_recipe_runs_on_a_checkpoint_and_a_preference_file(tmp_path)
     assert sorted(p.name for p in (run / "align").iterdir()) == ["dpo", "g0.00", "g0.50"]
     report = (run / "report" / "report.md").read_text()
     assert "## Verdicts" in report and "CE: n/a" not in report
-    # no CE phase: the claims that compare with CE are reported, and NOT MEASURED
+    # no CE phase, but a starting checkpoint: the pipeline measured its whole training delta against random
+    # initialisations (RUN/init_delta/), and the CE claim and 'below CE's' rest on that; the mechanism claims,
+    # which need a CE phase's C_delta, are NOT MEASURED
     verdicts = {v["id"]: v for v in json.loads((run / "report" / "verdicts.json").read_text())}
-    assert verdicts["write_isotropic"]["held"] is None and verdicts["ce_prediction"]["held"] is None
+    assert (run / "init_delta" / "init.json").is_file()
+    assert verdicts["ce_prediction"]["basis"].startswith("(ii) the whole pretraining delta")
+    assert verdicts["ce_prediction"]["held"] is not None and verdicts["write_isotropic"]["held"] is not None
+    mechanism = verdicts["ce_mechanism"]
+    assert mechanism["held"] is None and "no CE pretraining phase" in mechanism["evidence"]
     assert f"| initialised from | {ckpt} |" in report
     assert yaml.safe_load((run / "config.yaml").read_text())["init_from"] == str(ckpt)
     stats = json.loads((run / "data.json").read_text())["preferences"]  # the dropped pair is counted on disk

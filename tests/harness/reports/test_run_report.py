@@ -146,8 +146,9 @@ def test_asymmetry_report_of_an_alignment_only_run_does_not_hold_the_ce_claims(t
     report = write_asymmetry_report(run).read_text()
     found = {v["id"]: v for v in json.loads((run / "report" / "verdicts.json").read_text())}
     assert list(found) == ["read_concentrates", "read_specific", "write_isotropic", "ce_prediction",
-                           "grade_dependence"]
+                           "grade_dependence", "ce_mechanism", "write_mechanism"]
     assert found["write_isotropic"]["held"] is None and found["ce_prediction"]["held"] is None
+    assert found["ce_mechanism"]["held"] is None and found["write_mechanism"]["held"] is None
     assert "- **NOT MEASURED**: Write pathway" in report and "- **NOT MEASURED**: CE pretraining" in report
     assert "CE: n/a" not in report
     assert "| objective | covariance | top-1 share | top-6 share |" in report  # the run's k, not 8
@@ -177,6 +178,7 @@ def test_asymmetry_report_of_a_diverged_phase_says_not_measured(tmp_path):
     report = write_asymmetry_report(run).read_text()
     found = {v["id"]: v["held"] for v in json.loads((run / "report" / "verdicts.json").read_text())}
     assert found == {"read_concentrates": None, "read_specific": None, "write_isotropic": None,
-                     "ce_prediction": True, "grade_dependence": None}
+                     "ce_prediction": True, "grade_dependence": None,
+                     "ce_mechanism": None, "write_mechanism": None}  # these synthetic rows hold no mass_pred
     assert "> **WARNING (non-finite, g1.00)**: non-finite values (NaN or inf) in 3 training metrics" in report
     assert "g1.00: relative RSF_in NaN (z NaN)" in report
