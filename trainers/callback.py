@@ -185,6 +185,8 @@ class WeightGeomCallback(TrainerCallback):
         summary: send the per-role layer means through ``trainer.log`` (every ``report_to`` gets them).
         normalizer: your own loss-scaling rule (see :func:`loss_scale`).
         seed: of the instruments' token subsampling (``max_tokens``); default ``args.seed``.
+        reference_dir: where the phase's W0 file is written and looked for on resume; default
+            ``{args.output_dir}/weightgeom``.
 
     After training, ``callback.suite`` is the suite (its state, ``compute``) and ``callback.rule`` the
     loss-scaling rule it used.
@@ -192,12 +194,13 @@ class WeightGeomCallback(TrainerCallback):
 
     def __init__(self, config: SuiteConfig | None = None, *, trainer: Trainer | None = None, sink=None,
                  phase: str | None = None, summary: bool = True,
-                 normalizer: Callable[..., LossScale] | None = None, seed: int | None = None, **options) -> None:
+                 normalizer: Callable[..., LossScale] | None = None, seed: int | None = None,
+                 reference_dir: str | Path | None = None, **options) -> None:
         self.config = SuiteConfig(**options) if config is None else config
         if config is not None and options:
             raise TypeError("pass either config= or its fields as keywords, not both")
         self.trainer, self.sink, self.phase, self.summary = trainer, sink, phase, summary
-        self.normalizer, self.seed = normalizer, seed
+        self.normalizer, self.seed, self.reference_dir = normalizer, seed, reference_dir
         self.suite: Suite | None = None
         self.rule: str | None = None
         self._own_sink = sink is None
@@ -210,7 +213,7 @@ class WeightGeomCallback(TrainerCallback):
         refuse_deepspeed(bool(getattr(trainer, "is_deepspeed_enabled", False) or args.deepspeed))
         model = trainer.model
         self.suite = InstrumentSuite(model, self.config, seed=args.seed if self.seed is None else self.seed,
-                                     reference_dir=Path(args.output_dir) / DIR)
+                                     reference_dir=self.reference_dir or Path(args.output_dir) / DIR)
         optimizer = trainer.optimizer if optimizer is None else optimizer
         self.suite.attach(model, getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch one
         self._wrap_compute_loss(trainer)

@@ -37,7 +37,7 @@ from weightgeom.core.config import RunConfig
 from weightgeom.core.data import prompt_budget, tokenize_pairs
 from weightgeom.core.models import apply_lora, build_model
 from weightgeom.core.processes import process_state
-from weightgeom.core.rundir import RunDirectory
+from weightgeom.core.rundir import SNAPSHOT_DIR, RunDirectory
 from weightgeom.core.runinfo import model_facts, now, versions
 from weightgeom.hooks.protocol import Suite
 from weightgeom.hooks.suite import NullSuite
@@ -299,8 +299,9 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
     phase = f"align/{objective.name}"
     guard = DivergenceGuard("stop", t.stall_patience, phase=phase)
     # the instruments: the same callback a user adds to their own trainer, writing to this run's directory
-    instruments = (WeightGeomCallback(cfg.instruments, sink=files, phase=phase, summary=False, seed=cfg.seed)
-                   if cfg.instruments.enabled else None)
+    # (its W0 file beside this run's snapshots: TRL's own output_dir is deleted below)
+    instruments = (WeightGeomCallback(cfg.instruments, sink=files, phase=phase, summary=False, seed=cfg.seed,
+                                      reference_dir=run_dir / SNAPSHOT_DIR) if cfg.instruments.enabled else None)
     try:
         with StopSignals(phase) as signals:
             guarded = GuardCallback(guard, suite=lambda: instruments.suite if instruments else None, signals=signals)

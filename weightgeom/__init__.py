@@ -41,13 +41,16 @@ _EXPORTS = {
     "run_recipe": "weightgeom.harness.pipeline",
     "write_report": "weightgeom.harness.pipeline",
     "compare": "weightgeom.harness.compare.analysis",
+    "compare_init": "weightgeom.harness.compare.init",
+    "compare_series": "weightgeom.harness.compare.series",
     "CompareOptions": "weightgeom.harness.compare.options",
     "run_rank1": "weightgeom.harness.rank1.experiment",
 }
 
 __all__ = [
     "ARCHITECTURES", "ArchSpec", "CompareOptions", "Fused", "InstrumentSuite", "NullSuite", "RoleSpec", "RunConfig",
-    "Suite", "SuiteConfig", "WeightGeomCallback", "__version__", "build_suite", "compare", "load_config",
+    "Suite", "SuiteConfig", "WeightGeomCallback", "__version__", "build_suite", "compare", "compare_init",
+    "compare_series", "load_config",
     "read_metrics", "resolve_tracked", "run_rank1", "run_recipe", "write_report",
 ]
 
@@ -55,7 +58,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from weightgeom.core.config import RunConfig, load_config
     from weightgeom.core.sinks import read_metrics
     from weightgeom.harness.compare.analysis import compare
+    from weightgeom.harness.compare.init import compare_init
     from weightgeom.harness.compare.options import CompareOptions
+    from weightgeom.harness.compare.series import compare_series
     from weightgeom.harness.pipeline import run_recipe, write_report
     from weightgeom.harness.rank1.experiment import run_rank1
     from weightgeom.hooks.protocol import Suite

@@ -448,12 +448,9 @@ def test_reproduces_the_live_final_metrics_of_an_alignment_run(smoke_run, object
 
     tracked = resolve_tracked(base_model)
     w0, where = snapshot_reference(state, snapshot, [tm.key for tm in tracked])
-    if w0 is None:  # TRL's phase: the callback writes W0 under TRL's output_dir, which trainers/trl_dpo.py removes
-        assert objective == "dpo" and "which is not beside it" in where, where
-    else:
-        assert "W0-" in where, where
-        for tm in tracked:
-            assert torch.equal(w0(tm.key), tm.weight()), tm.key
+    assert w0 is not None and "W0-" in where, where  # TRL's phase too: its W0 file sits beside its snapshots
+    for tm in tracked:
+        assert torch.equal(w0(tm.key), tm.weight()), tm.key
 
     # output side, C_a measured on text: the prediction subspace does not depend on C_a
     text = compare(base, after, k=4, seed=0, n_tokens=2048, seq_len=32, device="cpu").metrics()
