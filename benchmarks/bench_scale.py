@@ -8,9 +8,10 @@ the process's own: the child builds one model, trains it with AdamW, and reports
                 the instrument state taken and written as a checkpoint file would be
     state       bytes of ``InstrumentSuite.state_dict()`` (what every checkpoint holds) and of the W0 file
                 (written once per phase)
-    compute     wall time of the metric computations of two scheduled steps (the first cold, the second
-                warm-started) and of the phase's last step (full spectra and k-curves), and of the first
-                and second optimizer steps
+    compute     the metric computations of two scheduled steps (the first cold, the second warm-started)
+                and of the phase's last step (full spectra and k-curves): each due step's optimizer step
+                with the suite's bookkeeping, less step 2's (which computes nothing); and the wall time of
+                the first and second training steps
 
 A child is ``plain`` (no instruments), ``instrumented`` (``InstrumentSuite`` defaults) or
 ``disk`` (defaults with ``instruments.reference: disk``), on a ``full`` fine-tune or ``lora`` (r=16 on
@@ -100,6 +101,16 @@ def suite_for(model, args):
     return InstrumentSuite(model, SuiteConfig(**options), **kw)
 
 
+def reset_peak() -> None:
+    """Start a new high-water mark (Linux: clear_refs 5; CUDA: the allocator's peak)."""
+    if CUDA:
+        import torch  # noqa: PLC0415
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def child(args) -> dict:
     import torch  # noqa: PLC0415
 
@@ -112,50 +123,51 @@ def child(args) -> dict:
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     suite = None if args.variant == "plain" else suite_for(model, args)
     announce = suite is not None and "step" in inspect.signature(suite.before_optimizer_step).parameters
-    compute_times: list[float] = []
     if suite is not None:
-        original = suite.compute
-
-        def timed(*a, **kw):
-            start = time.perf_counter()
-            out = original(*a, **kw)
-            sync(torch, args)
-            compute_times.append(time.perf_counter() - start)
-            return out
-
-        suite.compute = timed
         suite.schedule = lambda step: step in (3, 4)  # two scheduled computations, then the last step's
         suite.attach(model, opt)
     vocab = model.config.vocab_size if hasattr(model, "config") else args.block_vocab
     g = torch.Generator().manual_seed(1)
     tracked = sum(getattr(tm.module, "base_layer", tm.module).weight.numel()
                   for tm in (suite.tracked if suite else _tracked(model)))
-    times = []
+    times, bookkeeping, peaks = [], [], {}
     for step in (1, 2, 3, 4, 5):
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g).to(args.device)
+        trim()
+        reset_peak()
         sync(torch, args)
         start = time.perf_counter()
-        train_step(model, opt, suite, ids, args, torch, step, force=step == 5, announce=announce)  # 5: the last
+        bookkeeping.append(train_step(model, opt, suite, ids, args, torch, step, force=step == 5, announce=announce))
         sync(torch, args)
         times.append(time.perf_counter() - start)
+        peaks[f"step {step}"] = rss_bytes("VmHWM") - base_rss
         if step == 2:
             trim()
             resident = rss_bytes() - base_rss
     state_bytes = w0_bytes = 0
-    if suite is not None:
+    trim()
+    reset_peak()
+    if suite is not None:  # what a checkpoint does with the instruments: take their state, write it
         state = suite.state_dict()
         state_bytes = sum(t.numel() * t.element_size() for t in state.values())
         from safetensors.torch import save_file  # noqa: PLC0415
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(args.scratch, "s.st"))
         w0_bytes = sum(p.stat().st_size for p in Path(args.scratch).glob("W0-*.safetensors"))
+        del state
+    peaks["checkpoint"] = rss_bytes("VmHWM") - base_rss
+    # a due step's optimizer step (hooks, metrics) against step 2's, which computes nothing
+    computes = [b - bookkeeping[1] for b in bookkeeping[2:]] if suite is not None else []
     return {"shape": args.shape, "mode": args.mode, "variant": args.variant, "tracked": tracked,
-            "resident": resident, "peak": rss_bytes("VmHWM") - base_rss, "state": state_bytes, "w0_file": w0_bytes,
-            "step1": times[0], "step2": times[1], "computes": compute_times, "tokens": args.batch * args.seq}
+            "resident": resident, "peak": max(peaks.values()), "peaks": peaks, "state": state_bytes,
+            "w0_file": w0_bytes, "step1": times[0], "step2": times[1], "computes": computes,
+            "tokens": args.batch * args.seq}
 
 
 def train_step(model, opt, suite, ids, args, torch, step: int | None = None, force: bool = False,
-               announce: bool = False) -> None:
-    """Forward, token-mean CE, backward, the suite's bookkeeping, AdamW step, as trainers/ce.py drives it."""
+               announce: bool = False) -> float:
+    """Forward, token-mean CE, backward, the suite's bookkeeping, AdamW step, as trainers/ce.py drives it.
+    Returns the seconds from the optimizer step's start to the suite's bookkeeping's end (where a due
+    step computes its metrics, in this version or an older one)."""
     with autocast(torch, args):
         logits = model(input_ids=ids).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
@@ -163,12 +175,17 @@ def train_step(model, opt, suite, ids, args, torch, step: int | None = None, for
     if suite is not None:
         suite.set_loss_normalizer(ids[:, 1:].numel())
     loss.backward()
+    sync(torch, args)
+    start = time.perf_counter()
     if announce:
         suite.before_optimizer_step(step, force=force)
     opt.step()
     if suite is not None:
         suite.after_optimizer_step(step, force=force)
+    sync(torch, args)
+    elapsed = time.perf_counter() - start
     opt.zero_grad(set_to_none=True)
+    return elapsed
 
 
 def _tracked(model):
@@ -286,6 +303,11 @@ def report(rows: list[dict]) -> None:
               f"| {peak_extra} | {state} | {w0} | {r['step1']:.2f} / {r['step2']:.2f} | {compute} |")
     print("\n(copies: fp32 copies of the tracked weights; one copy =", ", ".join(
         f"{s}: {gib(4 * r['tracked'])}" for (s, _), r in plain.items()) + ")")
+    print("\npeak of each phase (GiB above the process's memory after imports):")
+    for r in rows:
+        if "peaks" in r:
+            print(f"  {r['shape']} {r['mode']} {r['variant']}: " +
+                  ", ".join(f"{name} {gib(v)}" for name, v in r["peaks"].items()))
 
 
 def main() -> None:

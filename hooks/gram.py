@@ -47,10 +47,15 @@ def gram_bounds(n: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def symmetric(upper: Tensor) -> Tensor:
+def symmetric(upper: Tensor, chunk: int = 512) -> Tensor:
     """The full symmetric matrix whose upper triangle (diagonal included) is ``upper``'s; anything
-    below the diagonal is ignored. A new tensor."""
-    return torch.triu(upper) + torch.triu(upper, 1).T
+    below the diagonal is ignored. A new tensor, built ``chunk`` columns at a time so that nothing but
+    the result is as large as ``upper`` (``triu(U) + triu(U, 1)^T`` at once would hold three such)."""
+    out = torch.triu(upper)
+    for c0 in range(0, upper.shape[1], chunk):
+        c1 = min(upper.shape[1], c0 + chunk)
+        out[c0:c1] += torch.triu(upper[:, c0:c1], diagonal=c0 + 1).T  # columns c0:c1 above the diagonal, mirrored
+    return out
 
 
 def block_upper(acc: Tensor) -> Tensor:

@@ -117,7 +117,9 @@ class Measurement:
     too this time (their effective rank). ``curve_k``: also keep each input-side matrix's energies
     along its top-``curve_k`` ``C_a`` eigenvectors (:attr:`curves`, for the reports' k-curves).
     ``live_grads``: the gradient view reads ``.grad`` (inside the optimizer's post-step hook).
-    ``warm``: the suite's warm starts for the top-k solver (updated here).
+    ``warm``: the suite's warm starts for the top-k solver (updated here). ``release_views``: drop each
+    matrix's update copy as soon as its reductions are taken (the updates are read first), so the peak
+    of a due step holds one weight-sized copy besides ``W0`` for the shortest time.
     """
 
     step: int
@@ -137,6 +139,7 @@ class Measurement:
     live_grads: bool = False
     warm: dict[str, Tensor] = field(default_factory=dict)
     seed: int = 0
+    release_views: bool = False
 
     def __post_init__(self) -> None:
         self._prediction: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -156,6 +159,11 @@ class Measurement:
     def eig_out(self) -> dict[str, Spectrum]:
         """``{role key "L{i}/{r}": Spectrum}`` of every measured ``C_delta``."""
         return self._spectra("out", {key: s[0].shape[0] for key, s in self.cov.sums_out.items()})
+
+    def spectra(self) -> None:
+        """Compute every covariance's spectrum now (they are cached): before an optimizer step, whose
+        update does not change them."""
+        _ = self.eig_in, self.eig_out
 
     def covariance(self, side: str, key: str) -> Tensor:
         """``C_a`` (``"in"``) or ``C_delta`` (``"out"``) of ``key``, summed over processes (a collective),
@@ -231,7 +239,7 @@ class Measurement:
         Y = result.vectors[:, : k + 1]
         error = eig._ritz_error(apply(Y), Y, result.values[: k + 1], k)
         trace = torch.diagonal(S).double().sum() * scale
-        fro2 = torch.linalg.vector_norm(S, dtype=torch.float64).square() * scale**2
+        fro2 = torch.linalg.vector_norm(S).double().square() * scale**2  # an fp32 pass: no float64 copy of S
         values = result.values[:j]
         if self.full_spectrum:  # every eigenvalue, without eigenvectors: the effective rank
             values = torch.linalg.eigvalsh(S.to(self.dtype)).flip(0).clamp_min(0.0) * scale
@@ -314,26 +322,25 @@ class Measurement:
         owner = plan({tm.key: float(_numel(tm)) for tm in order})
         layout: list[tuple[tuple[str, str, str], list[tuple[str, int]], bool]] = []
         local: dict[tuple[str, str, str], Tensor] = {}
-        for tm in order:
-            reqs = by_tm[tm.key]
-            mine = owner[tm.key] == rank()
-            variants: dict[str, Tensor | None] = {_gain_id(r.gain): r.gain for r in reqs}
-            for view in VIEW_NAMES:
-                wanted = [r for r in reqs if view in r.views]
-                if not wanted:
+        for view in ("_update", "", "_grad"):  # the updates first: their copies can go before the rest is read
+            for tm in order:
+                reqs = [r for r in by_tm[tm.key] if view in r.views]
+                if not reqs:
                     continue
+                mine = owner[tm.key] == rank()
                 matrix = self.upd.view(tm, VIEW_NAMES[view], self.dtype, live_grads=self.live_grads) \
                     if mine or tm.sharded else None  # a sharded view is gathered on every process
-                for gid, gain in variants.items():
-                    these = [r for r in wanted if _gain_id(r.gain) == gid]
-                    if not these:
-                        continue
+                for gid, gain in {_gain_id(r.gain): r.gain for r in reqs}.items():
+                    these = [r for r in reqs if _gain_id(r.gain) == gid]
                     slot = (tm.key, gid, view)
                     zscore = view == "" and any(r.zscore for r in these)
                     layout.append((slot, [(r.name, r.basis.shape[1]) for r in these], zscore))
                     if mine and matrix is not None:
                         local[slot] = self._reduce_one(matrix if gain is None else matrix.scale_rows(gain),
                                                        these, zscore)
+                del matrix
+                if view == "_update" and self.release_views:
+                    self.upd.drop_update(tm)
         self._collect(layout, local)
 
     def _reduce_one(self, view, reqs: list[Request], zscore: bool) -> Tensor:

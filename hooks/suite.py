@@ -284,7 +284,14 @@ class InstrumentSuite:
         self._expected = None
         self._due = force or self.schedule(step)
         self._step_in_flight, self._final = step, force
-        self._pending = None
+        self._pending = self._prepared = None
+        if self.upd.steps == 0:  # the phase's first step: its covariances are final now (backward is done)
+            self._freeze_once(after_step=False)
+        if self._due:
+            # The covariances do not change in the optimizer step: their spectra are taken now, before the
+            # pre-step copy exists, so the due step's peak never holds both.
+            self._prepared = self._measurement(step, full=force, live_grads=True)
+            self._prepared.spectra()
         self.upd.before_step(capture=self._due or self.config.capture == "every_step", copy_grads=copy_grads)
 
     def _post_step(self) -> None:  # the optimizer's step post-hook: .grad still holds G_t
@@ -292,7 +299,8 @@ class InstrumentSuite:
         self._freeze_once()
         if self._due:
             step = self._step_in_flight
-            self._pending = (step, self.compute(step, full=self._final, live_grads=True))
+            self._pending = (step, self._compute(self._prepared))
+            self._prepared = None
             self.upd.release()
 
     def after_optimizer_step(self, step: int, force: bool = False) -> dict[str, float] | None:
@@ -305,10 +313,12 @@ class InstrumentSuite:
         self._freeze_once()
         self._last_step = step
         pending, self._pending = self._pending, None
+        prepared, self._prepared = self._prepared, None
         if pending is not None and pending[0] == step:
             return pending[1]
         if force or self.schedule(step):
-            out = self.compute(step, full=force)
+            usable = prepared is not None and self._step_in_flight == step
+            out = self._compute(prepared) if usable else self.compute(step, full=force)
             self.upd.release()
             return out
         return None
@@ -339,9 +349,10 @@ class InstrumentSuite:
         self.cov.load_state_dict(state)
 
     # ----- metrics --------------------------------------------------------------------------------
-    def _freeze_once(self) -> None:
-        """Top-k bases of ``C_a`` after the phase's first optimizer step (the frozen subspaces)."""
-        if self.frozen or self.upd.steps < 1:
+    def _freeze_once(self, after_step: bool = True) -> None:
+        """Top-k bases of ``C_a`` after the phase's first backward (the frozen subspaces): taken right before
+        its optimizer step where the suite hooks it, else after it (the covariances are the same)."""
+        if self.frozen or (after_step and self.upd.steps < 1):
             return
         for key in self.cov.sums_in:
             C = self.cov.global_covariance("in", key)  # one at a time (a collective)
@@ -353,19 +364,27 @@ class InstrumentSuite:
                 basis = eig.top_eigenpairs(lambda X, C64=C64: C64 @ X, n, k, device=C.device, seed=self.seed).top(k)
             self.frozen[keys.at(keys.FROZEN_IN, key)] = basis.contiguous()
 
-    def compute(self, step: int, full: bool = False, live_grads: bool = False) -> dict[str, float]:
-        """Every quantity's metrics now (a collective under torch.distributed: call it on every rank).
-        Wide covariances' full spectra and the k-curves are computed at the first computation, every
-        ``full_spectrum_every``-th after it, and with ``full`` (a phase's last step). ``live_grads``: inside
-        the optimizer's post-step hook, where ``.grad`` is the gradient view."""
+    def _measurement(self, step: int, full: bool, live_grads: bool) -> Measurement:
+        """The shared inputs of one computation; wide covariances' full spectra and the k-curves at every
+        ``full_spectrum_every``-th computation and with ``full`` (a phase's last step)."""
         c = self.config
         full = full or (self._computations + 1) % c.full_spectrum_every == 0
         self._computations += 1
-        m = Measurement(step=step, k=self.k, zscores=c.zscores, dtype=DTYPES[c.metric_dtype], cov=self.cov,
-                        upd=self.upd, tracked=self.tracked, input_roles=self.input_roles, frozen=self.frozen,
-                        model=self.model, arch=self.arch, dense_max_dim=c.dense_max_dim, full_spectrum=full,
-                        curve_k=max(c.k_curve, default=0) if full else 0, live_grads=live_grads, warm=self._warm,
-                        seed=self.seed)
+        return Measurement(step=step, k=self.k, zscores=c.zscores, dtype=DTYPES[c.metric_dtype], cov=self.cov,
+                           upd=self.upd, tracked=self.tracked, input_roles=self.input_roles, frozen=self.frozen,
+                           model=self.model, arch=self.arch, dense_max_dim=c.dense_max_dim, full_spectrum=full,
+                           curve_k=max(c.k_curve, default=0) if full else 0, live_grads=live_grads,
+                           warm=self._warm, seed=self.seed, release_views=c.capture == "due")
+
+    def compute(self, step: int, full: bool = False, live_grads: bool = False) -> dict[str, float]:
+        """Every quantity's metrics now (a collective under torch.distributed: call it on every rank).
+        ``full``: a phase's last step (wide covariances' full spectra and the k-curves; also every
+        ``full_spectrum_every``-th computation). ``live_grads``: inside the optimizer's post-step hook,
+        where ``.grad`` is the gradient view."""
+        return self._compute(self._measurement(step, full, live_grads))
+
+    def _compute(self, m: Measurement) -> dict[str, float]:
+        full = m.full_spectrum
         m.reduce([r for quantity in self.quantities for r in quantity.requests(m)])
         values = Values()
         for quantity in self.quantities:

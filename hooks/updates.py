@@ -9,10 +9,11 @@ none is needed):
 
 Memory. Between steps this instrument holds ``W0`` (where ``instruments.reference`` says) and nothing
 else weight-sized. The update and gradient views exist only around a step whose metrics are due
-(``capture="due"``, the default): :meth:`before_step` copies the pre-step weights of that step only (in
-their own dtype), :meth:`after_step` turns the copy into the update in place, and the suite computes the
-metrics inside the optimizer's post-step hook, where ``.grad`` still holds ``G_t`` (no copy); then
-:meth:`release` drops the copy. ``capture="every_step"`` keeps the last update and a copy of the last
+(``capture="due"``, the default): :meth:`before_step` copies the pre-step weights of that step only
+(beside the weights, or in host memory when ``W0`` is kept off the device), :meth:`after_step` turns
+the copy into the update (in place for fp32 weights; otherwise it is read as row blocks of
+``W_{t+1} - W_t``), and the suite computes the metrics inside the optimizer's post-step hook, where
+``.grad`` still holds ``G_t`` (no copy); each update copy is dropped as soon as it is read. ``capture="every_step"`` keeps the last update and a copy of the last
 gradient after every step instead (two more copies, held between steps), so that
 ``InstrumentSuite.compute`` called at any time sees them. LoRA matrices with a frozen base keep only
 their adapters' factors (``delta = sum s (B A - B0 A0)``, rank <= 2r): no dense matrix at all, and no
@@ -31,6 +32,7 @@ Cost per optimizer step when nothing is due: the step counter, and with coherenc
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +47,24 @@ from weightgeom.hooks.roles import TrackedMatrix, local
 from weightgeom.hooks.views import Dense, LowRank, MatrixView, RowBlocks, Zero
 
 CAPTURES = ("due", "every_step")
+
+
+@dataclass
+class PreStep:
+    """Weights before a step kept off their device or in their own dtype: the update is
+    ``W_{t+1} - W_t`` read a row block at a time (fp32), so it is never formed whole."""
+
+    before: Tensor
+
+    def update_view(self, tm: TrackedMatrix, dtype: torch.dtype) -> MatrixView:
+        weight = local(tm.module.weight).detach()
+        if _rows_only(tm):
+            return Dense(tm.gather(weight.float() - self.before.to(weight.device).float()), dtype)
+
+        def rows(r0: int, r1: int) -> Tensor:
+            return weight[r0:r1].float() - self.before[r0:r1].to(weight.device, non_blocking=True).float()
+
+        return RowBlocks(rows, tuple(weight.shape), dtype, weight.device)
 
 
 class UpdateInstrument(Instrument):
@@ -91,7 +111,7 @@ class UpdateInstrument(Instrument):
             if factors is not None:
                 self._before[tm.key] = [(s, B.clone(), A.clone()) for s, B, A in factors]
             elif tm.plain:
-                self._before[tm.key] = local(tm.module.weight).detach().clone()
+                self._before[tm.key] = self._pre_step_copy(local(tm.module.weight).detach())
             else:
                 self._before[tm.key] = tm.weight()
             if copy_grads:
@@ -112,16 +132,35 @@ class UpdateInstrument(Instrument):
                 continue
             if isinstance(before, list):
                 self.update[tm.key] = (before, tm.lora_factors())
+            elif isinstance(before, PreStep):
+                self.update[tm.key] = before  # read as rows of W_{t+1} - W_t when the metrics ask
             elif tm.plain:
-                self.update[tm.key] = before.sub_(local(tm.module.weight).detach().to(before.dtype)).neg_()
+                self.update[tm.key] = before.sub_(local(tm.module.weight).detach()).neg_()
             else:
                 self.update[tm.key] = tm.weight().sub_(before)
+
+    def _pre_step_copy(self, weight: Tensor) -> Tensor | PreStep:
+        """The weights before a due step: an fp32 copy beside them (the update is then formed in place),
+        or, with ``W0`` off the device (``reference: cpu / disk``) or weights that are not fp32, a copy
+        in host memory / in their own dtype whose difference with the stepped weights is read a row block
+        at a time (the accelerator then holds no copy at all)."""
+        if self.w0.place != "device":
+            host = weight.to("cpu", copy=True)
+            return PreStep(host.pin_memory() if weight.is_cuda else host)
+        if weight.dtype != torch.float32:
+            return PreStep(weight.clone())
+        return weight.clone()
 
     def release(self) -> None:
         """Drop the update and gradient copies (after the metrics that read them), unless every step keeps
         them."""
         if self.capture != "every_step" or self._stepping:
             self.update, self.grad = {}, {}
+
+    def drop_update(self, tm: TrackedMatrix) -> None:
+        """Drop ``tm``'s update copy (its metrics are taken), unless every step keeps it."""
+        if self.capture != "every_step":
+            self.update.pop(tm.key, None)
 
     def _grad_now(self, tm: TrackedMatrix) -> Tensor | None:
         """The live gradient, oriented (out, in); this process's rows of a sharded plain weight."""
@@ -154,6 +193,8 @@ class UpdateInstrument(Instrument):
                 return obj.numel() * obj.element_size()
             if isinstance(obj, (list, tuple)):
                 return sum(size(o) for o in obj)
+            if isinstance(obj, PreStep):
+                return size(obj.before)
             return 0
 
         views = sum(size(v) for store in (self._before, self.update, self.grad) for v in store.values())
@@ -173,6 +214,8 @@ class UpdateInstrument(Instrument):
                 return None
             if isinstance(kept, tuple):  # LoRA: (factors before, factors after)
                 return _factored_difference(kept[1], kept[0], dtype)
+            if isinstance(kept, PreStep):
+                return kept.update_view(tm, dtype)
             return Dense(tm.gather(kept) if _rows_only(tm) else kept, dtype)
         if name == "grad":
             g = self.grad.get(tm.key)

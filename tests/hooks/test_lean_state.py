@@ -47,16 +47,18 @@ def weight_bytes(suite) -> int:
 
 
 class Probe:
-    """A quantity that records what the suite holds while the metrics are computed."""
+    """A quantity that records what the suite holds while the metrics are computed: before the matrices
+    are read (``requests``) and after (``compute``)."""
 
     def __init__(self):
-        self.held = []
+        self.held, self.after = [], []
 
     def requests(self, m):
+        self.held.append(m.upd.held_bytes())
         return []
 
     def compute(self, m):
-        self.held.append(m.upd.held_bytes())
+        self.after.append(m.upd.held_bytes())
         from weightgeom.hooks.measurement import Values  # noqa: PLC0415
         return Values()
 
@@ -92,8 +94,10 @@ def test_between_steps_only_w0_and_the_covariances_are_held_and_a_due_step_adds_
     widths = [s[0].shape[0] for s in suite.cov.sums_in.values()] + [s[0].shape[0] for s in suite.cov.sums_out.values()]
     assert held["covariances"] == sum(4 * (n * n + n) for n in widths[:len(suite.cov.sums_in)]) + \
         sum(4 * n * n for n in widths[len(suite.cov.sums_in):])
-    # inside a due step: the pre-step copy (now the update), and no copy of the gradient (read live)
+    # inside a due step: the pre-step copy (now the update), and no copy of the gradient (read live); the
+    # update copies go as soon as they are read, before the deltas are
     assert [h["views"] for h in probe.held] == [copy, copy]
+    assert [h["views"] for h in probe.after] == [0, 0]
 
 
 def test_with_w0_on_disk_nothing_weight_sized_is_in_memory(tmp_path):
