@@ -2,12 +2,14 @@
 
 A :class:`Measurement` is built by the suite when its schedule fires. It holds
 
-* the covariances summed over processes (one collective) and their leading eigenpairs
-  (:class:`Spectrum`): a full ``eigh`` for matrices at most ``dense_max_dim`` wide (batched per width),
-  the warm-started top-k solver of :mod:`weightgeom.hooks.eigensolver` above that, with the trace and
-  Frobenius norm (for the spikiness shares) and a bound on the subspace error;
-* the prediction subspace of the unembedding (the same two paths, matrix-free when the vocabulary is
-  large: ``X -> M^T (M X)``);
+* each covariance's leading eigenpairs (:class:`Spectrum`), from its sums summed over processes (one
+  collective per covariance, one covariance at a time): a full ``eigh`` for matrices at most
+  ``dense_max_dim`` wide (batched per width), the warm-started top-k solver of
+  :mod:`weightgeom.hooks.eigensolver` above that (and ``eigvalsh`` for every eigenvalue at full-spectrum
+  computations), with the trace and Frobenius norm (for the spikiness shares) and a bound on the
+  subspace error;
+* the prediction subspace of the unembedding (the same two paths; above ``dense_max_dim`` through the
+  Gram or matrix-free, ``X -> M^T (M X)``, never copying ``W_U``);
 * the per-matrix reductions the quantities ask for (:class:`Request`): for each tracked matrix, each
   view (cumulative delta, last update, last gradient) is read once (:mod:`weightgeom.hooks.views`),
   giving its energy, its energies along every requested basis, and ``tr(A²)`` for the z-scores.
@@ -113,9 +115,9 @@ class Measurement:
     ``k``: the suite's subspace dimension (capped at a matrix's dim - 1). ``zscores``: whether the RSF
     families report z-scores. ``dtype``: the dtype of the metric math (``metric_dtype``).
     ``dense_max_dim``: widths up to this take the exact dense methods (full ``eigh``, exact ``tr(A²)``);
-    wider ones the top-k solver and Hutch++. ``full_spectrum``: wide covariances get a full ``eigh``
-    too this time (their effective rank). ``curve_k``: also keep each input-side matrix's energies
-    along its top-``curve_k`` ``C_a`` eigenvectors (:attr:`curves`, for the reports' k-curves).
+    wider ones the top-k solver and Hutch++. ``full_spectrum``: wide covariances get every eigenvalue
+    too this time (their effective rank). ``curve_k``: the input-side requests reach the top-``curve_k``
+    ``C_a`` eigenvectors (the suite keeps those energies for the reports' k-curves).
     ``live_grads``: the gradient view reads ``.grad`` (inside the optimizer's post-step hook).
     ``warm``: the suite's warm starts for the top-k solver (updated here). ``release_views``: drop each
     matrix's update copy as soon as its reductions are taken (the updates are read first), so the peak
@@ -145,7 +147,6 @@ class Measurement:
         self._prediction: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self.reduced: dict[tuple[str, str, str], Reduced] = {}  # (matrix key, gain id, view) -> reductions
         self.tr_a2: dict[tuple[str, str], Tensor] = {}  # (matrix key, gain id) -> tr(A²) of the cumulative view
-        self.curves: dict[str, tuple[Tensor, Tensor]] = {}  # matrix key -> (energies (curve_k,), ‖dW‖²)
         self.solves: list[str] = []  # the spectra this process computed (the work split's record)
         self.written: set[str] = set()  # matrices with a nonzero cumulative delta (set by reduce)
 

@@ -393,7 +393,7 @@ class InstrumentSuite:
             self.curves = self._curves(m)
             for quantity in self.quantities:
                 if hasattr(quantity, "curves"):
-                    self.curves.update({k: v.detach().reshape(v.shape).clone() for k, v in quantity.curves(m).items()})
+                    self.curves.update({k: v.detach().clone() for k, v in quantity.curves(m).items()})
         self.solved = m.solves  # which spectra this process computed (the split of the work over processes)
         out = values.to_dict()  # the one host synchronisation of the values
         out.update(keys.layer_means(out))
@@ -466,7 +466,8 @@ class InstrumentSuite:
         self.cov.load_state_dict(cov)
         self.upd.load_state_dict({k: v for k, v in state.items() if keys.family(k) in (keys.WEIGHTS, keys.META)})
         self.frozen = {k: v.clone() for k, v in state.items() if keys.family(k) == keys.FROZEN_IN}
-        self.curves = {k: v.clone() for k, v in state.items() if keys.family(k) in (keys.CURVE_IN, keys.CURVE_MASS)}
+        self.curves = {k: v.clone() for k, v in state.items()
+                       if keys.family(k) in (keys.CURVE_IN, keys.CURVE_MASS)}
         self._last_step, self._computations = None, int(state.get(COMPUTATIONS_KEY, torch.tensor(0)))
 
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:

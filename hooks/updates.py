@@ -13,11 +13,12 @@ else weight-sized. The update and gradient views exist only around a step whose 
 (beside the weights, or in host memory when ``W0`` is kept off the device), :meth:`after_step` turns
 the copy into the update (in place for fp32 weights; otherwise it is read as row blocks of
 ``W_{t+1} - W_t``), and the suite computes the metrics inside the optimizer's post-step hook, where
-``.grad`` still holds ``G_t`` (no copy); each update copy is dropped as soon as it is read. ``capture="every_step"`` keeps the last update and a copy of the last
-gradient after every step instead (two more copies, held between steps), so that
-``InstrumentSuite.compute`` called at any time sees them. LoRA matrices with a frozen base keep only
-their adapters' factors (``delta = sum s (B A - B0 A0)``, rank <= 2r): no dense matrix at all, and no
-gradient view (autograd never forms the effective weight's gradient).
+``.grad`` still holds ``G_t`` (no copy); each update copy is dropped as soon as it is read.
+``capture="every_step"`` keeps the last update and a copy of the last gradient after every step instead
+(two more copies, held between steps), so that ``InstrumentSuite.compute`` called at any time sees them.
+LoRA matrices with a frozen base keep only their adapters' factors (``delta = sum s (B A - B0 A0)``,
+rank <= 2r): no dense matrix at all, and no gradient view (autograd never forms the effective weight's
+gradient).
 
 Coherence (``coherence=True``, opt-in): ``sum_t G_t`` (one more fp32 copy, held for the whole phase)
 and ``sum_t ‖G_t‖²``, for ``‖sum G_t‖² / sum ‖G_t‖²``.
