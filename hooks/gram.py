@@ -54,7 +54,8 @@ def symmetric(upper: Tensor, chunk: int = 512) -> Tensor:
     out = torch.triu(upper)
     for c0 in range(0, upper.shape[1], chunk):
         c1 = min(upper.shape[1], c0 + chunk)
-        out[c0:c1] += torch.triu(upper[:, c0:c1], diagonal=c0 + 1).T  # columns c0:c1 above the diagonal, mirrored
+        # entry (i, j) of the slice is (i, c0 + j) of ``upper``: above the diagonal where j - i >= 1 - c0
+        out[c0:c1] += torch.triu(upper[:, c0:c1], diagonal=1 - c0).T  # columns c0:c1 above the diagonal, mirrored
     return out
 
 

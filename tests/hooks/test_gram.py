@@ -158,3 +158,5 @@ def test_symmetric_products_read_the_accumulated_upper_blocks_without_forming_th
         torch.testing.assert_close(symmetric_matmul(upper, V), S @ V)
         torch.testing.assert_close(symmetric_fro2(upper), S.square().sum())
         torch.testing.assert_close(symmetric(upper), S)
+        for chunk in (16, 100):  # mirrored a few columns at a time, as wide matrices are (past the first chunk too)
+            torch.testing.assert_close(symmetric(upper, chunk=chunk), S)
