@@ -302,7 +302,7 @@ def report(rows: list[dict]) -> None:
         print(f"| {r['shape']} | {r['mode']} | {r['variant']} | {gib(r['resident'])} | {extra} | {gib(r['peak'])} "
               f"| {peak_extra} | {state} | {w0} | {r['step1']:.2f} / {r['step2']:.2f} | {compute} |")
     print("\n(copies: fp32 copies of the tracked weights; one copy =", ", ".join(
-        f"{s}: {gib(4 * r['tracked'])}" for (s, _), r in plain.items()) + ")")
+        f"{s}: {gib(4 * tracked)}" for s, tracked in {s: r["tracked"] for (s, _), r in plain.items()}.items()) + ")")
     print("\npeak of each phase (GiB above the process's memory after imports):")
     for r in rows:
         if "peaks" in r:

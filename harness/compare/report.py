@@ -70,6 +70,11 @@ def plot_rsf_per_layer(result: CompareResult, out_path: Path) -> Path:
         if plotted:
             ax.legend(fontsize=7)
     fig.suptitle("dW = AFTER - BASE", fontsize=11)
+    return _save(fig, out_path)
+
+
+def _save(fig, out_path: Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``; returns ``out_path``."""
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
@@ -303,11 +308,7 @@ def plot_series_role(series: SeriesResult, role: str, out_path: Path) -> Path | 
     ax.set_ylabel("relative (1 = isotropic)")
     ax.set_title(f"{role}: mean over layers", fontsize=10)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def write_series_report(series: SeriesResult, out_dir: str | Path) -> Path:
