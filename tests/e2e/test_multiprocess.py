@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
             " {name: dpo, loss: trl}]", "--no-progress"]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     commands = {"one": [sys.executable, "-m", "weightgeom"],
-                "two": [torchrun, "--nproc_per_node", "2", "-m", "weightgeom"]}
+                "two": [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "weightgeom"]}
     for name, command in commands.items():
         done = subprocess.run([*command, "run", "asymmetry_smoke", f"name={name}", *args], capture_output=True,
                               text=True, timeout=900)

@@ -122,8 +122,9 @@ def test_two_process_pretraining_matches_one_process(tmp_path, cache_dir):
     single = subprocess.run([sys.executable, "-m", "weightgeom", "run", "asymmetry_smoke", "name=one", *args],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "weightgeom", "run", "asymmetry_smoke",
-                            "name=two", *args], capture_output=True, text=True, timeout=300)
+    # --standalone: a free port of its own (the default 29500 may be held by another job on the machine)
+    multi = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "weightgeom", "run",
+                            "asymmetry_smoke", "name=two", *args], capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-2000:]
     one, two = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in one] == [r["step"] for r in two]
