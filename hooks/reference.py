@@ -19,7 +19,10 @@ metrics are skipped with a warning rather than measured against a ``W0`` that wa
 **The W0 file.** A checkpoint's instrument state holds no weights: it names ``W0`` by the sha256 of
 its file, ``W0-{sha256[:16]}.safetensors``, written once per phase into ``directory`` (the run's
 instrument folder; a temporary folder when none is given) the first time the state is asked for (at
-capture, in ``disk`` mode). A resumed suite finds the file by that digest and checks it. The file is
+capture, in ``disk`` mode). A resumed suite finds the file by that digest and checks it. Phases that start
+from the same weights (a run's alignment objectives, all from one checkpoint) have the same file: given a
+``shared`` folder (the run's root), a phase whose file is already under it links to that one (a hard link:
+one copy on disk, each phase's folder still complete) instead of keeping a second. The file is
 written in a stream, one matrix at a time (:func:`write_safetensors`): memory never holds more than one
 matrix of it. Keys: ``weights/L{i}/{r}/W0`` (fp32, out x in), and for LoRA
 ``weights/L{i}/{r}/lora.{adapter}.{A,B,scale}``.
@@ -103,14 +106,17 @@ def sha256_of(path: Path) -> bytes:
 
 class ReferenceWeights:
     """``W0`` of every tracked matrix, kept in ``place`` (:data:`REFERENCE_PLACES`), with its file in
-    ``directory``. Read it through :meth:`rows` (whole-matrix row blocks), :meth:`local` (this process's
-    rows of a sharded weight) and :meth:`factors` (a factored LoRA matrix)."""
+    ``directory`` (linked to an identical one under ``shared`` when there is one). Read it through
+    :meth:`rows` (whole-matrix row blocks), :meth:`local` (this process's rows of a sharded weight) and
+    :meth:`factors` (a factored LoRA matrix)."""
 
-    def __init__(self, tracked: list[TrackedMatrix], place: str = "device", directory: str | Path | None = None):
+    def __init__(self, tracked: list[TrackedMatrix], place: str = "device", directory: str | Path | None = None,
+                 shared: str | Path | None = None):
         if place not in REFERENCE_PLACES:
             raise ValueError(f"instruments.reference must be one of {list(REFERENCE_PLACES)}, got {place!r}")
         self.tracked, self.place = tracked, place
         self.directory = Path(directory) if directory is not None else DEFAULT_DIRECTORY
+        self.shared = Path(shared) if shared is not None else None
         self.clear()
 
     def clear(self) -> None:
@@ -181,8 +187,10 @@ class ReferenceWeights:
         final = self.directory / file_name(digest)
         if final.exists():  # the same W0 written before (content-addressed): keep one copy
             tmp.unlink()
-        else:
+        elif not _link_to_twin(final, self.shared, digest):
             tmp.replace(final)
+        if tmp.exists():
+            tmp.unlink()
         return digest
 
     @staticmethod
@@ -276,6 +284,23 @@ class ReferenceWeights:
     def bytes_in_memory(self) -> int:
         tensors = list(self.dense.values()) + [t for f in self.lora.values() for _, B, A in f for t in (B, A)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _link_to_twin(final: Path, shared: Path | None, digest: bytes) -> bool:
+    """Make ``final`` a hard link to a file of the same name (so the same sha256 prefix) under ``shared``
+    whose size matches and whose bytes hash to ``digest``. False when there is none or the file system
+    refuses hard links (another device, no support): the caller keeps its own copy."""
+    if shared is None or not shared.is_dir():
+        return False
+    for twin in shared.rglob(final.name):
+        if twin.parent == final.parent or not twin.is_file() or sha256_of(twin) != digest:
+            continue
+        try:
+            os.link(twin, final)
+        except OSError:
+            return False
+        return True
+    return False
 
 
 def _lora_items(factors: Factors):

@@ -161,12 +161,14 @@ class InstrumentSuite:
     (``weightgeom.hooks.quantities.DEFAULT_QUANTITIES``). Build it after any wrapping that replaces modules
     (PEFT): :meth:`attach` refuses a model whose tracked modules changed. ``reference_dir``: where this
     phase's ``W0`` file goes (the run's instrument folder; default a temporary folder) and where a resumed
-    state's ``W0`` file is looked for.
+    state's ``W0`` file is looked for; ``reference_shared``: a folder (a run's root) where an identical W0
+    file of another phase is linked instead of kept twice (:mod:`weightgeom.hooks.reference`).
     """
 
     def __init__(self, model: nn.Module, config: SuiteConfig | None = None, *, seed: int = 0,
                  arch: ArchSpec | str | None = None, quantities: tuple[Quantity, ...] | None = None,
-                 reference_dir: str | Path | None = None, **options) -> None:
+                 reference_dir: str | Path | None = None, reference_shared: str | Path | None = None,
+                 **options) -> None:
         if isinstance(options.get("dtype"), torch.dtype):
             options["dtype"] = str(options["dtype"]).removeprefix("torch.")
         for name in ("roles", "input_roles", "output_roles"):
@@ -187,7 +189,7 @@ class InstrumentSuite:
                                         max_tokens=c.max_tokens, seed=seed, gram_precision=c.gram_precision)
         _refuse_partitioned(self.tracked)
         self.upd = UpdateInstrument(self.tracked, reference=c.reference, reference_dir=reference_dir,
-                                    coherence=c.coherence, capture=c.capture)
+                                    reference_shared=reference_shared, coherence=c.coherence, capture=c.capture)
         self.frozen: dict[str, torch.Tensor] = {}
         self.curves: dict[str, torch.Tensor] = {}  # state key -> the k-curve energies of the last full computation
         self._has_unembedding = has_unembedding(model, arch)
@@ -523,11 +525,12 @@ class NullSuite:
     def save(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None: ...
 
 
-def build_suite(model: nn.Module, config: SuiteConfig, seed: int = 0, reference_dir: str | Path | None = None) -> Suite:
+def build_suite(model: nn.Module, config: SuiteConfig, seed: int = 0, reference_dir: str | Path | None = None,
+                reference_shared: str | Path | None = None) -> Suite:
     """The suite a config asks for: :class:`NullSuite` when ``config.enabled`` is false."""
     if not config.enabled:
         return NullSuite()
-    return InstrumentSuite(model, config, seed=seed, reference_dir=reference_dir)
+    return InstrumentSuite(model, config, seed=seed, reference_dir=reference_dir, reference_shared=reference_shared)
 
 
 def _refuse_partitioned(tracked) -> None:

@@ -73,12 +73,13 @@ class UpdateInstrument(Instrument):
     :mod:`weightgeom.hooks.reference`) and, with coherence, ``weights/L{i}/{r}/{grad_sum,grad_sq}``."""
 
     def __init__(self, tracked: list[TrackedMatrix], *, reference: str = "device",
-                 reference_dir: str | Path | None = None, coherence: bool = False, capture: str = "due") -> None:
+                 reference_dir: str | Path | None = None, reference_shared: str | Path | None = None,
+                 coherence: bool = False, capture: str = "due") -> None:
         super().__init__()
         if capture not in CAPTURES:
             raise ValueError(f"instruments.capture must be one of {list(CAPTURES)}, got {capture!r}")
         self.tracked, self.coherence, self.capture = tracked, coherence, capture
-        self.w0 = ReferenceWeights(tracked, reference, reference_dir)
+        self.w0 = ReferenceWeights(tracked, reference, reference_dir, reference_shared)
         self._warned: set[str] = set()
         self.reset_history()
 

@@ -187,6 +187,8 @@ class WeightGeomCallback(TrainerCallback):
         seed: of the instruments' token subsampling (``max_tokens``); default ``args.seed``.
         reference_dir: where the phase's W0 file is written and looked for on resume; default
             ``{args.output_dir}/weightgeom``.
+        reference_shared: a folder (e.g. the root of several runs from one checkpoint) where an identical
+            W0 file is linked instead of written again; default none.
 
     After training, ``callback.suite`` is the suite (its state, ``compute``) and ``callback.rule`` the
     loss-scaling rule it used.
@@ -195,12 +197,14 @@ class WeightGeomCallback(TrainerCallback):
     def __init__(self, config: SuiteConfig | None = None, *, trainer: Trainer | None = None, sink=None,
                  phase: str | None = None, summary: bool = True,
                  normalizer: Callable[..., LossScale] | None = None, seed: int | None = None,
-                 reference_dir: str | Path | None = None, **options) -> None:
+                 reference_dir: str | Path | None = None, reference_shared: str | Path | None = None,
+                 **options) -> None:
         self.config = SuiteConfig(**options) if config is None else config
         if config is not None and options:
             raise TypeError("pass either config= or its fields as keywords, not both")
         self.trainer, self.sink, self.phase, self.summary = trainer, sink, phase, summary
-        self.normalizer, self.seed, self.reference_dir = normalizer, seed, reference_dir
+        self.normalizer, self.seed = normalizer, seed
+        self.reference_dir, self.reference_shared = reference_dir, reference_shared
         self.suite: Suite | None = None
         self.rule: str | None = None
         self._own_sink = sink is None
@@ -213,7 +217,8 @@ class WeightGeomCallback(TrainerCallback):
         refuse_deepspeed(bool(getattr(trainer, "is_deepspeed_enabled", False) or args.deepspeed))
         model = trainer.model
         self.suite = InstrumentSuite(model, self.config, seed=args.seed if self.seed is None else self.seed,
-                                     reference_dir=self.reference_dir or Path(args.output_dir) / DIR)
+                                     reference_dir=self.reference_dir or Path(args.output_dir) / DIR,
+                                     reference_shared=self.reference_shared)
         optimizer = trainer.optimizer if optimizer is None else optimizer
         self.suite.attach(model, getattr(optimizer, "optimizer", optimizer))  # accelerate wraps the torch one
         self._wrap_compute_loss(trainer)

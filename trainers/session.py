@@ -110,8 +110,10 @@ class TrainingSession:
         refuse_deepspeed(self.accelerator.distributed_type == DistributedType.DEEPSPEED)
         self.optimizer = make_optimizer(model.parameters(), train)
         self.scheduler = make_scheduler(self.optimizer, train)
-        # W0 is written once per phase beside the report snapshots (a checkpoint names it by digest)
-        self.suite = build_suite(model, cfg.instruments, cfg.seed, reference_dir=Path(run_dir) / SNAPSHOT_DIR)
+        # W0 is written once per phase beside the report snapshots (a checkpoint names it by digest); phases
+        # of one run that start from the same weights share one file (hard links under the run's root)
+        self.suite = build_suite(model, cfg.instruments, cfg.seed, reference_dir=Path(run_dir) / SNAPSHOT_DIR,
+                                 reference_shared=cfg.run_dir)
         self.restored: dict = {}  # a resumed run's carried state (see carry)
         self.start_step = self._resume(Path(resume)) if resume is not None else 0
         # One process owns the directory (under torchrun the others would race it).

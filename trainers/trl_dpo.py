@@ -301,7 +301,8 @@ def align_with_trl(cfg: RunConfig, objective, init_dir: Path, run_dir: Path, *, 
     # the instruments: the same callback a user adds to their own trainer, writing to this run's directory
     # (its W0 file beside this run's snapshots: TRL's own output_dir is deleted below)
     instruments = (WeightGeomCallback(cfg.instruments, sink=files, phase=phase, summary=False, seed=cfg.seed,
-                                      reference_dir=run_dir / SNAPSHOT_DIR) if cfg.instruments.enabled else None)
+                                      reference_dir=run_dir / SNAPSHOT_DIR, reference_shared=cfg.run_dir)
+                   if cfg.instruments.enabled else None)
     try:
         with StopSignals(phase) as signals:
             guarded = GuardCallback(guard, suite=lambda: instruments.suite if instruments else None, signals=signals)

@@ -92,3 +92,34 @@ def test_loading_checks_the_digest_and_names_the_missing_file(tmp_path, monkeypa
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256 differs"):
         other.load(digest, search=[tmp_path / "a"])
+
+
+def test_phases_from_the_same_weights_share_one_file_under_the_run_root(tmp_path, monkeypatch):
+    """A run's alignment phases all start from one checkpoint: the second phase's W0 file is a hard link to
+    the first's (one copy on disk, each folder complete); other weights get their own file; where hard
+    links fail, each phase keeps its own copy."""
+    model = make_model("llama")
+
+    def persist(phase: str) -> tuple[bytes, object]:
+        ref = ReferenceWeights(resolve_tracked(model), "disk", tmp_path / phase / "instruments", shared=tmp_path)
+        ref.capture()
+        digest = ref.persist()
+        return digest, (tmp_path / phase / "instruments" / file_name(digest)).stat()
+
+    first, _ = persist("align/dpo")
+    second, b = persist("align/g0.00")
+    a = (tmp_path / "align/dpo/instruments" / file_name(first)).stat()
+    assert first == second and (a.st_ino, a.st_nlink, b.st_nlink) == (b.st_ino, 2, 2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    third, c = persist("align/g1.00")
+    assert third != first and c.st_nlink == 1
+
+    def refuse(*args):
+        raise OSError("no hard links here")
+
+    monkeypatch.setattr(reference.os, "link", refuse)
+    fourth, d = persist("align/mix")
+    assert fourth == third and d.st_ino != c.st_ino and d.st_nlink == 1 and d.st_size == c.st_size
+    assert not list(tmp_path.rglob("W0-writing-*"))

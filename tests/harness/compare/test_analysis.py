@@ -429,6 +429,18 @@ def _max_error(got: dict, live: dict, prefixes: tuple[str, ...]) -> float:
 
 
 @pytest.mark.slow
+def test_the_alignment_phases_share_one_w0_file(smoke_run):
+    """Both objectives (TRL's and our loop) start from the same pretrained checkpoint: one W0 file on
+    disk, hard-linked into each phase's instruments folder; the CE phase, from other weights, has its own."""
+    files = {o: list((smoke_run / "align" / o / "instruments").glob("W0-*.safetensors")) for o in ("dpo", "g1.00")}
+    assert all(len(found) == 1 for found in files.values()), files
+    dpo, g1 = files["dpo"][0].stat(), files["g1.00"][0].stat()
+    assert files["dpo"][0].name == files["g1.00"][0].name and dpo.st_ino == g1.st_ino and dpo.st_nlink == 2
+    (pretrain,) = (smoke_run / "pretrain" / "instruments").glob("W0-*.safetensors")
+    assert pretrain.name != files["dpo"][0].name and pretrain.stat().st_nlink == 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["g1.00", "dpo"])
 def test_reproduces_the_live_final_metrics_of_an_alignment_run(smoke_run, objective):
     base = smoke_run / "pretrain" / "checkpoints" / "step_0000030"
