@@ -37,7 +37,7 @@ from weightgeom.hooks.covariance import CovarianceInstrument
 from weightgeom.hooks.distributed import all_reduce_sums, rank, world_size
 from weightgeom.hooks.geometry import covariance_from_sums
 from weightgeom.hooks.gram import symmetric
-from weightgeom.hooks.roles import TrackedMatrix, has_unembedding, local, unembedding
+from weightgeom.hooks.roles import TrackedMatrix, arch_spec_for, has_unembedding, local, unembedding, unwrap_model
 from weightgeom.hooks.updates import UpdateInstrument
 from weightgeom.hooks.views import hutchpp_finish, hutchpp_probes, is_exact
 
@@ -166,20 +166,15 @@ class Measurement:
         update does not change them."""
         _ = self.eig_in, self.eig_out
 
-    def covariance(self, side: str, key: str) -> Tensor:
-        """``C_a`` (``"in"``) or ``C_delta`` (``"out"``) of ``key``, summed over processes (a collective),
-        float64."""
-        return self.cov.global_covariance(side, key)
-
     def need(self, n: int) -> int:
         """Eigenvectors kept per covariance of width n: k + 1 (the gap), or the curve's."""
         return min(n, max(self.k, self.curve_k) + 1)
 
     def _spectra(self, kind: str, widths: dict[str, int]) -> dict[str, Spectrum]:
         """Every covariance of ``kind``, each by one process. Narrow ones (``dense_max_dim``): a full ``eigh``,
-        batched per width in chunks of about :data:`DENSE_BATCH_BYTES`. Wide ones: the top-k solver on the
-        accumulated sums themselves (no copy of the matrix: :func:`gram.symmetric_matmul`), plus at
-        full-spectrum computations every eigenvalue (``eigvalsh``, for the effective rank)."""
+        batched per width in chunks of about :data:`DENSE_BATCH_BYTES`. Wide ones: the top-k solver
+        (:meth:`_top`: one fp32 symmetric copy of the sums, no float64 one), plus at full-spectrum
+        computations every eigenvalue (``eigvalsh``, for the effective rank)."""
         owner = plan({key: _eig_cost(n, n <= self.dense_max_dim) for key, n in widths.items()})
         out: dict[str, Spectrum] = {}
         pending: dict[int, list[tuple[str, Tensor]]] = defaultdict(list)
@@ -459,8 +454,6 @@ def _gain_id(gain: Tensor | None) -> str:
 def _versions(model, arch) -> tuple[int, ...] | None:
     """The version counters of the unembedding and final-norm weights (bumped by every in-place update),
     or None when they cannot be trusted (sharded weights update their local shards)."""
-    from weightgeom.hooks.roles import arch_spec_for, unwrap_model  # noqa: PLC0415
-
     spec, base = arch_spec_for(model, arch), unwrap_model(model)
     tensors = []
     for path in (spec.unembed, spec.final_norm):

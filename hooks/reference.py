@@ -185,12 +185,10 @@ class ReferenceWeights:
         tmp = self.directory / f"W0-writing-{os.getpid()}.safetensors"
         digest = write_safetensors(tmp, items, metadata={"format": "weightgeom-w0", "version": "1"})
         final = self.directory / file_name(digest)
-        if final.exists():  # the same W0 written before (content-addressed): keep one copy
-            tmp.unlink()
-        elif not _link_to_twin(final, self.shared, digest):
+        # the same W0 written before (content-addressed) or by another phase of the run: keep one copy
+        if not final.exists() and not _link_to_twin(final, self.shared, digest):
             tmp.replace(final)
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         return digest
 
     @staticmethod
@@ -288,7 +286,7 @@ class ReferenceWeights:
 
 def _link_to_twin(final: Path, shared: Path | None, digest: bytes) -> bool:
     """Make ``final`` a hard link to a file of the same name (so the same sha256 prefix) under ``shared``
-    whose size matches and whose bytes hash to ``digest``. False when there is none or the file system
+    whose bytes hash to ``digest``. False when there is none or the file system
     refuses hard links (another device, no support): the caller keeps its own copy."""
     if shared is None or not shared.is_dir():
         return False

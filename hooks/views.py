@@ -57,12 +57,10 @@ class MatrixView:
                    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """``(‖M‖², [energies along each basis], M^T M probe)`` with each basis ``(side, (dim, j))`` and an
         optional (n, s) ``probe`` (Hutch++'s first product rides along)."""
-        ins = [B for side, B in bases if side == "in"]
-        outs = [B for side, B in bases if side == "out"]
-        e_in = _split(self.in_energies(torch.cat(ins, 1)), ins) if ins else []
-        e_out = _split(self.out_energies(torch.cat(outs, 1)), outs) if outs else []
-        energies = [e_in.pop(0) if side == "in" else e_out.pop(0) for side, _ in bases]
-        return self.sq_norm(), energies, None if probe is None else self.gram_apply(probe)
+        ins, outs = _sides(bases)
+        e_in = self.in_energies(torch.cat(ins, 1)) if ins else None
+        e_out = self.out_energies(torch.cat(outs, 1)) if outs else None
+        return self.sq_norm(), _per_basis(bases, e_in, e_out), None if probe is None else self.gram_apply(probe)
 
 
 @dataclass
@@ -144,8 +142,9 @@ class RowBlocks(MatrixView):
                    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
         """Every reduction in one pass over the row blocks (each block is formed once): the input-side
         bases in one product per block, the output-side ones in another, the probe's ``M_b^T (M_b P)``."""
-        ins = torch.cat([B for side, B in bases if side == "in"] or [torch.zeros(self.shape[1], 0)], 1)
-        outs = torch.cat([B for side, B in bases if side == "out"] or [torch.zeros(self.shape[0], 0)], 1)
+        in_bases, out_bases = _sides(bases)
+        ins = torch.cat(in_bases or [torch.zeros(self.shape[1], 0)], 1)
+        outs = torch.cat(out_bases or [torch.zeros(self.shape[0], 0)], 1)
         ins, outs = (t.to(device=self.device, dtype=self.dtype) for t in (ins, outs))
         P = None if probe is None else probe.to(device=self.device, dtype=self.dtype)
         sq = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -160,10 +159,7 @@ class RowBlocks(MatrixView):
                 proj_out += outs[r0:r1].T @ b
             if P is not None:
                 gram_probe += b.T @ (b @ P)
-        e_out = proj_out.square().sum(1)
-        split_in = _split(e_in, [B for side, B in bases if side == "in"])
-        split_out = _split(e_out, [B for side, B in bases if side == "out"])
-        return sq, [split_in.pop(0) if side == "in" else split_out.pop(0) for side, _ in bases], gram_probe
+        return sq, _per_basis(bases, e_in, proj_out.square().sum(1)), gram_probe
 
     def gram_apply(self, X: Tensor) -> Tensor:
         """``M^T M X = sum_b M_b^T (M_b X)``: one pass."""
@@ -298,7 +294,20 @@ def hutchpp_gram_fro2(view: MatrixView, probes: int = HUTCHPP_PROBES, seed: int 
     return hutchpp_finish(view, view.gram_apply(S), G)
 
 
-def _split(energies: Tensor, bases: list[Tensor]) -> list[Tensor]:
+def _sides(bases: list[tuple[str, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """The input-side and the output-side bases, each in order."""
+    return [B for side, B in bases if side == "in"], [B for side, B in bases if side == "out"]
+
+
+def _per_basis(bases: list[tuple[str, Tensor]], e_in: Tensor | None, e_out: Tensor | None) -> list[Tensor]:
+    """The energies along each side's concatenated bases, cut back into one vector per basis in the
+    order of ``bases``."""
+    ins, outs = _sides(bases)
+    split_in, split_out = _split(e_in, ins), _split(e_out, outs)
+    return [split_in.pop(0) if side == "in" else split_out.pop(0) for side, _ in bases]
+
+
+def _split(energies: Tensor | None, bases: list[Tensor]) -> list[Tensor]:
     """``energies`` of concatenated bases back into one vector per basis."""
     out, at = [], 0
     for B in bases:
